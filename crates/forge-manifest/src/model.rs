@@ -1,0 +1,463 @@
+//! The typed manifest: what `forge.kdl` and its includes declare, after validation.
+//!
+//! Every type serializes (spans excluded, see [`crate::source`]) so that the planner can
+//! fingerprint exactly the parameters a stage reads, and so that a validated manifest can be
+//! stored in the configuration cache and reused while its files are unchanged.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::source::{SourceMap, Span, Spanned};
+
+/// The manifest format version this forge reads (`forge 1`).
+pub const MANIFEST_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    /// `forge <version>` from the root file.
+    pub version: u32,
+    pub workspace: Workspace,
+    pub teachers: BTreeMap<String, Teacher>,
+    pub bases: BTreeMap<String, Base>,
+    pub lists: BTreeMap<String, LoreList>,
+    pub recipes: BTreeMap<String, Recipe>,
+    /// Targets in declaration order.
+    pub targets: Vec<Target>,
+    /// What each `include` matched, so a cached manifest can tell when a new file would match.
+    pub includes: Vec<IncludeRecord>,
+    /// The manifest files that were read, workspace-relative, in load order.
+    pub files: Vec<String>,
+    /// The text of those files, for diagnostics found after loading (empty when restored
+    /// from the configuration cache).
+    #[serde(skip)]
+    pub sources: SourceMap,
+}
+
+impl Manifest {
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name.value == name)
+    }
+}
+
+/// One `include` pattern and the files it matched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncludeRecord {
+    /// Workspace-relative directory the pattern is relative to (that of the including file).
+    pub dir: String,
+    pub pattern: String,
+    pub optional: bool,
+    /// Workspace-relative matches, sorted.
+    pub matched: Vec<String>,
+}
+
+/// `workspace { ... }`: settings of the whole build.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Workspace {
+    /// A display name.
+    pub name: Option<String>,
+    /// Default parallelism of `forge build` when `-j` is not given.
+    pub jobs: Option<u32>,
+    /// Where the cache lives, relative to the workspace root (default `.forge-cache`).
+    pub cache_dir: Option<Spanned<String>>,
+    /// Named resource pools: at most `capacity` actions of a pool run at once.
+    pub pools: BTreeMap<String, Pool>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pool {
+    pub name: Spanned<String>,
+    pub capacity: u32,
+}
+
+// ---- teachers ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Teacher {
+    pub name: Spanned<String>,
+    pub kind: TeacherKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum TeacherKind {
+    /// Offline, deterministic Tracery-style expansion of the recipe's grammar.
+    Grammar,
+    /// Any OpenAI-compatible chat-completions endpoint.
+    Openai(OpenAiTeacher),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OpenAiTeacher {
+    pub model: String,
+    pub base_url: String,
+    /// The name of the environment variable holding the API key; never the key itself.
+    pub api_key_env: Option<String>,
+    /// Requests in flight at most (the AIMD window's ceiling).
+    pub max_parallel: u32,
+    /// Per-request timeout in seconds.
+    pub timeout_s: f64,
+    /// Retries of one request on 429, 5xx and timeouts before the call fails.
+    pub max_retries: u32,
+}
+
+// ---- bases ------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Base {
+    pub name: Spanned<String>,
+    pub kind: BaseKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum BaseKind {
+    /// A small llama initialised from a seed, with a tokenizer trained on the dataset.
+    Scratch(ScratchBase),
+    /// A local Hugging Face model folder.
+    Hf { path: Spanned<String> },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScratchBase {
+    pub layers: u32,
+    pub hidden: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub ffn: u32,
+    pub vocab: u32,
+    pub context: u32,
+    pub rope_theta: f64,
+    pub seed: u64,
+}
+
+// ---- lore -------------------------------------------------------------------------------
+
+/// A named list of lore entries (`list "countries" { item "Ardenfall" ... }`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoreList {
+    pub name: Spanned<String>,
+    pub items: Vec<LoreItem>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoreItem {
+    pub name: Spanned<String>,
+    /// Relative weight when picked (default 1).
+    pub weight: f64,
+    /// Free-form attributes (`capital="Highmere"`), available to templates.
+    pub attrs: BTreeMap<String, AttrValue>,
+    /// Nested lists that belong to this entry (a country's social classes).
+    pub lists: BTreeMap<String, LoreList>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AttrValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    String(String),
+}
+
+// ---- recipes ----------------------------------------------------------------------------
+
+/// A data-generation DAG and the formats around it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Recipe {
+    pub name: Spanned<String>,
+    /// DAG nodes in declaration order.
+    pub nodes: Vec<RecipeNode>,
+    /// What the student model sees at runtime (minijinja over node values).
+    pub input: Option<Spanned<String>>,
+    /// The teacher's system message for the final answer.
+    pub system: Option<Spanned<String>>,
+    /// What the teacher sees; its answer is the training target.
+    pub prompt: Option<Spanned<String>>,
+    /// Checks every teacher answer must pass to become a sample.
+    pub validate: Validation,
+}
+
+impl Recipe {
+    pub fn node(&self, name: &str) -> Option<&RecipeNode> {
+        self.nodes.iter().find(|n| n.name.value == name)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecipeNode {
+    pub name: Spanned<String>,
+    pub kind: NodeKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum NodeKind {
+    /// Pick `min..=max` distinct entries from a list.
+    Choice(ChoiceNode),
+    /// Render a minijinja template over upstream values.
+    Template { template: Spanned<String> },
+    /// Expand Tracery-style rules (`#rule#`), offline.
+    Grammar(GrammarNode),
+    /// Ask a teacher; the answer is the node's value.
+    Generate(GenerateNode),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChoiceNode {
+    /// A lore list (`countries`) or a sub-list of an upstream pick (`sender-country.classes`).
+    pub from: Spanned<String>,
+    pub min: u32,
+    pub max: u32,
+    /// Nodes whose picks this node must not repeat.
+    pub distinct_from: Vec<Spanned<String>>,
+    /// Keep only entries whose attribute equals an upstream value: `attr` = `node`.
+    pub matching: Vec<Match>,
+    /// A minijinja expression over upstream values; when false the node picks nothing.
+    pub when: Option<Spanned<String>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Match {
+    pub attr: String,
+    pub node: Spanned<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GrammarNode {
+    pub start: String,
+    /// Rule name → alternatives.
+    pub rules: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenerateNode {
+    /// Defaults to the dataset stage's teacher.
+    pub teacher: Option<Spanned<String>>,
+    pub system: Option<Spanned<String>>,
+    pub prompt: Spanned<String>,
+    /// A JSON schema the answer must satisfy (structured output).
+    pub schema: Option<String>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub max_tokens: Option<u32>,
+}
+
+/// `validate { ... }`: acceptance checks on teacher answers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Validation {
+    pub min_words: Option<u32>,
+    pub max_words: Option<u32>,
+    pub min_chars: Option<u32>,
+    pub max_chars: Option<u32>,
+    /// Case-insensitive phrases that reject an answer ("as an AI").
+    pub banned: Vec<String>,
+    /// Regular expressions the answer must match.
+    pub regex: Vec<Spanned<String>>,
+    /// The answer must be JSON (recovered robustly), optionally matching this schema.
+    pub json: bool,
+    pub schema: Option<String>,
+    /// Reject answers whose normalized text was already accepted.
+    pub dedup: bool,
+    /// Reject answers whose word-shingle Jaccard similarity to an accepted one reaches this.
+    pub near_dup: Option<f64>,
+}
+
+// ---- targets ----------------------------------------------------------------------------
+
+/// A buildable target: a `model` (the ML pipeline) or a plain `target`; either may carry
+/// `command` stages.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Target {
+    pub name: Spanned<String>,
+    /// Present for `model` targets.
+    pub model: Option<ModelStages>,
+    pub commands: Vec<CommandStage>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ModelStages {
+    pub recipe: Option<Spanned<String>>,
+    pub dataset: Option<DatasetStage>,
+    pub adapter: Option<AdapterStage>,
+    pub quantize: Option<QuantizeStage>,
+    pub benchmark: Option<BenchmarkStage>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DatasetStage {
+    #[serde(skip)]
+    pub span: Span,
+    /// Accepted samples in all (train + eval).
+    pub samples: u32,
+    /// How many of them go to the eval split.
+    pub eval: u32,
+    pub seed: u64,
+    pub teacher: Spanned<String>,
+    /// Stratify the split by this recipe node's value.
+    pub split_by: Option<Spanned<String>>,
+    pub pool: Option<Spanned<String>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainMethod {
+    Lora,
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdapterStage {
+    #[serde(skip)]
+    pub span: Span,
+    pub base: Spanned<String>,
+    pub method: TrainMethod,
+    pub rank: u32,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// rsLoRA: scale by alpha/sqrt(rank) instead of alpha/rank.
+    pub rslora: bool,
+    pub target_modules: Vec<String>,
+    pub lr: f64,
+    pub epochs: Option<u32>,
+    pub steps: Option<u32>,
+    pub batch: u32,
+    pub grad_accum: u32,
+    /// Warmup as a fraction of all optimizer steps.
+    pub warmup: f64,
+    pub schedule: Schedule,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    /// 0 learns the completion only (the DefameLM setting), 1 weighs prompt tokens fully.
+    pub prompt_loss_weight: f64,
+    pub seq_len: u32,
+    pub packing: bool,
+    pub seed: u64,
+    pub pool: Option<Spanned<String>>,
+}
+
+/// Quantization levels a GGUF artifact can be written at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantLevel {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q4KM,
+    Q5KM,
+    Q6K,
+}
+
+impl QuantLevel {
+    pub const ALL: [QuantLevel; 11] = [
+        QuantLevel::F32,
+        QuantLevel::F16,
+        QuantLevel::Bf16,
+        QuantLevel::Q8_0,
+        QuantLevel::Q4_0,
+        QuantLevel::Q4_1,
+        QuantLevel::Q5_0,
+        QuantLevel::Q5_1,
+        QuantLevel::Q4KM,
+        QuantLevel::Q5KM,
+        QuantLevel::Q6K,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantLevel::F32 => "f32",
+            QuantLevel::F16 => "f16",
+            QuantLevel::Bf16 => "bf16",
+            QuantLevel::Q8_0 => "q8_0",
+            QuantLevel::Q4_0 => "q4_0",
+            QuantLevel::Q4_1 => "q4_1",
+            QuantLevel::Q5_0 => "q5_0",
+            QuantLevel::Q5_1 => "q5_1",
+            QuantLevel::Q4KM => "q4_k_m",
+            QuantLevel::Q5KM => "q5_k_m",
+            QuantLevel::Q6K => "q6_k",
+        }
+    }
+
+    /// Parses a level name, ignoring case (`Q4_K_M` and `q4_k_m` are the same level).
+    pub fn parse(s: &str) -> Option<QuantLevel> {
+        let lower = s.to_ascii_lowercase();
+        QuantLevel::ALL.into_iter().find(|l| l.as_str() == lower)
+    }
+}
+
+impl fmt::Display for QuantLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuantizeStage {
+    #[serde(skip)]
+    pub span: Span,
+    pub levels: Vec<Spanned<QuantLevel>>,
+    pub pool: Option<Spanned<String>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchmarkStage {
+    #[serde(skip)]
+    pub span: Span,
+    /// Eval prompts to benchmark.
+    pub prompts: u32,
+    /// Generations per prompt used to estimate its success probability.
+    pub samples: u32,
+    /// Retry-until-success gives up after this many attempts.
+    pub attempts: u32,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: Option<u32>,
+    pub max_tokens: u32,
+    pub seed: u64,
+    /// The teacher that answers `llm` judge criteria.
+    pub judge: Option<Spanned<String>>,
+    pub gates: Vec<Gate>,
+    pub pool: Option<Spanned<String>>,
+}
+
+/// A quality gate on a benchmark metric, e.g. `gate success=0.9 p95-seconds=3.4`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Gate {
+    pub metric: Spanned<String>,
+    pub value: f64,
+}
+
+/// An external command stage, like a make rule or a DVC stage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommandStage {
+    pub name: Spanned<String>,
+    /// Program and arguments, with `{out}`, `{workspace}`, `{inputs}` and `{dep:REF}` placeholders.
+    pub run: Vec<Spanned<String>>,
+    /// Workspace-relative files, directories or globs the command reads.
+    pub inputs: Vec<Spanned<String>>,
+    /// Paths inside `{out}` the command must create.
+    pub outputs: Vec<Spanned<String>>,
+    /// Artifacts the command reads: `stage` of this target or `target:stage[:variant]`.
+    pub needs: Vec<Spanned<String>>,
+    /// Environment variables set for the command (and fingerprinted).
+    pub env: BTreeMap<String, String>,
+    /// Capture stdout into this file inside `{out}`.
+    pub stdout: Option<Spanned<String>>,
+    pub timeout_s: Option<f64>,
+    pub pool: Option<Spanned<String>>,
+}

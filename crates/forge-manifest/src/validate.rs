@@ -1,0 +1,374 @@
+//! Cross-references: every name a manifest uses must be defined, and nothing may depend on
+//! itself. Runs once all files are read, so definitions may come from any included file.
+
+use std::collections::{HashMap, HashSet};
+
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::argv::{Piece, parse_arg};
+use crate::artifact::{self, ArtifactDecl, ArtifactId, StageKind};
+use crate::diagnostic::{Code, Diagnostic};
+use crate::model::*;
+use crate::source::{Span, Spanned};
+use crate::suggest;
+
+pub(crate) fn validate(m: &Manifest) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
+    for recipe in m.recipes.values() {
+        recipe_refs(m, recipe, &mut diags);
+    }
+    for target in &m.targets {
+        target_refs(m, target, &mut diags);
+    }
+    let artifacts = artifact::expand(m);
+    artifact_refs(m, &artifacts, &mut diags);
+    if diags.is_empty() {
+        artifact_cycles(&artifacts, &mut diags);
+    }
+    diags
+}
+
+fn unknown<'a>(
+    what: &str,
+    name: &Spanned<String>,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Diagnostic {
+    Diagnostic::new(
+        Code::UnknownReference,
+        name.span,
+        format!("no {what} named `{}`", name.value),
+        format!("unknown {what}"),
+    )
+    .with_optional_help(suggest::help(&name.value, what, candidates))
+}
+
+fn check_ref<T>(
+    diags: &mut Vec<Diagnostic>,
+    what: &str,
+    name: &Option<Spanned<String>>,
+    map: &std::collections::BTreeMap<String, T>,
+) {
+    if let Some(n) = name {
+        if !map.contains_key(&n.value) {
+            diags.push(unknown(what, n, map.keys().map(String::as_str)));
+        }
+    }
+}
+
+fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
+    let pools = &m.workspace.pools;
+    if let Some(model) = &t.model {
+        check_ref(diags, "recipe", &model.recipe, &m.recipes);
+        if let Some(d) = &model.dataset {
+            if model.recipe.is_none() {
+                diags.push(
+                    Diagnostic::new(
+                        Code::MissingProperty,
+                        t.name.span,
+                        format!(
+                            "model `{}` builds a dataset but names no recipe",
+                            t.name.value
+                        ),
+                        "`recipe=...` missing",
+                    )
+                    .with_help("write model \"NAME\" recipe=\"RECIPE\" { ... }"),
+                );
+            }
+            check_ref(diags, "teacher", &Some(d.teacher.clone()), &m.teachers);
+            check_ref(diags, "pool", &d.pool, pools);
+            let recipe = model.recipe.as_ref().and_then(|r| m.recipes.get(&r.value));
+            if let (Some(split), Some(recipe)) = (&d.split_by, recipe) {
+                if recipe.node(&split.value).is_none() {
+                    diags.push(unknown(
+                        "recipe node",
+                        split,
+                        recipe.nodes.iter().map(|n| n.name.value.as_str()),
+                    ));
+                }
+            }
+        }
+        if let Some(a) = &model.adapter {
+            check_ref(diags, "base", &Some(a.base.clone()), &m.bases);
+            check_ref(diags, "pool", &a.pool, pools);
+        }
+        if let Some(q) = &model.quantize {
+            check_ref(diags, "pool", &q.pool, pools);
+        }
+        if let Some(b) = &model.benchmark {
+            check_ref(diags, "teacher", &b.judge, &m.teachers);
+            check_ref(diags, "pool", &b.pool, pools);
+        }
+    }
+    for c in &t.commands {
+        check_ref(diags, "pool", &c.pool, pools);
+    }
+}
+
+/// The lore items a choice's `from` can draw on, following `node.sub` through upstream picks.
+fn list_items<'m>(
+    m: &'m Manifest,
+    recipe: &'m Recipe,
+    from: &str,
+    depth: usize,
+) -> Option<Vec<&'m LoreItem>> {
+    if depth > recipe.nodes.len() {
+        return None; // a cycle; reported separately
+    }
+    match from.split_once('.') {
+        None => m.lists.get(from).map(|l| l.items.iter().collect()),
+        Some((node, sub)) => {
+            let NodeKind::Choice(c) = &recipe.node(node)?.kind else {
+                return None;
+            };
+            let parents = list_items(m, recipe, &c.from.value, depth + 1)?;
+            Some(
+                parents
+                    .into_iter()
+                    .filter_map(|p| p.lists.get(sub))
+                    .flat_map(|l| l.items.iter())
+                    .collect(),
+            )
+        }
+    }
+}
+
+fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
+    let node_names: Vec<&str> = r.nodes.iter().map(|n| n.name.value.as_str()).collect();
+    let node_ref = |diags: &mut Vec<Diagnostic>, n: &Spanned<String>| {
+        if r.node(&n.value).is_none() {
+            diags.push(unknown("recipe node", n, node_names.iter().copied()));
+            false
+        } else {
+            true
+        }
+    };
+    // Edges of the node DAG: (from, to, where the dependency is written).
+    let mut edges: Vec<(&str, &str, Span)> = Vec::new();
+    for node in &r.nodes {
+        let me = node.name.value.as_str();
+        match &node.kind {
+            NodeKind::Choice(c) => {
+                match c.from.value.split_once('.') {
+                    None => {
+                        if !m.lists.contains_key(&c.from.value) {
+                            diags.push(unknown(
+                                "list",
+                                &c.from,
+                                m.lists.keys().map(String::as_str),
+                            ));
+                        }
+                    }
+                    Some((up, sub)) => {
+                        let up_ref = Spanned::new(up.to_string(), c.from.span);
+                        if node_ref(diags, &up_ref) {
+                            edges.push((
+                                me,
+                                r.node(up).map(|n| n.name.value.as_str()).unwrap_or(up),
+                                c.from.span,
+                            ));
+                            match r.node(up).map(|n| &n.kind) {
+                                Some(NodeKind::Choice(upc)) => {
+                                    if let Some(items) = list_items(m, r, &upc.from.value, 0) {
+                                        if !items.is_empty() && items.iter().all(|i| !i.lists.contains_key(sub)) {
+                                            let subs: HashSet<&str> =
+                                                items.iter().flat_map(|i| i.lists.keys().map(String::as_str)).collect();
+                                            let sub_ref = Spanned::new(sub.to_string(), c.from.span);
+                                            diags.push(unknown("sub-list", &sub_ref, subs));
+                                        }
+                                    }
+                                }
+                                Some(_) => diags.push(
+                                    Diagnostic::new(
+                                        Code::InvalidValue,
+                                        c.from.span,
+                                        format!("`{up}` is not a choice node, so it has no sub-lists"),
+                                        "not a choice",
+                                    )
+                                    .with_help("`from=\"NODE.SUB\"` draws from the sub-list of the entry NODE picked"),
+                                ),
+                                None => {}
+                            }
+                        }
+                    }
+                }
+                for d in &c.distinct_from {
+                    if node_ref(diags, d) {
+                        edges.push((me, d.value.as_str(), d.span));
+                    }
+                }
+                for mt in &c.matching {
+                    if node_ref(diags, &mt.node) {
+                        edges.push((me, mt.node.value.as_str(), mt.node.span));
+                    }
+                }
+            }
+            NodeKind::Generate(g) => check_ref(diags, "teacher", &g.teacher, &m.teachers),
+            NodeKind::Template { .. } | NodeKind::Grammar(_) => {}
+        }
+    }
+    for (a, b, span) in &edges {
+        if a == b {
+            diags.push(Diagnostic::new(
+                Code::Cycle,
+                *span,
+                format!("recipe node `{a}` depends on itself"),
+                "refers to its own node",
+            ));
+        }
+    }
+    let mut graph = DiGraph::<&str, Span>::new();
+    let idx: HashMap<&str, NodeIndex> = node_names
+        .iter()
+        .map(|n| (*n, graph.add_node(*n)))
+        .collect();
+    for (a, b, span) in &edges {
+        if a != b {
+            graph.add_edge(idx[a], idx[b], *span);
+        }
+    }
+    report_cycles(&graph, "recipe node", diags);
+}
+
+fn artifact_refs(m: &Manifest, artifacts: &[ArtifactDecl], diags: &mut Vec<Diagnostic>) {
+    let ids: HashSet<&ArtifactId> = artifacts.iter().map(|a| &a.id).collect();
+    let all: Vec<String> = artifacts.iter().map(|a| a.id.to_string()).collect();
+    for decl in artifacts {
+        let StageKind::Command(ci) = decl.kind else {
+            continue;
+        };
+        let target = &m.targets[decl.target];
+        let stage = &target.commands[ci];
+        let local: Vec<String> = artifacts
+            .iter()
+            .filter(|a| a.target == decl.target)
+            .map(|a| a.id.local_name())
+            .collect();
+        for need in &stage.needs {
+            if artifact::resolve_ref(target, &need.value, |id| ids.contains(id)).is_none() {
+                let candidates = local.iter().chain(all.iter()).map(String::as_str);
+                diags.push(
+                    unknown("artifact", need, candidates).with_help(
+                        match suggest::closest(
+                            &need.value,
+                            local.iter().chain(all.iter()).map(String::as_str),
+                        ) {
+                            Some(c) => format!("did you mean `{c}`?"),
+                            None => {
+                                "write a stage of this target (`lint`) or TARGET:STAGE[:VARIANT]"
+                                    .to_string()
+                            }
+                        },
+                    ),
+                );
+            }
+        }
+        for arg in &stage.run {
+            match parse_arg(&arg.value) {
+                Err(e) => diags.push(Diagnostic::new(
+                    Code::InvalidValue,
+                    arg.span,
+                    e,
+                    "invalid placeholder",
+                )),
+                Ok(pieces) => {
+                    for p in pieces {
+                        if let Piece::Dep(r) = p {
+                            if !stage.needs.iter().any(|n| n.value == r) {
+                                diags.push(
+                                    Diagnostic::new(
+                                        Code::UnknownReference,
+                                        arg.span,
+                                        format!("`{{dep:{r}}}` refers to `{r}`, which this stage does not need"),
+                                        "not in `needs`",
+                                    )
+                                    .with_help(format!("add `needs \"{r}\"` to the stage")),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn artifact_cycles(artifacts: &[ArtifactDecl], diags: &mut Vec<Diagnostic>) {
+    let mut graph = DiGraph::<String, Span>::new();
+    let idx: HashMap<&ArtifactId, NodeIndex> = artifacts
+        .iter()
+        .map(|a| (&a.id, graph.add_node(a.id.to_string())))
+        .collect();
+    for a in artifacts {
+        for d in &a.deps {
+            if d.id == a.id {
+                diags.push(Diagnostic::new(
+                    Code::Cycle,
+                    d.span,
+                    format!("`{}` needs itself", a.id),
+                    "a stage cannot need its own output",
+                ));
+            } else if let Some(&to) = idx.get(&d.id) {
+                graph.add_edge(idx[&a.id], to, d.span);
+            }
+        }
+    }
+    report_cycles(&graph, "artifact", diags);
+}
+
+/// One diagnostic per strongly connected component, naming the cycle in order.
+fn report_cycles<N: std::fmt::Display>(
+    graph: &DiGraph<N, Span>,
+    what: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    for scc in petgraph::algo::tarjan_scc(graph) {
+        if scc.len() < 2 {
+            continue;
+        }
+        // Walk the component from its first node, always following an edge that stays inside,
+        // until a node repeats: that is a cycle.
+        let members: HashSet<NodeIndex> = scc.iter().copied().collect();
+        let start = *scc.iter().min().unwrap_or(&scc[0]);
+        let mut path = vec![start];
+        let mut spans = Vec::new();
+        let mut at = start;
+        loop {
+            let Some(edge) = graph
+                .edges(at)
+                .filter(|e| members.contains(&petgraph::visit::EdgeRef::target(e)))
+                .min_by_key(|e| petgraph::visit::EdgeRef::target(e))
+            else {
+                break;
+            };
+            let next = petgraph::visit::EdgeRef::target(&edge);
+            spans.push(*edge.weight());
+            if let Some(pos) = path.iter().position(|n| *n == next) {
+                path.drain(..pos);
+                spans.drain(..pos);
+                path.push(next);
+                break;
+            }
+            path.push(next);
+            at = next;
+        }
+        let names: Vec<String> = path.iter().map(|n| graph[*n].to_string()).collect();
+        let mut d = Diagnostic::new(
+            Code::Cycle,
+            spans.first().copied().unwrap_or_default(),
+            format!("dependency cycle between {what}s: {}", names.join(" → ")),
+            format!(
+                "`{}` depends on `{}` here",
+                names[0],
+                names.get(1).map(String::as_str).unwrap_or("")
+            ),
+        )
+        .with_help("break the cycle by removing one of these dependencies");
+        for (i, span) in spans.iter().enumerate().skip(1) {
+            d = d.with_note(
+                *span,
+                format!("`{}` depends on `{}` here", names[i], names[i + 1]),
+            );
+        }
+        diags.push(d);
+    }
+}

@@ -1,0 +1,4 @@
+//! The `forge` binary: everything lives in `forge-cli`.
+fn main() {
+    std::process::exit(forge_cli::run());
+}
