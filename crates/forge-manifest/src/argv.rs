@@ -72,29 +72,17 @@ mod tests {
 
     #[test]
     fn parses_placeholders_and_escapes() {
-        assert_eq!(
-            parse_arg("{out}/a.txt").unwrap(),
-            vec![Piece::Out, Piece::Text("/a.txt".into())]
-        );
+        assert_eq!(parse_arg("{out}/a.txt").unwrap(), vec![Piece::Out, Piece::Text("/a.txt".into())]);
         assert_eq!(parse_arg("{{x}}").unwrap(), vec![Piece::Text("{x}".into())]);
         assert_eq!(
             parse_arg("--model={dep:defame:merged}").unwrap(),
-            vec![
-                Piece::Text("--model=".into()),
-                Piece::Dep("defame:merged".into())
-            ]
+            vec![Piece::Text("--model=".into()), Piece::Dep("defame:merged".into())]
         );
         assert_eq!(parse_arg("{inputs}").unwrap(), vec![Piece::Inputs]);
         assert!(parse_arg("{nope}").is_err());
         assert!(parse_arg("{out").is_err());
         assert!(parse_arg("a}").is_err());
-        assert_eq!(
-            parse_arg("cat {inputs}").unwrap(),
-            vec![Piece::Text("cat ".into()), Piece::Inputs]
-        );
-        assert_eq!(
-            parse_arg("héllo {out}").unwrap(),
-            vec![Piece::Text("héllo ".into()), Piece::Out]
-        );
+        assert_eq!(parse_arg("cat {inputs}").unwrap(), vec![Piece::Text("cat ".into()), Piece::Inputs]);
+        assert_eq!(parse_arg("héllo {out}").unwrap(), vec![Piece::Text("héllo ".into()), Piece::Out]);
     }
 }

@@ -14,15 +14,7 @@ use crate::model::{Manifest, QuantLevel, Target};
 use crate::source::Span;
 
 /// Stage names the ML pipeline owns; command stages may not use them.
-pub const RESERVED_STAGES: &[&str] = &[
-    "dataset",
-    "adapter",
-    "merged",
-    "gguf",
-    "gguf-adapter",
-    "bench",
-    "report",
-];
+pub const RESERVED_STAGES: &[&str] = &["dataset", "adapter", "merged", "gguf", "gguf-adapter", "bench", "report"];
 
 /// `TARGET:STAGE[:VARIANT]`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,16 +25,8 @@ pub struct ArtifactId {
 }
 
 impl ArtifactId {
-    pub fn new(
-        target: impl Into<String>,
-        stage: impl Into<String>,
-        variant: Option<String>,
-    ) -> Self {
-        ArtifactId {
-            target: target.into(),
-            stage: stage.into(),
-            variant,
-        }
+    pub fn new(target: impl Into<String>, stage: impl Into<String>, variant: Option<String>) -> Self {
+        ArtifactId { target: target.into(), stage: stage.into(), variant }
     }
 
     /// `STAGE[:VARIANT]`, the artifact's name within its target.
@@ -151,20 +135,13 @@ pub struct ArtifactDecl {
 
 /// Resolves a `needs` reference written in `target`: first against that target's own
 /// artifacts (`lint`, `gguf:q4_0`), then as a full `TARGET:STAGE[:VARIANT]` name.
-pub fn resolve_ref(
-    target: &Target,
-    reference: &str,
-    exists: impl Fn(&ArtifactId) -> bool,
-) -> Option<ArtifactId> {
+pub fn resolve_ref(target: &Target, reference: &str, exists: impl Fn(&ArtifactId) -> bool) -> Option<ArtifactId> {
     let (stage, variant) = match reference.split_once(':') {
         Some((s, v)) => (s, Some(v.to_string())),
         None => (reference, None),
     };
     let local = ArtifactId::new(target.name.value.clone(), stage, variant);
-    if !local.stage.is_empty()
-        && !local.variant.as_deref().is_some_and(|v| v.contains(':'))
-        && exists(&local)
-    {
+    if !local.stage.is_empty() && !local.variant.as_deref().is_some_and(|v| v.contains(':')) && exists(&local) {
         return Some(local);
     }
     reference.parse::<ArtifactId>().ok().filter(|id| exists(id))
@@ -186,10 +163,7 @@ pub fn expand(manifest: &Manifest) -> Vec<ArtifactDecl> {
             decl.deps = stage
                 .needs
                 .iter()
-                .filter_map(|n| {
-                    resolve_ref(target, &n.value, |id| ids.contains(id))
-                        .map(|id| Dep { id, span: n.span })
-                })
+                .filter_map(|n| resolve_ref(target, &n.value, |id| ids.contains(id)).map(|id| Dep { id, span: n.span }))
                 .collect();
         }
     }
@@ -203,10 +177,7 @@ fn pool(p: &Option<crate::source::Spanned<String>>) -> Option<String> {
 fn expand_target(ti: usize, target: &Target, out: &mut Vec<ArtifactDecl>) {
     let t = &target.name.value;
     let id = |stage: &str, variant: Option<String>| ArtifactId::new(t.clone(), stage, variant);
-    let dep = |stage: &str, variant: Option<String>, span: Span| Dep {
-        id: id(stage, variant),
-        span,
-    };
+    let dep = |stage: &str, variant: Option<String>, span: Span| Dep { id: id(stage, variant), span };
     if let Some(m) = &target.model {
         if let Some(d) = &m.dataset {
             let decl = ArtifactDecl {
@@ -220,11 +191,7 @@ fn expand_target(ti: usize, target: &Target, out: &mut Vec<ArtifactDecl>) {
             out.push(decl);
         }
         if let Some(a) = &m.adapter {
-            let deps = if m.dataset.is_some() {
-                vec![dep("dataset", None, a.span)]
-            } else {
-                vec![]
-            };
+            let deps = if m.dataset.is_some() { vec![dep("dataset", None, a.span)] } else { vec![] };
             let decl = ArtifactDecl {
                 id: id("adapter", None),
                 target: ti,
@@ -273,11 +240,7 @@ fn expand_target(ti: usize, target: &Target, out: &mut Vec<ArtifactDecl>) {
                 };
                 out.push(decl);
             }
-            let mut deps: Vec<Dep> = q
-                .levels
-                .iter()
-                .map(|l| dep("bench", Some(l.value.to_string()), b.span))
-                .collect();
+            let mut deps: Vec<Dep> = q.levels.iter().map(|l| dep("bench", Some(l.value.to_string()), b.span)).collect();
             deps.push(dep("adapter", None, b.span));
             let decl = ArtifactDecl {
                 id: id("report", None),

@@ -56,10 +56,7 @@ impl<'n> NodeReader<'n> {
             match entry.name() {
                 None => args.push(entry),
                 Some(name) => {
-                    if let Some(first) = props
-                        .iter()
-                        .find(|p| p.name().map(|n| n.value()) == Some(name.value()))
-                    {
+                    if let Some(first) = props.iter().find(|p| p.name().map(|n| n.value()) == Some(name.value())) {
                         cx.push(
                             Diagnostic::new(
                                 Code::DuplicateProperty,
@@ -76,15 +73,7 @@ impl<'n> NodeReader<'n> {
                 }
             }
         }
-        NodeReader {
-            node,
-            usage,
-            args,
-            props,
-            known_props: Vec::new(),
-            args_taken: 0,
-            any_props: false,
-        }
+        NodeReader { node, usage, args, props, known_props: Vec::new(), args_taken: 0, any_props: false }
     }
 
     pub fn name(&self) -> &'n str {
@@ -134,22 +123,12 @@ impl<'n> NodeReader<'n> {
     }
 
     /// All arguments from `from` on, as strings; at least `min` of them.
-    pub fn rest_str(
-        &mut self,
-        cx: &mut Cx<'_>,
-        from: usize,
-        min: usize,
-        what: &str,
-    ) -> Vec<Spanned<String>> {
+    pub fn rest_str(&mut self, cx: &mut Cx<'_>, from: usize, min: usize, what: &str) -> Vec<Spanned<String>> {
         self.args_taken = self.args_taken.max(self.args.len());
         if self.args.len() < from + min {
             self.missing_arg(cx, what);
         }
-        self.args
-            .iter()
-            .skip(from)
-            .filter_map(|e| entry_str(cx, e, what))
-            .collect()
+        self.args.iter().skip(from).filter_map(|e| entry_str(cx, e, what)).collect()
     }
 
     /// Required integer argument `i`.
@@ -192,10 +171,7 @@ impl<'n> NodeReader<'n> {
         if !self.known_props.contains(&key) {
             self.known_props.push(key);
         }
-        self.props
-            .iter()
-            .copied()
-            .find(|p| p.name().map(|n| n.value()) == Some(key))
+        self.props.iter().copied().find(|p| p.name().map(|n| n.value()) == Some(key))
     }
 
     /// Marks properties as accepted without reading them (their reader runs elsewhere).
@@ -231,20 +207,10 @@ impl<'n> NodeReader<'n> {
     }
 
     /// An integer property within `min..=max`.
-    pub fn int_in(
-        &mut self,
-        cx: &mut Cx<'_>,
-        key: &'static str,
-        min: i128,
-        max: i128,
-    ) -> Option<Spanned<i128>> {
+    pub fn int_in(&mut self, cx: &mut Cx<'_>, key: &'static str, min: i128, max: i128) -> Option<Spanned<i128>> {
         let v = self.int(cx, key)?;
         if v.value < min || v.value > max {
-            let range = if max == i128::MAX {
-                format!("at least {min}")
-            } else {
-                format!("between {min} and {max}")
-            };
+            let range = if max == i128::MAX { format!("at least {min}") } else { format!("between {min} and {max}") };
             cx.push(Diagnostic::new(
                 Code::InvalidValue,
                 v.span,
@@ -257,13 +223,7 @@ impl<'n> NodeReader<'n> {
     }
 
     /// A required integer property within `min..=max`.
-    pub fn req_int_in(
-        &mut self,
-        cx: &mut Cx<'_>,
-        key: &'static str,
-        min: i128,
-        max: i128,
-    ) -> Option<Spanned<i128>> {
+    pub fn req_int_in(&mut self, cx: &mut Cx<'_>, key: &'static str, min: i128, max: i128) -> Option<Spanned<i128>> {
         if self.prop(key).is_none() {
             self.missing_prop(cx, key);
             return None;
@@ -276,20 +236,11 @@ impl<'n> NodeReader<'n> {
     }
 
     /// A number property within `min..=max` (inclusive).
-    pub fn float_in(
-        &mut self,
-        cx: &mut Cx<'_>,
-        key: &'static str,
-        min: f64,
-        max: f64,
-    ) -> Option<Spanned<f64>> {
+    pub fn float_in(&mut self, cx: &mut Cx<'_>, key: &'static str, min: f64, max: f64) -> Option<Spanned<f64>> {
         let v = self.float(cx, key)?;
         if !(v.value >= min && v.value <= max) {
-            let range = if max == f64::INFINITY {
-                format!("at least {min}")
-            } else {
-                format!("between {min} and {max}")
-            };
+            let range =
+                if max == f64::INFINITY { format!("at least {min}") } else { format!("between {min} and {max}") };
             cx.push(Diagnostic::new(
                 Code::InvalidValue,
                 v.span,
@@ -313,12 +264,7 @@ impl<'n> NodeReader<'n> {
     }
 
     /// A string property that must be one of `allowed`.
-    pub fn choice(
-        &mut self,
-        cx: &mut Cx<'_>,
-        key: &'static str,
-        allowed: &[&str],
-    ) -> Option<Spanned<String>> {
+    pub fn choice(&mut self, cx: &mut Cx<'_>, key: &'static str, allowed: &[&str]) -> Option<Spanned<String>> {
         let v = self.str(cx, key)?;
         if allowed.contains(&v.value.as_str()) {
             return Some(v);
@@ -341,8 +287,7 @@ impl<'n> NodeReader<'n> {
             .iter()
             .filter_map(|p| {
                 let name = p.name()?.value();
-                (!self.known_props.contains(&name))
-                    .then(|| (name.to_string(), p.value(), cx.span(p.span())))
+                (!self.known_props.contains(&name)).then(|| (name.to_string(), p.value(), cx.span(p.span())))
             })
             .collect()
     }
@@ -415,11 +360,7 @@ pub(crate) fn entry_str(cx: &mut Cx<'_>, e: &KdlEntry, what: &str) -> Option<Spa
     match e.value() {
         KdlValue::String(s) => Some(Spanned::new(s.clone(), cx.span(e.span()))),
         other => {
-            let expected = if what == "a string" {
-                what.to_string()
-            } else {
-                format!("{what} (a string)")
-            };
+            let expected = if what == "a string" { what.to_string() } else { format!("{what} (a string)") };
             wrong_type(cx, e, &expected, other);
             None
         }

@@ -131,20 +131,8 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub fn new(
-        code: Code,
-        span: Span,
-        message: impl Into<String>,
-        label: impl Into<String>,
-    ) -> Self {
-        Diagnostic {
-            code,
-            message: message.into(),
-            span,
-            label: label.into(),
-            help: None,
-            notes: Vec::new(),
-        }
+    pub fn new(code: Code, span: Span, message: impl Into<String>, label: impl Into<String>) -> Self {
+        Diagnostic { code, message: message.into(), span, label: label.into(), help: None, notes: Vec::new() }
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
@@ -158,10 +146,7 @@ impl Diagnostic {
     }
 
     pub fn with_note(mut self, span: Span, label: impl Into<String>) -> Self {
-        self.notes.push(Note {
-            span,
-            label: label.into(),
-        });
+        self.notes.push(Note { span, label: label.into() });
         self
     }
 }
@@ -184,22 +169,11 @@ impl ManifestError {
         let mut related = Vec::new();
         for note in &diagnostic.notes {
             if note.span.file != diagnostic.span.file && note.span.is_known() {
-                let advice = Diagnostic::new(
-                    diagnostic.code,
-                    note.span,
-                    note.label.clone(),
-                    note.label.clone(),
-                );
+                let advice = Diagnostic::new(diagnostic.code, note.span, note.label.clone(), note.label.clone());
                 related.push(ManifestError::bind(sources, advice, Severity::Advice));
             }
         }
-        ManifestError {
-            file: file.map(|f| f.name.clone()),
-            diagnostic,
-            source,
-            related,
-            severity,
-        }
+        ManifestError { file: file.map(|f| f.name.clone()), diagnostic, source, related, severity }
     }
 
     pub fn code(&self) -> Code {
@@ -233,10 +207,7 @@ impl ManifestError {
             return "";
         };
         let span = self.diagnostic.span;
-        source
-            .inner()
-            .get(span.offset as usize..(span.offset + span.len) as usize)
-            .unwrap_or("")
+        source.inner().get(span.offset as usize..(span.offset + span.len) as usize).unwrap_or("")
     }
 }
 
@@ -258,10 +229,7 @@ impl miette::Diagnostic for ManifestError {
     }
 
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.diagnostic
-            .help
-            .as_ref()
-            .map(|h| Box::new(h) as Box<dyn fmt::Display>)
+        self.diagnostic.help.as_ref().map(|h| Box::new(h) as Box<dyn fmt::Display>)
     }
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
@@ -271,8 +239,7 @@ impl miette::Diagnostic for ManifestError {
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
         self.source.as_ref()?;
         let d = &self.diagnostic;
-        let primary =
-            LabeledSpan::new_primary_with_span(Some(d.label.clone()), d.span.source_span());
+        let primary = LabeledSpan::new_primary_with_span(Some(d.label.clone()), d.span.source_span());
         let notes = d
             .notes
             .iter()
@@ -285,9 +252,7 @@ impl miette::Diagnostic for ManifestError {
         if self.related.is_empty() {
             return None;
         }
-        Some(Box::new(
-            self.related.iter().map(|r| r as &dyn miette::Diagnostic),
-        ))
+        Some(Box::new(self.related.iter().map(|r| r as &dyn miette::Diagnostic)))
     }
 }
 
@@ -301,10 +266,7 @@ impl ManifestErrors {
     /// Binds diagnostics to their sources, ordered by file and position.
     pub fn new(sources: &SourceMap, mut diagnostics: Vec<Diagnostic>) -> Self {
         diagnostics.sort_by_key(|d| (d.span.file, d.span.offset, d.span.len));
-        let errors = diagnostics
-            .into_iter()
-            .map(|d| ManifestError::bind(sources, d, Severity::Error))
-            .collect();
+        let errors = diagnostics.into_iter().map(|d| ManifestError::bind(sources, d, Severity::Error)).collect();
         ManifestErrors { errors }
     }
 
@@ -338,8 +300,6 @@ impl miette::Diagnostic for ManifestErrors {
     }
 
     fn related<'a>(&'a self) -> Option<Box<dyn Iterator<Item = &'a dyn miette::Diagnostic> + 'a>> {
-        Some(Box::new(
-            self.errors.iter().map(|e| e as &dyn miette::Diagnostic),
-        ))
+        Some(Box::new(self.errors.iter().map(|e| e as &dyn miette::Diagnostic)))
     }
 }

@@ -10,14 +10,7 @@ use globset::{GlobBuilder, GlobMatcher};
 use walkdir::WalkDir;
 
 /// Directory names never matched by a pattern: the cache, VCS metadata, build output.
-pub const SKIPPED_DIRS: &[&str] = &[
-    ".forge-cache",
-    ".git",
-    ".hg",
-    ".svn",
-    "target",
-    "node_modules",
-];
+pub const SKIPPED_DIRS: &[&str] = &[".forge-cache", ".git", ".hg", ".svn", "target", "node_modules"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PatternError {
@@ -38,10 +31,7 @@ pub fn normalize(dir: &str, pattern: &str) -> Result<String, PatternError> {
     if Path::new(pattern).is_absolute() || pattern.starts_with('/') {
         return Err(PatternError::Absolute);
     }
-    let mut parts: Vec<&str> = dir
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
+    let mut parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
     for comp in pattern.split('/') {
         match comp {
             "" | "." => {}
@@ -62,11 +52,7 @@ pub fn expand(root: &Path, pattern: &str) -> Result<Vec<String>, PatternError> {
     let segments: Vec<&str> = pattern.split('/').collect();
     let literal = segments.iter().take_while(|s| !has_meta(s)).count();
     let prefix = segments[..literal].join("/");
-    let base = if prefix.is_empty() {
-        root.to_path_buf()
-    } else {
-        root.join(&prefix)
-    };
+    let base = if prefix.is_empty() { root.to_path_buf() } else { root.join(&prefix) };
 
     if literal == segments.len() {
         // No glob: a file names itself, a directory names every file below it.
@@ -89,13 +75,9 @@ pub fn expand(root: &Path, pattern: &str) -> Result<Vec<String>, PatternError> {
 
 fn walk(root: &Path, base: &Path, glob: Option<&GlobMatcher>) -> Vec<String> {
     let mut out = Vec::new();
-    let walker = WalkDir::new(base)
-        .follow_links(true)
-        .into_iter()
-        .filter_entry(|e| {
-            e.depth() == 0
-                || !(e.file_type().is_dir() && SKIPPED_DIRS.iter().any(|d| e.file_name() == *d))
-        });
+    let walker = WalkDir::new(base).follow_links(true).into_iter().filter_entry(|e| {
+        e.depth() == 0 || !(e.file_type().is_dir() && SKIPPED_DIRS.iter().any(|d| e.file_name() == *d))
+    });
     for entry in walker.flatten() {
         if !entry.file_type().is_file() {
             continue;
@@ -133,15 +115,9 @@ mod tests {
     #[test]
     fn normalizes_relative_to_the_including_directory() {
         assert_eq!(normalize("", "worlds/*.kdl").unwrap(), "worlds/*.kdl");
-        assert_eq!(
-            normalize("examples/npc", "../../worlds/x.kdl").unwrap(),
-            "worlds/x.kdl"
-        );
+        assert_eq!(normalize("examples/npc", "../../worlds/x.kdl").unwrap(), "worlds/x.kdl");
         assert!(matches!(normalize("", "../x"), Err(PatternError::Escapes)));
-        assert!(matches!(
-            normalize("", "/etc/passwd"),
-            Err(PatternError::Absolute)
-        ));
+        assert!(matches!(normalize("", "/etc/passwd"), Err(PatternError::Absolute)));
     }
 
     #[test]
@@ -154,15 +130,9 @@ mod tests {
             std::fs::write(root.join(f), "").unwrap();
         }
         assert_eq!(expand(root, "w/x.kdl").unwrap(), ["w/x.kdl"]);
-        assert_eq!(
-            expand(root, "w").unwrap(),
-            ["w/a/y.kdl", "w/a/z.txt", "w/x.kdl"]
-        );
+        assert_eq!(expand(root, "w").unwrap(), ["w/a/y.kdl", "w/a/z.txt", "w/x.kdl"]);
         assert_eq!(expand(root, "w/*.kdl").unwrap(), ["w/x.kdl"]);
-        assert_eq!(
-            expand(root, "w/**/*.kdl").unwrap(),
-            ["w/a/y.kdl", "w/x.kdl"]
-        );
+        assert_eq!(expand(root, "w/**/*.kdl").unwrap(), ["w/a/y.kdl", "w/x.kdl"]);
         assert_eq!(expand(root, "**/*.kdl").unwrap(), ["w/a/y.kdl", "w/x.kdl"]);
         assert!(expand(root, "nope/*.kdl").unwrap().is_empty());
     }

@@ -11,11 +11,7 @@ use crate::parse::{check_name, duplicate};
 use crate::source::Spanned;
 
 pub(crate) fn list(cx: &mut Cx<'_>, node: &KdlNode) -> Option<LoreList> {
-    let mut r = NodeReader::new(
-        cx,
-        node,
-        "list \"NAME\" { item \"ENTRY\"; items \"A\" \"B\" }",
-    );
+    let mut r = NodeReader::new(cx, node, "list \"NAME\" { item \"ENTRY\"; items \"A\" \"B\" }");
     let name = r.arg_str(cx, 0, "a name");
     r.finish(cx);
     let mut items: Vec<LoreItem> = Vec::new();
@@ -32,12 +28,7 @@ pub(crate) fn list(cx: &mut Cx<'_>, node: &KdlNode) -> Option<LoreList> {
                 c.no_children(cx);
                 c.finish(cx);
                 for name in names {
-                    let item = LoreItem {
-                        name,
-                        weight: 1.0,
-                        attrs: BTreeMap::new(),
-                        lists: BTreeMap::new(),
-                    };
+                    let item = LoreItem { name, weight: 1.0, attrs: BTreeMap::new(), lists: BTreeMap::new() };
                     push_item(cx, &mut items, item);
                 }
             }
@@ -70,26 +61,14 @@ fn push_item(cx: &mut Cx<'_>, items: &mut Vec<LoreItem>, item: LoreItem) {
 }
 
 fn item(cx: &mut Cx<'_>, node: &KdlNode) -> Option<LoreItem> {
-    let mut r = NodeReader::new(
-        cx,
-        node,
-        "item \"NAME\" weight=1 attribute=\"value\" { list \"SUB\" { ... } }",
-    );
+    let mut r = NodeReader::new(cx, node, "item \"NAME\" weight=1 attribute=\"value\" { list \"SUB\" { ... } }");
     let name = r.arg_str(cx, 0, "a name");
-    let weight = r
-        .float_in(cx, "weight", 0.0, f64::INFINITY)
-        .map(|w| w.value)
-        .unwrap_or(1.0);
+    let weight = r.float_in(cx, "weight", 0.0, f64::INFINITY).map(|w| w.value).unwrap_or(1.0);
     if weight == 0.0 {
         let span = name.as_ref().map(|n| n.span).unwrap_or_default();
         cx.push(
-            Diagnostic::new(
-                Code::InvalidValue,
-                span,
-                "an entry with weight 0 can never be picked",
-                "weight 0",
-            )
-            .with_help("remove the entry instead"),
+            Diagnostic::new(Code::InvalidValue, span, "an entry with weight 0 can never be picked", "weight 0")
+                .with_help("remove the entry instead"),
         );
     }
     r.allow_any_props();
@@ -103,9 +82,7 @@ fn item(cx: &mut Cx<'_>, node: &KdlNode) -> Option<LoreItem> {
                     format!("`{key}` looks like a misspelled `weight`"),
                     "unknown property",
                 )
-                .with_help(
-                    "did you mean `weight`? (attribute names this close to `weight` are reserved)",
-                ),
+                .with_help("did you mean `weight`? (attribute names this close to `weight` are reserved)"),
             );
             continue;
         }
@@ -114,24 +91,14 @@ fn item(cx: &mut Cx<'_>, node: &KdlNode) -> Option<LoreItem> {
             KdlValue::Integer(i) => match i64::try_from(*i) {
                 Ok(i) => AttrValue::Int(i),
                 Err(_) => {
-                    cx.push(Diagnostic::new(
-                        Code::InvalidValue,
-                        span,
-                        "integer out of range",
-                        "too large",
-                    ));
+                    cx.push(Diagnostic::new(Code::InvalidValue, span, "integer out of range", "too large"));
                     continue;
                 }
             },
             KdlValue::Float(f) => AttrValue::Float(*f),
             KdlValue::Bool(b) => AttrValue::Bool(*b),
             KdlValue::Null => {
-                cx.push(Diagnostic::new(
-                    Code::WrongType,
-                    span,
-                    "attributes cannot be #null",
-                    "#null attribute",
-                ));
+                cx.push(Diagnostic::new(Code::WrongType, span, "attributes cannot be #null", "#null attribute"));
                 continue;
             }
         };
@@ -154,10 +121,5 @@ fn item(cx: &mut Cx<'_>, node: &KdlNode) -> Option<LoreItem> {
         }
     }
     let name: Spanned<String> = name?;
-    Some(LoreItem {
-        name,
-        weight,
-        attrs,
-        lists,
-    })
+    Some(LoreItem { name, weight, attrs, lists })
 }

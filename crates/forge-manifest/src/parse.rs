@@ -13,25 +13,12 @@ use crate::model::*;
 use crate::source::{FileId, SourceMap, Span, Spanned};
 use crate::{lore, recipe, target, validate};
 
-const ROOT_NODES: &[&str] = &[
-    "forge",
-    "workspace",
-    "include",
-    "teacher",
-    "base",
-    "list",
-    "recipe",
-    "model",
-    "target",
-];
+const ROOT_NODES: &[&str] = &["forge", "workspace", "include", "teacher", "base", "list", "recipe", "model", "target"];
 
 /// Loads and validates the manifest rooted at `root_file` (usually `<workspace>/forge.kdl`).
 /// Every problem in every file is reported together.
 pub fn load(root_file: &Path) -> Result<Manifest, ManifestErrors> {
-    let root_dir = root_file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let root_dir = root_file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let mut loader = Loader::new(root_dir);
     loader.run(root_file);
     let diags = std::mem::take(&mut loader.diags);
@@ -87,14 +74,8 @@ impl Loader {
     }
 
     fn run(&mut self, root_file: &Path) {
-        let root_name = root_file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut queue = VecDeque::from([Pending {
-            rel: root_name,
-            included_from: None,
-        }]);
+        let root_name = root_file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut queue = VecDeque::from([Pending { rel: root_name, included_from: None }]);
         let mut seen = std::collections::HashSet::new();
         while let Some(p) = queue.pop_front() {
             if !seen.insert(p.rel.clone()) {
@@ -133,28 +114,16 @@ impl Loader {
                         Some("forge manifests are KDL v2: strings are quoted, booleans are #true/#false".into())
                     });
                     let span = Span::new(file, d.span);
-                    self.diags.push(
-                        Diagnostic::new(Code::Syntax, span, message, label)
-                            .with_optional_help(help),
-                    );
+                    self.diags.push(Diagnostic::new(Code::Syntax, span, message, label).with_optional_help(help));
                 }
                 None
             }
         }
     }
 
-    fn file(
-        &mut self,
-        file: FileId,
-        doc: &KdlDocument,
-        is_root: bool,
-        queue: &mut VecDeque<Pending>,
-    ) {
+    fn file(&mut self, file: FileId, doc: &KdlDocument, is_root: bool, queue: &mut VecDeque<Pending>) {
         let mut diags = std::mem::take(&mut self.diags);
-        let mut cx = Cx {
-            file,
-            diags: &mut diags,
-        };
+        let mut cx = Cx { file, diags: &mut diags };
         for node in doc.nodes() {
             let name = node.name().value();
             if !is_root && matches!(name, "forge" | "workspace") {
@@ -195,9 +164,7 @@ impl Loader {
                 }
                 "model" | "target" => {
                     if let Some(t) = target::target(&mut cx, node) {
-                        if let Some(first) =
-                            self.targets.iter().find(|o| o.name.value == t.name.value)
-                        {
+                        if let Some(first) = self.targets.iter().find(|o| o.name.value == t.name.value) {
                             cx.push(duplicate("target", &t.name, first.name.span));
                         } else {
                             self.targets.push(t);
@@ -208,15 +175,8 @@ impl Loader {
             }
         }
         if is_root && !self.version_seen {
-            let span = doc
-                .nodes()
-                .first()
-                .map(|n| cx.span(n.name().span()))
-                .unwrap_or(Span {
-                    file,
-                    offset: 0,
-                    len: 0,
-                });
+            let span =
+                doc.nodes().first().map(|n| cx.span(n.name().span())).unwrap_or(Span { file, offset: 0, len: 0 });
             cx.push(
                 Diagnostic::new(
                     Code::Version,
@@ -238,22 +198,13 @@ impl Loader {
         let Some(v) = v else { return };
         let seen = std::mem::replace(&mut self.version_seen, true);
         if seen {
-            cx.push(Diagnostic::new(
-                Code::Version,
-                v.span,
-                "`forge` is given twice",
-                "again here",
-            ));
+            cx.push(Diagnostic::new(Code::Version, v.span, "`forge` is given twice", "again here"));
         } else if v.value != MANIFEST_VERSION as i128 {
             cx.push(
                 Diagnostic::new(
                     Code::Version,
                     v.span,
-                    format!(
-                        "manifest format {} is not supported by forge {}",
-                        v.value,
-                        env!("CARGO_PKG_VERSION")
-                    ),
+                    format!("manifest format {} is not supported by forge {}", v.value, env!("CARGO_PKG_VERSION")),
                     "unsupported version",
                 )
                 .with_help(format!("this forge reads `forge {MANIFEST_VERSION}`")),
@@ -269,13 +220,8 @@ impl Loader {
         let span = cx.span(node.name().span());
         if let Some((_, first)) = &self.workspace {
             cx.push(
-                Diagnostic::new(
-                    Code::DuplicateName,
-                    span,
-                    "`workspace` is given twice",
-                    "given again here",
-                )
-                .with_note(*first, "first given here"),
+                Diagnostic::new(Code::DuplicateName, span, "`workspace` is given twice", "given again here")
+                    .with_note(*first, "first given here"),
             );
             return;
         }
@@ -343,22 +289,11 @@ impl Loader {
                         if let Some(first) = ws.pools.get(&name.value) {
                             cx.push(duplicate("pool", &name, first.name.span));
                         } else {
-                            ws.pools.insert(
-                                name.value.clone(),
-                                Pool {
-                                    name,
-                                    capacity: cap.value as u32,
-                                },
-                            );
+                            ws.pools.insert(name.value.clone(), Pool { name, capacity: cap.value as u32 });
                         }
                     }
                 }
-                _ => unknown_node(
-                    cx,
-                    child,
-                    "`workspace`",
-                    &["name", "jobs", "cache-dir", "pool"],
-                ),
+                _ => unknown_node(cx, child, "`workspace`", &["name", "jobs", "cache-dir", "pool"]),
             }
         }
         self.workspace = Some((ws, span));
@@ -373,35 +308,20 @@ impl Loader {
         let dir = self
             .sources
             .get(cx.file)
-            .map(|f| {
-                f.name
-                    .rsplit_once('/')
-                    .map(|(d, _)| d.to_string())
-                    .unwrap_or_default()
-            })
+            .map(|f| f.name.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap_or_default())
             .unwrap_or_default();
         for pattern in patterns {
             let normalized = match glob::normalize(&dir, &pattern.value) {
                 Ok(p) => p,
                 Err(e) => {
-                    cx.push(Diagnostic::new(
-                        Code::InvalidPath,
-                        pattern.span,
-                        e.to_string(),
-                        "invalid include",
-                    ));
+                    cx.push(Diagnostic::new(Code::InvalidPath, pattern.span, e.to_string(), "invalid include"));
                     continue;
                 }
             };
             let matched = match glob::expand(&self.root_dir, &normalized) {
                 Ok(m) => m,
                 Err(e) => {
-                    cx.push(Diagnostic::new(
-                        Code::Include,
-                        pattern.span,
-                        e.to_string(),
-                        "invalid pattern",
-                    ));
+                    cx.push(Diagnostic::new(Code::Include, pattern.span, e.to_string(), "invalid pattern"));
                     continue;
                 }
             };
@@ -417,27 +337,14 @@ impl Loader {
                 );
             }
             for rel in &matched {
-                queue.push_back(Pending {
-                    rel: rel.clone(),
-                    included_from: Some(pattern.span),
-                });
+                queue.push_back(Pending { rel: rel.clone(), included_from: Some(pattern.span) });
             }
-            self.includes.push(IncludeRecord {
-                dir: dir.clone(),
-                pattern: pattern.value.clone(),
-                optional,
-                matched,
-            });
+            self.includes.push(IncludeRecord { dir: dir.clone(), pattern: pattern.value.clone(), optional, matched });
         }
     }
 
     fn finish(self) -> Manifest {
-        let files = self
-            .sources
-            .files()
-            .iter()
-            .map(|f| f.name.clone())
-            .collect();
+        let files = self.sources.files().iter().map(|f| f.name.clone()).collect();
         Manifest {
             version: self.version.unwrap_or(MANIFEST_VERSION),
             workspace: self.workspace.map(|(w, _)| w).unwrap_or_default(),
@@ -461,9 +368,7 @@ pub(crate) fn duplicate(what: &str, name: &Spanned<String>, first: Span) -> Diag
         "defined again here",
     )
     .with_note(first, "first defined here")
-    .with_help(format!(
-        "rename one of them: {what} names are unique in a workspace"
-    ))
+    .with_help(format!("rename one of them: {what} names are unique in a workspace"))
 }
 
 fn insert_unique<T>(
@@ -483,15 +388,8 @@ fn insert_unique<T>(
 
 /// Names of teachers, bases, lists, recipes and targets: letters, digits, `_`, `-`, `.`.
 pub(crate) fn check_name(cx: &mut Cx<'_>, what: &str, name: &Spanned<String>) -> bool {
-    let ok = name
-        .value
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    let ok = name.value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if !ok {
         cx.push(
             Diagnostic::new(
@@ -500,9 +398,7 @@ pub(crate) fn check_name(cx: &mut Cx<'_>, what: &str, name: &Spanned<String>) ->
                 format!("`{}` is not a valid {what} name", name.value),
                 "invalid name",
             )
-            .with_help(
-                "names start with a letter or digit and use only letters, digits, `_`, `-` and `.`",
-            ),
+            .with_help("names start with a letter or digit and use only letters, digits, `_`, `-` and `.`"),
         );
     }
     ok
@@ -536,10 +432,7 @@ fn teacher(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Teacher> {
             }
             let api_key_env = r.str(cx, "api-key-env");
             if let Some(k) = &api_key_env {
-                let valid = !k.value.is_empty()
-                    && k.value
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_');
+                let valid = !k.value.is_empty() && k.value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !valid {
                     cx.push(
                         Diagnostic::new(
@@ -552,23 +445,12 @@ fn teacher(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Teacher> {
                     );
                 }
             }
-            let max_parallel = r
-                .int_in(cx, "max-parallel", 1, 4096)
-                .map(|v| v.value as u32)
-                .unwrap_or(4);
-            let timeout_s = r
-                .float_in(cx, "timeout", 0.001, 86400.0)
-                .map(|v| v.value)
-                .unwrap_or(120.0);
-            let max_retries = r
-                .int_in(cx, "max-retries", 0, 1000)
-                .map(|v| v.value as u32)
-                .unwrap_or(8);
+            let max_parallel = r.int_in(cx, "max-parallel", 1, 4096).map(|v| v.value as u32).unwrap_or(4);
+            let timeout_s = r.float_in(cx, "timeout", 0.001, 86400.0).map(|v| v.value).unwrap_or(120.0);
+            let max_retries = r.int_in(cx, "max-retries", 0, 1000).map(|v| v.value as u32).unwrap_or(8);
             Some(TeacherKind::Openai(OpenAiTeacher {
                 model: model.map(|m| m.value).unwrap_or_default(),
-                base_url: base_url
-                    .map(|u| u.value.trim_end_matches('/').to_string())
-                    .unwrap_or_default(),
+                base_url: base_url.map(|u| u.value.trim_end_matches('/').to_string()).unwrap_or_default(),
                 api_key_env: api_key_env.map(|k| k.value),
                 max_parallel,
                 timeout_s,
@@ -604,23 +486,10 @@ fn base(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Base> {
             let ffn = r.req_int_in(cx, "ffn", 8, 1 << 20);
             let vocab = r.req_int_in(cx, "vocab", 260, 1 << 20);
             let context = r.req_int_in(cx, "context", 8, 1 << 20);
-            let rope_theta = r
-                .float_in(cx, "rope-theta", 1.0, f64::INFINITY)
-                .map(|v| v.value)
-                .unwrap_or(10000.0);
-            let seed = r
-                .int_in(cx, "seed", 0, u64::MAX as i128)
-                .map(|v| v.value as u64)
-                .unwrap_or(0);
+            let rope_theta = r.float_in(cx, "rope-theta", 1.0, f64::INFINITY).map(|v| v.value).unwrap_or(10000.0);
+            let seed = r.int_in(cx, "seed", 0, u64::MAX as i128).map(|v| v.value as u64).unwrap_or(0);
             match (layers, hidden, heads, ffn, vocab, context) {
-                (
-                    Some(layers),
-                    Some(hidden),
-                    Some(heads),
-                    Some(ffn),
-                    Some(vocab),
-                    Some(context),
-                ) => {
+                (Some(layers), Some(hidden), Some(heads), Some(ffn), Some(vocab), Some(context)) => {
                     let kv = kv_heads.as_ref().map(|k| k.value).unwrap_or(heads.value);
                     let mut ok = true;
                     if hidden.value % heads.value != 0 || (hidden.value / heads.value) % 2 != 0 {
@@ -628,7 +497,10 @@ fn base(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Base> {
                             Diagnostic::new(
                                 Code::InvalidValue,
                                 heads.span,
-                                format!("`hidden` ({}) must split into `heads` ({}) of even size", hidden.value, heads.value),
+                                format!(
+                                    "`hidden` ({}) must split into `heads` ({}) of even size",
+                                    hidden.value, heads.value
+                                ),
                                 "does not divide `hidden` evenly",
                             )
                             .with_help("rotary embeddings need an even head dimension: hidden / heads must be even"),
@@ -640,10 +512,7 @@ fn base(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Base> {
                         cx.push(Diagnostic::new(
                             Code::InvalidValue,
                             span,
-                            format!(
-                                "`heads` ({}) must be a multiple of `kv-heads` ({kv})",
-                                heads.value
-                            ),
+                            format!("`heads` ({}) must be a multiple of `kv-heads` ({kv})", heads.value),
                             "not a divisor of `heads`",
                         ));
                         ok = false;

@@ -11,16 +11,10 @@ use crate::model::*;
 use crate::parse::{check_name, duplicate};
 use crate::source::Spanned;
 
-const RECIPE_NODES: &[&str] = &[
-    "choice", "template", "grammar", "generate", "input", "system", "prompt", "validate",
-];
+const RECIPE_NODES: &[&str] = &["choice", "template", "grammar", "generate", "input", "system", "prompt", "validate"];
 
 pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
-    let mut r = NodeReader::new(
-        cx,
-        node,
-        "recipe \"NAME\" { choice ...; input \"...\"; prompt \"...\" }",
-    );
+    let mut r = NodeReader::new(cx, node, "recipe \"NAME\" { choice ...; input \"...\"; prompt \"...\" }");
     let name = r.arg_str(cx, 0, "a name");
     r.finish(cx);
     let mut nodes: Vec<RecipeNode> = Vec::new();
@@ -58,14 +52,9 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
                 let v = validation(cx, child);
                 if let Some((_, first)) = &validate {
                     cx.push(
-                        Diagnostic::new(
-                            Code::DuplicateName,
-                            span,
-                            "`validate` is given twice",
-                            "given again here",
-                        )
-                        .with_note(first.span, "first given here")
-                        .with_help("put all checks in one `validate` block"),
+                        Diagnostic::new(Code::DuplicateName, span, "`validate` is given twice", "given again here")
+                            .with_note(first.span, "first given here")
+                            .with_help("put all checks in one `validate` block"),
                     );
                 } else {
                     validate = Some((v, Spanned::new((), span)));
@@ -76,32 +65,15 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
     }
     let name = name?;
     check_name(cx, "recipe", &name).then_some(())?;
-    Some(Recipe {
-        name,
-        nodes,
-        input,
-        system,
-        prompt,
-        validate: validate.map(|(v, _)| v).unwrap_or_default(),
-    })
+    Some(Recipe { name, nodes, input, system, prompt, validate: validate.map(|(v, _)| v).unwrap_or_default() })
 }
 
-fn once(
-    cx: &mut Cx<'_>,
-    slot: &mut Option<Spanned<String>>,
-    what: &str,
-    value: Option<Spanned<String>>,
-) {
+fn once(cx: &mut Cx<'_>, slot: &mut Option<Spanned<String>>, what: &str, value: Option<Spanned<String>>) {
     let Some(value) = value else { return };
     if let Some(first) = slot {
         cx.push(
-            Diagnostic::new(
-                Code::DuplicateName,
-                value.span,
-                format!("`{what}` is given twice"),
-                "given again here",
-            )
-            .with_note(first.span, "first given here"),
+            Diagnostic::new(Code::DuplicateName, value.span, format!("`{what}` is given twice"), "given again here")
+                .with_note(first.span, "first given here"),
         );
     } else {
         *slot = Some(value);
@@ -110,20 +82,10 @@ fn once(
 
 /// Node names are template variables, so they must be valid minijinja identifiers.
 fn check_node_name(cx: &mut Cx<'_>, name: &Spanned<String>) -> bool {
-    let ok = name
-        .value
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name
-            .value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let ok = name.value.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !ok {
-        let suggestion = name
-            .value
-            .to_ascii_lowercase()
-            .replace(['-', '.', ' '], "_");
+        let suggestion = name.value.to_ascii_lowercase().replace(['-', '.', ' '], "_");
         cx.push(
             Diagnostic::new(
                 Code::InvalidValue,
@@ -147,9 +109,7 @@ fn dag_node(cx: &mut Cx<'_>, node: &KdlNode) -> Option<RecipeNode> {
         }
         "template" => "template \"NAME\" \"{{ a }} of {{ b }}\"",
         "grammar" => "grammar \"NAME\" start=\"origin\" { rule \"origin\" \"#adj# #noun#\" }",
-        _ => {
-            "generate \"NAME\" teacher=\"TEACHER\" { system \"...\"; prompt \"...\"; schema \"{...}\" }"
-        }
+        _ => "generate \"NAME\" teacher=\"TEACHER\" { system \"...\"; prompt \"...\"; schema \"{...}\" }",
     };
     let mut r = NodeReader::new(cx, node, usage);
     let name = r.arg_str(cx, 0, "a name");
@@ -166,10 +126,7 @@ fn dag_node(cx: &mut Cx<'_>, node: &KdlNode) -> Option<RecipeNode> {
     r.finish(cx);
     let name = name?;
     check_node_name(cx, &name).then_some(())?;
-    Some(RecipeNode {
-        name,
-        kind: node_kind?,
-    })
+    Some(RecipeNode { name, kind: node_kind? })
 }
 
 fn choice(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
@@ -221,15 +178,14 @@ fn choice(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
                             "`match` needs at least one ATTRIBUTE=\"NODE\" pair",
                             "nothing to match",
                         )
-                        .with_help("`match class=\"sender_class\"` keeps entries whose `class` equals that node's pick"),
+                        .with_help(
+                            "`match class=\"sender_class\"` keeps entries whose `class` equals that node's pick",
+                        ),
                     );
                 }
                 for (attr, value, span) in props {
                     match value.as_string() {
-                        Some(node) => matching.push(Match {
-                            attr,
-                            node: Spanned::new(node.to_string(), span),
-                        }),
+                        Some(node) => matching.push(Match { attr, node: Spanned::new(node.to_string(), span) }),
                         None => cx.push(Diagnostic::new(
                             Code::WrongType,
                             span,
@@ -256,20 +212,13 @@ fn choice(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
 }
 
 fn grammar(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
-    let start = r
-        .str(cx, "start")
-        .map(|s| s.value)
-        .unwrap_or_else(|| "origin".to_string());
+    let start = r.str(cx, "start").map(|s| s.value).unwrap_or_else(|| "origin".to_string());
     let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut spans = BTreeMap::new();
     for child in r.child_nodes() {
         match child.name().value() {
             "rule" => {
-                let mut c = NodeReader::new(
-                    cx,
-                    child,
-                    "rule \"NAME\" \"alternative\" \"another #rule#\"",
-                );
+                let mut c = NodeReader::new(cx, child, "rule \"NAME\" \"alternative\" \"another #rule#\"");
                 let name = c.arg_str(cx, 0, "a rule name");
                 let alts = c.rest_str(cx, 1, 1, "at least one alternative");
                 c.no_children(cx);
@@ -293,11 +242,7 @@ fn grammar(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
                 format!("the grammar has no start rule `{start}`"),
                 "no start rule",
             )
-            .with_optional_help(crate::suggest::help(
-                &start,
-                "rule",
-                rules.keys().map(String::as_str),
-            )),
+            .with_optional_help(crate::suggest::help(&start, "rule", rules.keys().map(String::as_str))),
         );
         return None;
     }
@@ -308,9 +253,7 @@ fn generate(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
     let teacher = r.str(cx, "teacher");
     let temperature = r.float_in(cx, "temperature", 0.0, 2.0).map(|v| v.value);
     let top_p = r.float_in(cx, "top-p", 0.0, 1.0).map(|v| v.value);
-    let max_tokens = r
-        .int_in(cx, "max-tokens", 1, 1 << 20)
-        .map(|v| v.value as u32);
+    let max_tokens = r.int_in(cx, "max-tokens", 1, 1 << 20).map(|v| v.value as u32);
     let mut system = None;
     let mut prompt = None;
     let mut schema = None;
@@ -346,13 +289,8 @@ fn generate(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
     }
     let Some(prompt) = prompt else {
         cx.push(
-            Diagnostic::new(
-                Code::MissingNode,
-                r.name_span(cx),
-                "`generate` needs a `prompt`",
-                "no prompt",
-            )
-            .with_help("add a block: generate \"NAME\" { prompt \"Describe {{ sender }}\" }"),
+            Diagnostic::new(Code::MissingNode, r.name_span(cx), "`generate` needs a `prompt`", "no prompt")
+                .with_help("add a block: generate \"NAME\" { prompt \"Describe {{ sender }}\" }"),
         );
         return None;
     };
@@ -368,47 +306,27 @@ fn generate(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
 }
 
 fn validation(cx: &mut Cx<'_>, node: &KdlNode) -> Validation {
-    let r = NodeReader::new(
-        cx,
-        node,
-        "validate { min-words 110; max-chars 500; banned \"as an AI\" }",
-    );
+    let r = NodeReader::new(cx, node, "validate { min-words 110; max-chars 500; banned \"as an AI\" }");
     r.finish(cx);
-    let mut v = Validation {
-        dedup: true,
-        ..Validation::default()
-    };
+    let mut v = Validation { dedup: true, ..Validation::default() };
     for child in r.child_nodes() {
         let name = child.name().value();
-        let mut c = NodeReader::new(
-            cx,
-            child,
-            "validate { min-words 110; max-chars 500; banned \"as an AI\" }",
-        );
+        let mut c = NodeReader::new(cx, child, "validate { min-words 110; max-chars 500; banned \"as an AI\" }");
         let count = |cx: &mut Cx<'_>, c: &mut NodeReader<'_>| {
             let n = c.arg_int(cx, 0, "a count")?;
             if n.value < 0 || n.value > u32::MAX as i128 {
-                cx.push(Diagnostic::new(
-                    Code::InvalidValue,
-                    n.span,
-                    "must be a non-negative count",
-                    "out of range",
-                ));
+                cx.push(Diagnostic::new(Code::InvalidValue, n.span, "must be a non-negative count", "out of range"));
                 return None;
             }
             Some(n.value as u32)
         };
-        let flag = |cx: &mut Cx<'_>, c: &mut NodeReader<'_>| {
-            c.opt_arg_bool(cx, 0).map(|b| b.value).unwrap_or(true)
-        };
+        let flag = |cx: &mut Cx<'_>, c: &mut NodeReader<'_>| c.opt_arg_bool(cx, 0).map(|b| b.value).unwrap_or(true);
         match name {
             "min-words" => v.min_words = count(cx, &mut c),
             "max-words" => v.max_words = count(cx, &mut c),
             "min-chars" => v.min_chars = count(cx, &mut c),
             "max-chars" => v.max_chars = count(cx, &mut c),
-            "banned" => v
-                .banned
-                .extend(c.rest_str(cx, 0, 1, "phrases").into_iter().map(|s| s.value)),
+            "banned" => v.banned.extend(c.rest_str(cx, 0, 1, "phrases").into_iter().map(|s| s.value)),
             "regex" => v.regex.extend(c.rest_str(cx, 0, 1, "a regular expression")),
             "json" => v.json = flag(cx, &mut c),
             "dedup" => v.dedup = flag(cx, &mut c),

@@ -26,26 +26,15 @@ pub struct Span {
 
 impl Span {
     /// The span of a value restored from a cache rather than parsed from source.
-    pub const UNKNOWN: Span = Span {
-        file: FileId(u32::MAX),
-        offset: 0,
-        len: 0,
-    };
+    pub const UNKNOWN: Span = Span { file: FileId(u32::MAX), offset: 0, len: 0 };
 
     pub fn new(file: FileId, span: miette::SourceSpan) -> Span {
-        Span {
-            file,
-            offset: span.offset() as u32,
-            len: span.len() as u32,
-        }
+        Span { file, offset: span.offset() as u32, len: span.len() as u32 }
     }
 
     /// The first `len` bytes of this span.
     pub fn with_len(self, len: usize) -> Span {
-        Span {
-            len: (len as u32).min(self.len),
-            ..self
-        }
+        Span { len: (len as u32).min(self.len), ..self }
     }
 
     pub fn is_known(&self) -> bool {
@@ -76,10 +65,7 @@ impl<T> Spanned<T> {
     }
 
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Spanned<U> {
-        Spanned {
-            value: f(self.value),
-            span: self.span,
-        }
+        Spanned { value: f(self.value), span: self.span }
     }
 }
 
@@ -110,10 +96,7 @@ impl<T: Serialize> Serialize for Spanned<T> {
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Spanned<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        T::deserialize(d).map(|value| Spanned {
-            value,
-            span: Span::UNKNOWN,
-        })
+        T::deserialize(d).map(|value| Spanned { value, span: Span::UNKNOWN })
     }
 }
 
@@ -154,10 +137,7 @@ impl SourceMap {
     /// The text a span covers (empty for an unknown span).
     pub fn snippet(&self, span: Span) -> &str {
         self.get(span.file)
-            .and_then(|f| {
-                f.text
-                    .get(span.offset as usize..(span.offset + span.len) as usize)
-            })
+            .and_then(|f| f.text.get(span.offset as usize..(span.offset + span.len) as usize))
             .unwrap_or("")
     }
 }

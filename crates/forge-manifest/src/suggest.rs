@@ -30,15 +30,9 @@ where
         0 => Some(format!("no {what} is defined")),
         1..=12 => Some(format!(
             "valid {what}s: {}",
-            candidates
-                .iter()
-                .map(|c| format!("`{c}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            candidates.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
         )),
-        n => Some(format!(
-            "{n} {what}s are defined; none is close to `{name}`"
-        )),
+        n => Some(format!("{n} {what}s are defined; none is close to `{name}`")),
     }
 }
 
@@ -56,10 +50,7 @@ mod tests {
 
     #[test]
     fn lists_candidates_when_nothing_is_close() {
-        assert_eq!(
-            help("zzz", "teacher", ["a1", "b2"]).unwrap(),
-            "valid teachers: `a1`, `b2`"
-        );
+        assert_eq!(help("zzz", "teacher", ["a1", "b2"]).unwrap(), "valid teachers: `a1`, `b2`");
         assert_eq!(help("zzz", "teacher", []).unwrap(), "no teacher is defined");
     }
 }

@@ -32,10 +32,7 @@ pub(crate) fn target(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Target> {
             return None;
         }
     }
-    let mut model = ModelStages {
-        recipe,
-        ..ModelStages::default()
-    };
+    let mut model = ModelStages { recipe, ..ModelStages::default() };
     let mut commands: Vec<CommandStage> = Vec::new();
     let mut seen: BTreeMap<&str, Span> = BTreeMap::new();
     for child in r.child_nodes() {
@@ -79,9 +76,7 @@ pub(crate) fn target(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Target> {
                     "unknown node",
                 );
                 d = if MODEL_STAGES.contains(&kind) {
-                    d.with_help(format!(
-                        "`{kind}` is a stage of `model` targets; declare this target with `model`"
-                    ))
+                    d.with_help(format!("`{kind}` is a stage of `model` targets; declare this target with `model`"))
                 } else {
                     d.with_help("a `target` holds `command` stages")
                 };
@@ -92,11 +87,7 @@ pub(crate) fn target(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Target> {
     if is_model {
         check_pipeline(cx, &model);
     }
-    Some(Target {
-        name: name?,
-        model: is_model.then_some(model),
-        commands,
-    })
+    Some(Target { name: name?, model: is_model.then_some(model), commands })
 }
 
 /// Each ML stage needs the one before it.
@@ -114,38 +105,17 @@ fn check_pipeline(cx: &mut Cx<'_>, m: &ModelStages) {
             );
         }
     };
-    need(
-        m.dataset.is_some(),
-        m.adapter.as_ref().map(|a| a.span),
-        "adapter",
-        "dataset",
-    );
-    need(
-        m.adapter.is_some(),
-        m.quantize.as_ref().map(|q| q.span),
-        "quantize",
-        "adapter",
-    );
-    need(
-        m.quantize.is_some(),
-        m.benchmark.as_ref().map(|b| b.span),
-        "benchmark",
-        "quantize",
-    );
+    need(m.dataset.is_some(), m.adapter.as_ref().map(|a| a.span), "adapter", "dataset");
+    need(m.adapter.is_some(), m.quantize.as_ref().map(|q| q.span), "quantize", "adapter");
+    need(m.quantize.is_some(), m.benchmark.as_ref().map(|b| b.span), "benchmark", "quantize");
 }
 
 fn seed(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> u64 {
-    r.int_in(cx, "seed", 0, u64::MAX as i128)
-        .map(|v| v.value as u64)
-        .unwrap_or(0)
+    r.int_in(cx, "seed", 0, u64::MAX as i128).map(|v| v.value as u64).unwrap_or(0)
 }
 
 fn dataset(cx: &mut Cx<'_>, node: &KdlNode) -> Option<DatasetStage> {
-    let mut r = NodeReader::new(
-        cx,
-        node,
-        "dataset samples=1800 eval=360 seed=7 teacher=\"TEACHER\"",
-    );
+    let mut r = NodeReader::new(cx, node, "dataset samples=1800 eval=360 seed=7 teacher=\"TEACHER\"");
     let samples = r.req_int_in(cx, "samples", 1, 10_000_000);
     let eval = r.int_in(cx, "eval", 0, 10_000_000);
     let seed = seed(cx, &mut r);
@@ -160,10 +130,7 @@ fn dataset(cx: &mut Cx<'_>, node: &KdlNode) -> Option<DatasetStage> {
         cx.push(Diagnostic::new(
             Code::InvalidValue,
             eval.map(|e| e.span).unwrap_or(samples.span),
-            format!(
-                "`eval` ({eval_v}) must be smaller than `samples` ({})",
-                samples.value
-            ),
+            format!("`eval` ({eval_v}) must be smaller than `samples` ({})", samples.value),
             "leaves nothing to train on",
         ));
         return None;
@@ -186,31 +153,15 @@ fn adapter(cx: &mut Cx<'_>, node: &KdlNode) -> Option<AdapterStage> {
         "adapter base=\"BASE\" method=\"lora\" rank=16 alpha=32 lr=2e-4 epochs=3 { target-modules \"q_proj\" \"v_proj\" }",
     );
     let base = r.req_str(cx, "base");
-    let method = match r
-        .choice(cx, "method", &["lora", "full"])
-        .as_ref()
-        .map(|m| m.value.as_str())
-    {
+    let method = match r.choice(cx, "method", &["lora", "full"]).as_ref().map(|m| m.value.as_str()) {
         Some("full") => TrainMethod::Full,
         _ => TrainMethod::Lora,
     };
-    let rank = r
-        .int_in(cx, "rank", 1, 65536)
-        .map(|v| v.value as u32)
-        .unwrap_or(16);
-    let alpha = r
-        .float_in(cx, "alpha", 0.0, f64::INFINITY)
-        .map(|v| v.value)
-        .unwrap_or(2.0 * rank as f64);
-    let dropout = r
-        .float_in(cx, "dropout", 0.0, 0.99)
-        .map(|v| v.value)
-        .unwrap_or(0.0);
+    let rank = r.int_in(cx, "rank", 1, 65536).map(|v| v.value as u32).unwrap_or(16);
+    let alpha = r.float_in(cx, "alpha", 0.0, f64::INFINITY).map(|v| v.value).unwrap_or(2.0 * rank as f64);
+    let dropout = r.float_in(cx, "dropout", 0.0, 0.99).map(|v| v.value).unwrap_or(0.0);
     let rslora = r.bool(cx, "rslora").map(|v| v.value).unwrap_or(false);
-    let lr = r
-        .float_in(cx, "lr", 0.0, 10.0)
-        .map(|v| v.value)
-        .unwrap_or(2e-4);
+    let lr = r.float_in(cx, "lr", 0.0, 10.0).map(|v| v.value).unwrap_or(2e-4);
     let epochs = r.int_in(cx, "epochs", 1, 100_000);
     let steps = r.int_in(cx, "steps", 1, 100_000_000);
     if let (Some(e), Some(_)) = (&epochs, &steps) {
@@ -221,50 +172,24 @@ fn adapter(cx: &mut Cx<'_>, node: &KdlNode) -> Option<AdapterStage> {
                 "give either `epochs` or `steps`, not both",
                 "conflicts with `steps`",
             )
-            .with_help(
-                "`steps` counts optimizer steps; `epochs` counts passes over the train split",
-            ),
+            .with_help("`steps` counts optimizer steps; `epochs` counts passes over the train split"),
         );
     }
     let epochs = epochs.map(|v| v.value as u32);
     let steps = steps.map(|v| v.value as u32);
-    let batch = r
-        .int_in(cx, "batch", 1, 65536)
-        .map(|v| v.value as u32)
-        .unwrap_or(4);
-    let grad_accum = r
-        .int_in(cx, "grad-accum", 1, 65536)
-        .map(|v| v.value as u32)
-        .unwrap_or(1);
-    let warmup = r
-        .float_in(cx, "warmup", 0.0, 1.0)
-        .map(|v| v.value)
-        .unwrap_or(0.03);
-    let schedule = match r
-        .choice(cx, "schedule", &["cosine", "linear", "constant"])
-        .as_ref()
-        .map(|s| s.value.as_str())
+    let batch = r.int_in(cx, "batch", 1, 65536).map(|v| v.value as u32).unwrap_or(4);
+    let grad_accum = r.int_in(cx, "grad-accum", 1, 65536).map(|v| v.value as u32).unwrap_or(1);
+    let warmup = r.float_in(cx, "warmup", 0.0, 1.0).map(|v| v.value).unwrap_or(0.03);
+    let schedule = match r.choice(cx, "schedule", &["cosine", "linear", "constant"]).as_ref().map(|s| s.value.as_str())
     {
         Some("linear") => Schedule::Linear,
         Some("constant") => Schedule::Constant,
         _ => Schedule::Cosine,
     };
-    let weight_decay = r
-        .float_in(cx, "weight-decay", 0.0, 10.0)
-        .map(|v| v.value)
-        .unwrap_or(0.0);
-    let max_grad_norm = r
-        .float_in(cx, "max-grad-norm", 0.0, f64::INFINITY)
-        .map(|v| v.value)
-        .unwrap_or(1.0);
-    let prompt_loss_weight = r
-        .float_in(cx, "prompt-loss-weight", 0.0, 1.0)
-        .map(|v| v.value)
-        .unwrap_or(0.0);
-    let seq_len = r
-        .int_in(cx, "seq-len", 8, 1 << 20)
-        .map(|v| v.value as u32)
-        .unwrap_or(512);
+    let weight_decay = r.float_in(cx, "weight-decay", 0.0, 10.0).map(|v| v.value).unwrap_or(0.0);
+    let max_grad_norm = r.float_in(cx, "max-grad-norm", 0.0, f64::INFINITY).map(|v| v.value).unwrap_or(1.0);
+    let prompt_loss_weight = r.float_in(cx, "prompt-loss-weight", 0.0, 1.0).map(|v| v.value).unwrap_or(0.0);
+    let seq_len = r.int_in(cx, "seq-len", 8, 1 << 20).map(|v| v.value as u32).unwrap_or(512);
     let packing = r.bool(cx, "packing").map(|v| v.value).unwrap_or(false);
     let seed = seed(cx, &mut r);
     let pool = r.str(cx, "pool");
@@ -272,11 +197,7 @@ fn adapter(cx: &mut Cx<'_>, node: &KdlNode) -> Option<AdapterStage> {
     for child in r.child_nodes() {
         match child.name().value() {
             "target-modules" => {
-                let mut c = NodeReader::new(
-                    cx,
-                    child,
-                    "target-modules \"q_proj\" \"k_proj\" \"v_proj\" \"o_proj\"",
-                );
+                let mut c = NodeReader::new(cx, child, "target-modules \"q_proj\" \"k_proj\" \"v_proj\" \"o_proj\"");
                 let mods = c.rest_str(cx, 0, 1, "module names");
                 for m in &mods {
                     if !LORA_MODULES.contains(&m.value.as_str()) {
@@ -311,14 +232,9 @@ fn adapter(cx: &mut Cx<'_>, node: &KdlNode) -> Option<AdapterStage> {
         alpha,
         dropout,
         rslora,
-        target_modules: target_modules
-            .unwrap_or_else(|| DEFAULT_LORA_MODULES.iter().map(|s| s.to_string()).collect()),
+        target_modules: target_modules.unwrap_or_else(|| DEFAULT_LORA_MODULES.iter().map(|s| s.to_string()).collect()),
         lr,
-        epochs: if steps.is_none() {
-            Some(epochs.unwrap_or(3))
-        } else {
-            None
-        },
+        epochs: if steps.is_none() { Some(epochs.unwrap_or(3)) } else { None },
         steps,
         batch,
         grad_accum,
@@ -335,15 +251,7 @@ fn adapter(cx: &mut Cx<'_>, node: &KdlNode) -> Option<AdapterStage> {
 }
 
 /// The llama-family projections LoRA can target (Hugging Face module names).
-pub const LORA_MODULES: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub const LORA_MODULES: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 /// What PEFT adapts for llama when `target_modules` is not given.
 pub const DEFAULT_LORA_MODULES: &[&str] = &["q_proj", "v_proj"];
 
@@ -386,21 +294,11 @@ fn quantize(cx: &mut Cx<'_>, node: &KdlNode) -> Option<QuantizeStage> {
             ),
         }
     }
-    (!levels.is_empty()).then(|| QuantizeStage {
-        span: cx.span(node.name().span()),
-        levels,
-        pool,
-    })
+    (!levels.is_empty()).then(|| QuantizeStage { span: cx.span(node.name().span()), levels, pool })
 }
 
-const GATE_METRICS: &[&str] = &[
-    "success",
-    "p50-seconds",
-    "p95-seconds",
-    "max-seconds",
-    "expected-attempts",
-    "tokens-per-second",
-];
+const GATE_METRICS: &[&str] =
+    &["success", "p50-seconds", "p95-seconds", "max-seconds", "expected-attempts", "tokens-per-second"];
 
 fn benchmark(cx: &mut Cx<'_>, node: &KdlNode) -> Option<BenchmarkStage> {
     let mut r = NodeReader::new(
@@ -408,31 +306,13 @@ fn benchmark(cx: &mut Cx<'_>, node: &KdlNode) -> Option<BenchmarkStage> {
         node,
         "benchmark prompts=50 samples=8 attempts=8 temperature=0.75 top-p=0.9 { gate success=0.8 }",
     );
-    let prompts = r
-        .int_in(cx, "prompts", 1, 1_000_000)
-        .map(|v| v.value as u32)
-        .unwrap_or(50);
-    let samples = r
-        .int_in(cx, "samples", 1, 100_000)
-        .map(|v| v.value as u32)
-        .unwrap_or(8);
-    let attempts = r
-        .int_in(cx, "attempts", 1, 100_000)
-        .map(|v| v.value as u32)
-        .unwrap_or(8);
-    let temperature = r
-        .float_in(cx, "temperature", 0.0, 5.0)
-        .map(|v| v.value)
-        .unwrap_or(0.75);
-    let top_p = r
-        .float_in(cx, "top-p", 0.0, 1.0)
-        .map(|v| v.value)
-        .unwrap_or(0.9);
+    let prompts = r.int_in(cx, "prompts", 1, 1_000_000).map(|v| v.value as u32).unwrap_or(50);
+    let samples = r.int_in(cx, "samples", 1, 100_000).map(|v| v.value as u32).unwrap_or(8);
+    let attempts = r.int_in(cx, "attempts", 1, 100_000).map(|v| v.value as u32).unwrap_or(8);
+    let temperature = r.float_in(cx, "temperature", 0.0, 5.0).map(|v| v.value).unwrap_or(0.75);
+    let top_p = r.float_in(cx, "top-p", 0.0, 1.0).map(|v| v.value).unwrap_or(0.9);
     let top_k = r.int_in(cx, "top-k", 1, 1 << 20).map(|v| v.value as u32);
-    let max_tokens = r
-        .int_in(cx, "max-tokens", 1, 1 << 20)
-        .map(|v| v.value as u32)
-        .unwrap_or(256);
+    let max_tokens = r.int_in(cx, "max-tokens", 1, 1 << 20).map(|v| v.value as u32).unwrap_or(256);
     let seed = seed(cx, &mut r);
     let judge = r.str(cx, "judge");
     let pool = r.str(cx, "pool");
@@ -453,10 +333,7 @@ fn benchmark(cx: &mut Cx<'_>, node: &KdlNode) -> Option<BenchmarkStage> {
                             ));
                             continue;
                         }
-                        gates.push(Gate {
-                            metric: Spanned::new(metric.to_string(), v.span),
-                            value: v.value,
-                        });
+                        gates.push(Gate { metric: Spanned::new(metric.to_string(), v.span), value: v.value });
                     }
                 }
                 c.no_children(cx);
@@ -511,12 +388,17 @@ fn command(cx: &mut Cx<'_>, node: &KdlNode) -> Option<CommandStage> {
             "run" => {
                 let argv = c.rest_str(cx, 0, 1, "a program and its arguments");
                 if run.is_some() {
-                    cx.push(Diagnostic::new(
-                        Code::DuplicateName,
-                        cx.span(child.name().span()),
-                        "`run` is given twice",
-                        "given again here",
-                    ).with_help("a command stage runs one program; chain programs with `run \"sh\" \"-c\" \"a && b\"`"));
+                    cx.push(
+                        Diagnostic::new(
+                            Code::DuplicateName,
+                            cx.span(child.name().span()),
+                            "`run` is given twice",
+                            "given again here",
+                        )
+                        .with_help(
+                            "a command stage runs one program; chain programs with `run \"sh\" \"-c\" \"a && b\"`",
+                        ),
+                    );
                 } else if !argv.is_empty() {
                     run = Some(argv);
                 }
@@ -525,12 +407,7 @@ fn command(cx: &mut Cx<'_>, node: &KdlNode) -> Option<CommandStage> {
                 for p in c.rest_str(cx, 0, 1, "file patterns") {
                     match glob::normalize("", &p.value) {
                         Ok(_) => inputs.push(p),
-                        Err(e) => cx.push(Diagnostic::new(
-                            Code::InvalidPath,
-                            p.span,
-                            e.to_string(),
-                            "invalid input",
-                        )),
+                        Err(e) => cx.push(Diagnostic::new(Code::InvalidPath, p.span, e.to_string(), "invalid input")),
                     }
                 }
             }
@@ -568,12 +445,7 @@ fn command(cx: &mut Cx<'_>, node: &KdlNode) -> Option<CommandStage> {
                 }
             }
             _ => {
-                unknown_node(
-                    cx,
-                    child,
-                    "a `command`",
-                    &["run", "inputs", "outputs", "needs", "env"],
-                );
+                unknown_node(cx, child, "a `command`", &["run", "inputs", "outputs", "needs", "env"]);
                 continue;
             }
         }
@@ -581,15 +453,8 @@ fn command(cx: &mut Cx<'_>, node: &KdlNode) -> Option<CommandStage> {
         c.finish(cx);
     }
     let name = name?;
-    let valid = name
-        .value
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    let valid = name.value.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if !valid {
         cx.push(
             Diagnostic::new(
@@ -626,17 +491,7 @@ fn command(cx: &mut Cx<'_>, node: &KdlNode) -> Option<CommandStage> {
         );
         return None;
     };
-    Some(CommandStage {
-        name,
-        run,
-        inputs,
-        outputs,
-        needs,
-        env,
-        stdout,
-        timeout_s,
-        pool,
-    })
+    Some(CommandStage { name, run, inputs, outputs, needs, env, stdout, timeout_s, pool })
 }
 
 /// Output paths are relative paths inside the artifact directory.
@@ -644,8 +499,13 @@ fn check_out_path(cx: &mut Cx<'_>, p: &Spanned<String>) -> bool {
     let ok = matches!(glob::normalize("", &p.value), Ok(n) if !n.is_empty() && !n.contains(['*', '?', '[']));
     if !ok {
         cx.push(
-            Diagnostic::new(Code::InvalidPath, p.span, format!("`{}` is not a path inside `{{out}}`", p.value), "invalid output")
-                .with_help("outputs are relative paths inside the stage's output directory, e.g. `report.json`"),
+            Diagnostic::new(
+                Code::InvalidPath,
+                p.span,
+                format!("`{}` is not a path inside `{{out}}`", p.value),
+                "invalid output",
+            )
+            .with_help("outputs are relative paths inside the stage's output directory, e.g. `report.json`"),
         );
     }
     ok

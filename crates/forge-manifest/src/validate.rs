@@ -28,11 +28,7 @@ pub(crate) fn validate(m: &Manifest) -> Vec<Diagnostic> {
     diags
 }
 
-fn unknown<'a>(
-    what: &str,
-    name: &Spanned<String>,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Diagnostic {
+fn unknown<'a>(what: &str, name: &Spanned<String>, candidates: impl IntoIterator<Item = &'a str>) -> Diagnostic {
     Diagnostic::new(
         Code::UnknownReference,
         name.span,
@@ -65,10 +61,7 @@ fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
                     Diagnostic::new(
                         Code::MissingProperty,
                         t.name.span,
-                        format!(
-                            "model `{}` builds a dataset but names no recipe",
-                            t.name.value
-                        ),
+                        format!("model `{}` builds a dataset but names no recipe", t.name.value),
                         "`recipe=...` missing",
                     )
                     .with_help("write model \"NAME\" recipe=\"RECIPE\" { ... }"),
@@ -79,11 +72,7 @@ fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
             let recipe = model.recipe.as_ref().and_then(|r| m.recipes.get(&r.value));
             if let (Some(split), Some(recipe)) = (&d.split_by, recipe) {
                 if recipe.node(&split.value).is_none() {
-                    diags.push(unknown(
-                        "recipe node",
-                        split,
-                        recipe.nodes.iter().map(|n| n.name.value.as_str()),
-                    ));
+                    diags.push(unknown("recipe node", split, recipe.nodes.iter().map(|n| n.name.value.as_str())));
                 }
             }
         }
@@ -105,12 +94,7 @@ fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
 }
 
 /// The lore items a choice's `from` can draw on, following `node.sub` through upstream picks.
-fn list_items<'m>(
-    m: &'m Manifest,
-    recipe: &'m Recipe,
-    from: &str,
-    depth: usize,
-) -> Option<Vec<&'m LoreItem>> {
+fn list_items<'m>(m: &'m Manifest, recipe: &'m Recipe, from: &str, depth: usize) -> Option<Vec<&'m LoreItem>> {
     if depth > recipe.nodes.len() {
         return None; // a cycle; reported separately
     }
@@ -121,13 +105,7 @@ fn list_items<'m>(
                 return None;
             };
             let parents = list_items(m, recipe, &c.from.value, depth + 1)?;
-            Some(
-                parents
-                    .into_iter()
-                    .filter_map(|p| p.lists.get(sub))
-                    .flat_map(|l| l.items.iter())
-                    .collect(),
-            )
+            Some(parents.into_iter().filter_map(|p| p.lists.get(sub)).flat_map(|l| l.items.iter()).collect())
         }
     }
 }
@@ -151,21 +129,13 @@ fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
                 match c.from.value.split_once('.') {
                     None => {
                         if !m.lists.contains_key(&c.from.value) {
-                            diags.push(unknown(
-                                "list",
-                                &c.from,
-                                m.lists.keys().map(String::as_str),
-                            ));
+                            diags.push(unknown("list", &c.from, m.lists.keys().map(String::as_str)));
                         }
                     }
                     Some((up, sub)) => {
                         let up_ref = Spanned::new(up.to_string(), c.from.span);
                         if node_ref(diags, &up_ref) {
-                            edges.push((
-                                me,
-                                r.node(up).map(|n| n.name.value.as_str()).unwrap_or(up),
-                                c.from.span,
-                            ));
+                            edges.push((me, r.node(up).map(|n| n.name.value.as_str()).unwrap_or(up), c.from.span));
                             match r.node(up).map(|n| &n.kind) {
                                 Some(NodeKind::Choice(upc)) => {
                                     if let Some(items) = list_items(m, r, &upc.from.value, 0) {
@@ -217,10 +187,7 @@ fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
         }
     }
     let mut graph = DiGraph::<&str, Span>::new();
-    let idx: HashMap<&str, NodeIndex> = node_names
-        .iter()
-        .map(|n| (*n, graph.add_node(*n)))
-        .collect();
+    let idx: HashMap<&str, NodeIndex> = node_names.iter().map(|n| (*n, graph.add_node(*n))).collect();
     for (a, b, span) in &edges {
         if a != b {
             graph.add_edge(idx[a], idx[b], *span);
@@ -238,38 +205,22 @@ fn artifact_refs(m: &Manifest, artifacts: &[ArtifactDecl], diags: &mut Vec<Diagn
         };
         let target = &m.targets[decl.target];
         let stage = &target.commands[ci];
-        let local: Vec<String> = artifacts
-            .iter()
-            .filter(|a| a.target == decl.target)
-            .map(|a| a.id.local_name())
-            .collect();
+        let local: Vec<String> =
+            artifacts.iter().filter(|a| a.target == decl.target).map(|a| a.id.local_name()).collect();
         for need in &stage.needs {
             if artifact::resolve_ref(target, &need.value, |id| ids.contains(id)).is_none() {
                 let candidates = local.iter().chain(all.iter()).map(String::as_str);
-                diags.push(
-                    unknown("artifact", need, candidates).with_help(
-                        match suggest::closest(
-                            &need.value,
-                            local.iter().chain(all.iter()).map(String::as_str),
-                        ) {
-                            Some(c) => format!("did you mean `{c}`?"),
-                            None => {
-                                "write a stage of this target (`lint`) or TARGET:STAGE[:VARIANT]"
-                                    .to_string()
-                            }
-                        },
-                    ),
-                );
+                diags.push(unknown("artifact", need, candidates).with_help(
+                    match suggest::closest(&need.value, local.iter().chain(all.iter()).map(String::as_str)) {
+                        Some(c) => format!("did you mean `{c}`?"),
+                        None => "write a stage of this target (`lint`) or TARGET:STAGE[:VARIANT]".to_string(),
+                    },
+                ));
             }
         }
         for arg in &stage.run {
             match parse_arg(&arg.value) {
-                Err(e) => diags.push(Diagnostic::new(
-                    Code::InvalidValue,
-                    arg.span,
-                    e,
-                    "invalid placeholder",
-                )),
+                Err(e) => diags.push(Diagnostic::new(Code::InvalidValue, arg.span, e, "invalid placeholder")),
                 Ok(pieces) => {
                     for p in pieces {
                         if let Piece::Dep(r) = p {
@@ -294,10 +245,8 @@ fn artifact_refs(m: &Manifest, artifacts: &[ArtifactDecl], diags: &mut Vec<Diagn
 
 fn artifact_cycles(artifacts: &[ArtifactDecl], diags: &mut Vec<Diagnostic>) {
     let mut graph = DiGraph::<String, Span>::new();
-    let idx: HashMap<&ArtifactId, NodeIndex> = artifacts
-        .iter()
-        .map(|a| (&a.id, graph.add_node(a.id.to_string())))
-        .collect();
+    let idx: HashMap<&ArtifactId, NodeIndex> =
+        artifacts.iter().map(|a| (&a.id, graph.add_node(a.id.to_string()))).collect();
     for a in artifacts {
         for d in &a.deps {
             if d.id == a.id {
@@ -316,11 +265,7 @@ fn artifact_cycles(artifacts: &[ArtifactDecl], diags: &mut Vec<Diagnostic>) {
 }
 
 /// One diagnostic per strongly connected component, naming the cycle in order.
-fn report_cycles<N: std::fmt::Display>(
-    graph: &DiGraph<N, Span>,
-    what: &str,
-    diags: &mut Vec<Diagnostic>,
-) {
+fn report_cycles<N: std::fmt::Display>(graph: &DiGraph<N, Span>, what: &str, diags: &mut Vec<Diagnostic>) {
     for scc in petgraph::algo::tarjan_scc(graph) {
         if scc.len() < 2 {
             continue;
@@ -356,18 +301,11 @@ fn report_cycles<N: std::fmt::Display>(
             Code::Cycle,
             spans.first().copied().unwrap_or_default(),
             format!("dependency cycle between {what}s: {}", names.join(" → ")),
-            format!(
-                "`{}` depends on `{}` here",
-                names[0],
-                names.get(1).map(String::as_str).unwrap_or("")
-            ),
+            format!("`{}` depends on `{}` here", names[0], names.get(1).map(String::as_str).unwrap_or("")),
         )
         .with_help("break the cycle by removing one of these dependencies");
         for (i, span) in spans.iter().enumerate().skip(1) {
-            d = d.with_note(
-                *span,
-                format!("`{}` depends on `{}` here", names[i], names[i + 1]),
-            );
+            d = d.with_note(*span, format!("`{}` depends on `{}` here", names[i], names[i + 1]));
         }
         diags.push(d);
     }

@@ -10,23 +10,14 @@ use std::path::{Path, PathBuf};
 use forge_manifest::{ManifestErrors, load};
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(kind);
-    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(kind);
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     out.sort();
     out
 }
 
 fn root_of(fixture: &Path) -> PathBuf {
-    if fixture.is_dir() {
-        fixture.join("forge.kdl")
-    } else {
-        fixture.to_path_buf()
-    }
+    if fixture.is_dir() { fixture.join("forge.kdl") } else { fixture.to_path_buf() }
 }
 
 fn expectations(root: &Path) -> Vec<(String, String)> {
@@ -36,22 +27,14 @@ fn expectations(root: &Path) -> Vec<(String, String)> {
         .map(|l| {
             let (code, snippet) = l.split_once(' ').expect("`// expect CODE \"SNIPPET\"`");
             let snippet = snippet.trim();
-            let snippet = snippet
-                .strip_prefix('"')
-                .and_then(|s| s.strip_suffix('"'))
-                .expect("quoted snippet");
-            (
-                code.to_string(),
-                snippet.replace("\\n", "\n").replace("\\\"", "\""),
-            )
+            let snippet = snippet.strip_prefix('"').and_then(|s| s.strip_suffix('"')).expect("quoted snippet");
+            (code.to_string(), snippet.replace("\\n", "\n").replace("\\\"", "\""))
         })
         .collect()
 }
 
 fn render(errors: &ManifestErrors) -> String {
-    let handler =
-        miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
-            .with_width(100);
+    let handler = miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor()).with_width(100);
     let mut out = String::new();
     handler.render_report(&mut out, errors).unwrap();
     out
@@ -69,21 +52,13 @@ fn good_fixtures_load() {
 #[test]
 fn bad_fixtures_report_their_diagnostics() {
     let bad = fixtures("bad");
-    assert!(
-        bad.len() >= 20,
-        "at least 20 malformed-manifest fixtures, found {}",
-        bad.len()
-    );
+    assert!(bad.len() >= 20, "at least 20 malformed-manifest fixtures, found {}", bad.len());
     let mut failures = Vec::new();
     let mut rendered = Vec::new();
     for f in bad {
         let root = root_of(&f);
         let expected = expectations(&root);
-        assert!(
-            !expected.is_empty(),
-            "{} has no `// expect` lines",
-            f.display()
-        );
+        assert!(!expected.is_empty(), "{} has no `// expect` lines", f.display());
         let errors = match load(&root) {
             Ok(_) => {
                 failures.push(format!("{}: loaded without errors", f.display()));
@@ -91,11 +66,8 @@ fn bad_fixtures_report_their_diagnostics() {
             }
             Err(e) => e,
         };
-        let got: Vec<(String, String)> = errors
-            .errors()
-            .iter()
-            .map(|e| (e.code().to_string(), e.snippet().to_string()))
-            .collect();
+        let got: Vec<(String, String)> =
+            errors.errors().iter().map(|e| (e.code().to_string(), e.snippet().to_string())).collect();
         if got != expected {
             failures.push(format!(
                 "{}:\n  expected {expected:?}\n  got      {got:?}\n{}",
