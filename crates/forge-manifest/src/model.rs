@@ -59,8 +59,6 @@ pub struct Workspace {
     pub name: Option<String>,
     /// Default parallelism of `forge build` when `-j` is not given.
     pub jobs: Option<u32>,
-    /// Where the cache lives, relative to the workspace root (default `.forge-cache`).
-    pub cache_dir: Option<Spanned<String>>,
     /// Named resource pools: at most `capacity` actions of a pool run at once.
     pub pools: BTreeMap<String, Pool>,
 }

@@ -263,22 +263,6 @@ impl Loader {
                     }
                     c.finish(cx);
                 }
-                "cache-dir" => {
-                    let mut c = NodeReader::new(cx, child, "cache-dir \".forge-cache\"");
-                    if let Some(d) = c.arg_str(cx, 0, "a directory") {
-                        if glob::normalize("", &d.value).is_err() {
-                            cx.push(Diagnostic::new(
-                                Code::InvalidPath,
-                                d.span,
-                                "`cache-dir` must be a path inside the workspace",
-                                "outside the workspace",
-                            ));
-                        } else {
-                            ws.cache_dir = Some(d);
-                        }
-                    }
-                    c.finish(cx);
-                }
                 "pool" => {
                     let mut c = NodeReader::new(cx, child, "pool \"gpu\" capacity=1");
                     let name = c.arg_str(cx, 0, "a pool name");
@@ -293,7 +277,7 @@ impl Loader {
                         }
                     }
                 }
-                _ => unknown_node(cx, child, "`workspace`", &["name", "jobs", "cache-dir", "pool"]),
+                _ => unknown_node(cx, child, "`workspace`", &["name", "jobs", "pool"]),
             }
         }
         self.workspace = Some((ws, span));

@@ -8,8 +8,8 @@ where
     let mut best: Option<(f64, &str)> = None;
     for candidate in candidates {
         let score = strsim::jaro_winkler(name, candidate);
-        // A distance-1 edit is always a plausible typo, even in very short names.
-        let close = score > 0.8 || strsim::levenshtein(name, candidate) <= 1;
+        // A distance-1 edit is a plausible typo even in short names, but not in one-letter ones.
+        let close = score > 0.8 || (name.chars().count() >= 3 && strsim::levenshtein(name, candidate) <= 1);
         if close && best.is_none_or(|(s, _)| score > s) {
             best = Some((score, candidate));
         }

@@ -1,1 +1,20 @@
+//! Planning and building: the artifact graph, fingerprints and dirty reasons, early cutoff,
+//! and the parallel scheduler with resource pools.
 
+pub mod canonical;
+pub mod command;
+pub mod dirty;
+pub mod engine;
+pub mod events;
+pub mod executor;
+pub mod fingerprint;
+pub mod plan;
+pub mod workspace;
+
+pub use dirty::DirtyReason;
+pub use engine::{BuildOptions, Engine, Status};
+pub use events::{Collect, Event, EventSink, Summary};
+pub use executor::{ActionContext, ActionError, CancelToken, Executor, Log, Registry, StagePlan};
+pub use fingerprint::{FORGE_VERSION, Fingerprint};
+pub use plan::{Plan, SelectError};
+pub use workspace::{LoadOptions, Workspace, WorkspaceError, find_manifest};

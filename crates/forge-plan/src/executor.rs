@@ -1,0 +1,159 @@
+//! Stage executors: what runs an artifact's action.
+//!
+//! The planner knows *which* artifacts exist and how they depend on each other; an executor
+//! knows, for one stage kind, which manifest parameters and input files its output depends on
+//! ([`Executor::plan`]) and how to produce that output ([`Executor::run`]). Executors are
+//! stateless and registered by kind in a [`Registry`]; later stages (dataset, adapter, ...)
+//! plug in the same way as the built-in `command` stage.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use forge_cache::Cache;
+use forge_manifest::{ArtifactDecl, ArtifactId, Manifest};
+use serde_json::Value;
+
+/// What an executor reads, decided at planning time.
+#[derive(Clone, Debug, Default)]
+pub struct StagePlan {
+    /// The manifest parameters the output depends on (fingerprinted).
+    pub params: BTreeMap<String, Value>,
+    /// Workspace-relative file patterns the action reads (resolved and hashed per build).
+    pub inputs: Vec<String>,
+    /// Versions of tools that shape the output.
+    pub tools: BTreeMap<String, String>,
+}
+
+pub trait Executor: Send + Sync {
+    /// The stage kind this executor runs (`command`, `dataset`, ...).
+    fn kind(&self) -> &'static str;
+    /// The version of the output format; part of every fingerprint of this kind.
+    fn format_version(&self) -> u32;
+    /// What the action for `decl` reads.
+    fn plan(&self, manifest: &Manifest, decl: &ArtifactDecl) -> StagePlan;
+    /// Produces the artifact in `ctx.out_dir`. Must honour `ctx.cancel`.
+    fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError>;
+}
+
+/// Executors by stage kind.
+#[derive(Clone, Default)]
+pub struct Registry {
+    executors: HashMap<&'static str, Arc<dyn Executor>>,
+}
+
+impl Registry {
+    /// A registry with the built-in `command` stage.
+    pub fn with_builtin() -> Registry {
+        let mut r = Registry::default();
+        r.register(Arc::new(crate::command::CommandExecutor));
+        r
+    }
+
+    pub fn register(&mut self, e: Arc<dyn Executor>) {
+        self.executors.insert(e.kind(), e);
+    }
+
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn Executor>> {
+        self.executors.get(kind).cloned()
+    }
+}
+
+/// Set when the build is interrupted; actions stop as soon as they notice.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A token that follows an existing flag (e.g. one a signal handler sets).
+    pub fn from_flag(flag: Arc<AtomicBool>) -> Self {
+        CancelToken(flag)
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// An action's log file (`.forge-cache/logs-v1/<artifact>.log`).
+pub struct Log {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl Log {
+    pub fn create(path: &Path) -> std::io::Result<Log> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(Log { path: path.to_path_buf(), file: Mutex::new(File::create(path)?) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn line(&self, text: &str) {
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(f, "{text}");
+    }
+
+    /// A handle a child process can write its output to.
+    pub fn try_clone_file(&self) -> std::io::Result<File> {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).try_clone()
+    }
+
+    /// The last `n` lines of the log at `path`, for error messages.
+    pub fn tail_of(path: &Path, n: usize) -> Vec<String> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].iter().map(|s| s.to_string()).collect()
+    }
+}
+
+/// Everything an action may use.
+pub struct ActionContext<'a> {
+    pub artifact: &'a ArtifactId,
+    pub decl: &'a ArtifactDecl,
+    pub manifest: &'a Manifest,
+    pub params: &'a BTreeMap<String, Value>,
+    /// The workspace root (the working directory of commands).
+    pub workspace: &'a Path,
+    /// The empty directory the artifact is written to.
+    pub out_dir: &'a Path,
+    /// The content directories of the upstream artifacts (read-only).
+    pub deps: &'a BTreeMap<ArtifactId, PathBuf>,
+    /// The resolved input files, workspace-relative.
+    pub inputs: &'a [String],
+    pub cache: &'a Cache,
+    pub log: &'a Log,
+    pub cancel: &'a CancelToken,
+    /// Reports progress: (done, total, what).
+    pub progress: &'a (dyn Fn(u64, u64, &str) + Sync),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("interrupted")]
+    Cancelled,
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl ActionError {
+    pub fn io(path: &Path, source: std::io::Error) -> ActionError {
+        ActionError::Io { path: path.to_path_buf(), source }
+    }
+}
