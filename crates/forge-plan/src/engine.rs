@@ -285,7 +285,7 @@ impl<'w> Engine<'w> {
         let jobs = opts.jobs.max(1);
         sink.emit(Event::Plan { artifacts: selection.len(), fresh, to_check: selection.len() - fresh, jobs });
 
-        let mut summary = Summary::default();
+        let mut summary = Summary { dry_run: opts.dry_run, ..Summary::default() };
         if opts.dry_run {
             for &n in selection {
                 let artifact = plan.graph[n].id.to_string();

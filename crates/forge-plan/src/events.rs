@@ -73,12 +73,14 @@ pub struct Summary {
     /// Stale artifacts left alone because the build stopped early.
     pub not_run: usize,
     pub interrupted: bool,
+    /// Nothing was built: `not_run` counts what would have been checked or built.
+    pub dry_run: bool,
     pub duration_ms: u64,
 }
 
 impl Summary {
     pub fn ok(&self) -> bool {
-        self.failed == 0 && self.skipped == 0 && self.not_run == 0 && !self.interrupted
+        self.failed == 0 && self.skipped == 0 && (self.not_run == 0 || self.dry_run) && !self.interrupted
     }
 }
 

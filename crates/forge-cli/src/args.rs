@@ -1,0 +1,168 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub const EXIT_CODES: &str = "\
+Exit status:
+  0    success
+  1    a build, check or verification failed (an action failed, an artifact is not built,
+       the cache has damaged entries)
+  2    invalid arguments or an invalid manifest
+  3    forge could not do its work (an unreadable cache, an I/O error)
+  130  interrupted (Ctrl-C)";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "forge",
+    version,
+    about = "Build small, fast, offline language models for games the way make builds code",
+    long_about = None,
+    after_help = EXIT_CODES,
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Run as if started in DIR (the workspace is the nearest directory with a forge.kdl).
+    #[arg(short = 'C', long = "directory", value_name = "DIR", global = true)]
+    pub directory: Option<PathBuf>,
+    /// Keep the cache here instead of <workspace>/.forge-cache.
+    #[arg(long, value_name = "DIR", env = "FORGE_CACHE_DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Print less.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Print more (fresh artifacts too).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build artifacts (all of them by default), rebuilding only what is stale.
+    Build(BuildArgs),
+    /// Show every artifact as fresh, stale (and why), pending or blocked.
+    Status(StatusArgs),
+    /// Explain why an artifact is stale, or when it was built.
+    Why(WhyArgs),
+    /// Print the artifact graph.
+    Graph(GraphArgs),
+    /// Validate forge.kdl and the files it includes, without building.
+    Check(CheckArgs),
+    /// Remove built artifacts from the cache (the teacher-call cache is kept unless --all).
+    Clean(CleanArgs),
+    /// Inspect and maintain the cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Query built artifacts (for scripts).
+    #[command(subcommand)]
+    Artifact(ArtifactCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Targets (`defame`), artifacts (`defame:gguf:q4_0`) or stages (`defame:gguf`); all when none.
+    pub artifacts: Vec<String>,
+    /// Build the selected targets only up to this stage (`dataset`, `adapter`, `gguf`, ...).
+    #[arg(long, value_name = "STAGE")]
+    pub until: Option<String>,
+    /// Run at most N actions at once [default: the manifest's `jobs`, else the CPU count].
+    #[arg(short, long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Show what would be built, and why, without building.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Keep building what does not depend on a failed artifact.
+    #[arg(short, long)]
+    pub keep_going: bool,
+    /// Stream events as JSON lines on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Limit to these targets, artifacts or stages.
+    pub artifacts: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WhyArgs {
+    /// The artifact to explain, e.g. `defame:adapter`.
+    pub artifact: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum GraphFormat {
+    Dot,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct GraphArgs {
+    #[arg(long, value_enum, default_value = "dot")]
+    pub format: GraphFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Print diagnostics as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CleanArgs {
+    /// Only these targets or artifacts; everything when none.
+    pub artifacts: Vec<String>,
+    /// Also remove the teacher-call cache (paid-for LLM answers).
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// List the action cache.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove unused entries, stale buckets and leftovers of killed builds.
+    Gc {
+        /// Keep unused entries younger than this many days.
+        #[arg(long, value_name = "DAYS", default_value_t = 7.0)]
+        max_age: f64,
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every stored artifact and report damage.
+    Verify {
+        /// Remove damaged entries so the next build rebuilds them.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ArtifactCommand {
+    /// Print the directory holding a built, fresh artifact.
+    Path {
+        /// e.g. `defame:gguf:q4_0`
+        artifact: String,
+    },
+}
