@@ -1,0 +1,171 @@
+//! End-to-end tests of the `forge` binary.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn builds_a_workspace_incrementally() {
+    let ws = TestWorkspace::copy_of("lore");
+    let r = ws.run(&["check"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stderr().contains("2 targets, 5 artifacts"), "{r:?}");
+
+    let (r, ev) = ws.build_json(&["lore"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert_eq!(with_event(&ev, "finish"), ["lore:entries", "lore:count", "lore:summary"]);
+    let summary = ws.artifact_path("lore:summary").join("summary.md");
+    assert_eq!(std::fs::read_to_string(&summary).unwrap(), "entries: 6\nArdenfall\n");
+
+    // A no-op.
+    let (r, ev) = ws.build_json(&["lore"]);
+    assert_eq!(r.code(), 0);
+    assert!(with_event(&ev, "start").is_empty(), "{ev:#?}");
+    assert_eq!(done(&ev)["fresh"], 3);
+
+    // Reordering a list file changes the input but not the sorted entries: early cutoff.
+    ws.write("worlds/countries.txt", "Ostrand\nValmora\nArdenfall\n");
+    let (_, ev) = ws.build_json(&["lore"]);
+    assert_eq!(with_event(&ev, "start"), ["lore:entries"]);
+    let cutoff: Vec<_> = ev.iter().filter(|e| e["event"] == "fresh" && e["cutoff"] == true).collect();
+    let cutoff: Vec<_> = cutoff.iter().map(|e| e["artifact"].as_str().unwrap()).collect();
+    assert_eq!(cutoff, ["lore:count", "lore:summary"], "{ev:#?}");
+
+    // A new entry flows all the way down.
+    ws.write("worlds/classes.txt", "serf\nburgher\nnoble\nknight\n");
+    let r = ws.run(&["status"]);
+    assert!(r.stdout().contains("stale   lore:entries"), "{r:?}");
+    assert!(r.stdout().contains("input worlds/classes.txt changed"), "{r:?}");
+    assert!(r.stdout().contains("pending lore:count"), "{r:?}");
+    let r = ws.run(&["why", "lore:summary"]);
+    assert_eq!(
+        r.stdout().lines().take(3).collect::<Vec<_>>(),
+        [
+            "lore:summary is pending until lore:count is rebuilt (it may then stay fresh)",
+            "  because lore:count is pending until lore:entries is rebuilt (it may then stay fresh)",
+            "  because lore:entries is stale:",
+        ],
+        "{r:?}"
+    );
+    let (_, ev) = ws.build_json(&["lore"]);
+    assert_eq!(with_event(&ev, "start"), ["lore:entries", "lore:count", "lore:summary"]);
+    let starts: Vec<_> = ev.iter().filter(|e| e["event"] == "start").collect();
+    assert_eq!(starts[1]["reasons"][0]["reason"], "upstream");
+    assert_eq!(starts[1]["reasons"][0]["artifact"], "lore:entries");
+    assert_eq!(
+        std::fs::read_to_string(ws.artifact_path("lore:summary").join("summary.md")).unwrap(),
+        "entries: 7\nArdenfall\n"
+    );
+
+    // A parameter edit in the manifest.
+    let m = ws.read("forge.kdl").replace("TITLE=\"Ardenfall\"", "TITLE=\"Valmora\"");
+    ws.write("forge.kdl", &m);
+    let r = ws.run(&["build", "lore"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(
+        r.stderr().contains("Building lore:summary (param env.TITLE changed (\"Ardenfall\" → \"Valmora\"))"),
+        "{r:?}"
+    );
+
+    // `--until` and artifact selection.
+    let (_, ev) = ws.build_json(&["--dry-run", "lore", "--until", "count"]);
+    assert_eq!(with_event(&ev, "fresh"), ["lore:entries", "lore:count"]);
+
+    // Machine-readable views.
+    let status: serde_json::Value = serde_json::from_str(&ws.run(&["status", "--json", "lore"]).stdout()).unwrap();
+    assert!(status["artifacts"].as_array().unwrap().iter().all(|a| a["status"] == "fresh"), "{status:#}");
+    let graph: serde_json::Value = serde_json::from_str(&ws.run(&["graph", "--format", "json"]).stdout()).unwrap();
+    let count = graph["artifacts"].as_array().unwrap().iter().find(|a| a["artifact"] == "lore:count").unwrap();
+    assert_eq!(count["deps"], serde_json::json!(["lore:entries"]));
+    let dot = ws.run(&["graph"]).stdout();
+    assert!(dot.contains("\"lore:count\" -> \"lore:summary\";"), "{dot}");
+    let ls: serde_json::Value = serde_json::from_str(&ws.run(&["cache", "ls", "--json"]).stdout()).unwrap();
+    assert!(ls["entries"].as_array().unwrap().len() >= 6);
+
+    // Cleaning a target rebuilds it.
+    assert_eq!(ws.run(&["clean", "lore"]).code(), 0);
+    let (_, ev) = ws.build_json(&["lore"]);
+    assert_eq!(with_event(&ev, "start").len(), 3);
+}
+
+#[test]
+fn exit_codes() {
+    let ws = TestWorkspace::with_manifest(
+        "forge 1\ntarget \"t\" {\n  command \"bad\" { run \"sh\" \"-c\" \"echo nope >&2; exit 7\"; }\n  command \"good\" { run \"true\"; }\n}\n",
+    );
+    let r = ws.run(&["build"]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr().contains("Failed t:bad: `sh` exited with status 7"), "{r:?}");
+    assert!(r.stderr().contains("| nope"), "the log tail is shown: {r:?}");
+    assert_eq!(ws.run(&["build", "nope"]).code(), 2);
+    assert_eq!(ws.run(&["build", "--bogus"]).code(), 2);
+    let r = ws.run(&["artifact", "path", "t:bad"]);
+    assert_eq!(r.code(), 1);
+    assert!(r.stderr().contains("t:bad is not built and fresh (stale: never built)"), "{r:?}");
+    assert_eq!(ws.run(&["build", "t:good"]).code(), 0);
+    let help = ws.run(&["--help"]);
+    assert!(help.stdout().contains("130  interrupted"), "exit codes are documented: {help:?}");
+}
+
+#[test]
+fn manifest_errors_are_diagnostics_with_codes() {
+    let ws = TestWorkspace::with_manifest(
+        "forge 1\nteacher \"offline\" kind=\"grammar\"\nteacher \"gpt\" kind=\"opanai\"\nbase \"b\" kind=\"hf\"\n",
+    );
+    let r = ws.run(&["check"]);
+    assert_eq!(r.code(), 2, "{r:?}");
+    let err = r.stderr();
+    assert!(err.contains("the manifest has 2 errors"), "{err}");
+    assert!(err.contains("forge::manifest::invalid-value"), "{err}");
+    assert!(err.contains("did you mean `openai`?"), "{err}");
+    assert!(err.contains("forge::manifest::missing-property"), "{err}");
+    assert!(err.contains("forge.kdl:3:"), "the label points into the file: {err}");
+
+    let r = ws.run(&["check", "--json"]);
+    assert_eq!(r.code(), 2);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    let codes: Vec<&str> = v["related"].as_array().unwrap().iter().map(|d| d["code"].as_str().unwrap()).collect();
+    assert_eq!(codes, ["forge::manifest::invalid-value", "forge::manifest::missing-property"]);
+}
+
+#[test]
+fn a_corrupted_cache_entry_is_detected_and_rebuilt() {
+    let ws = TestWorkspace::copy_of("lore");
+    assert_eq!(ws.run(&["build", "lore"]).code(), 0);
+    let file = ws.artifact_path("lore:count").join("count.txt");
+    let mut perm = std::fs::metadata(&file).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    std::fs::set_permissions(&file, perm).unwrap();
+    std::fs::write(&file, "999\n").unwrap();
+
+    let r = ws.run(&["cache", "verify"]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr().contains("Damaged lore:count: content corrupt"), "{r:?}");
+
+    let (r, ev) = ws.build_json(&["lore"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let warnings: Vec<_> = ev.iter().filter(|e| e["event"] == "warning").collect();
+    assert_eq!(warnings.len(), 1, "{ev:#?}");
+    assert!(warnings[0]["message"].as_str().unwrap().starts_with("corrupt cache entry for lore:count"));
+    assert_eq!(with_event(&ev, "start"), ["lore:count"]);
+    assert_eq!(ev.iter().find(|e| e["event"] == "start").unwrap()["reasons"][0]["reason"], "content-damaged");
+    assert_eq!(std::fs::read_to_string(ws.artifact_path("lore:count").join("count.txt")).unwrap(), "6\n");
+    assert_eq!(ws.run(&["cache", "verify"]).code(), 0);
+}
+
+#[test]
+fn cache_gc_removes_what_is_unused() {
+    let ws = TestWorkspace::copy_of("lore");
+    assert_eq!(ws.run(&["build", "lore"]).code(), 0);
+    ws.write("worlds/classes.txt", "serf\n");
+    assert_eq!(ws.run(&["build", "lore"]).code(), 0);
+    std::fs::create_dir_all(ws.file(".forge-cache/cas-v0")).unwrap();
+    let r = ws.run(&["cache", "gc", "--max-age", "0", "--json"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let report: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    assert_eq!(report["actions_removed"], 3, "{report:#}");
+    assert_eq!(report["unknown_removed"], serde_json::json!(["cas-v0"]));
+    let (_, ev) = ws.build_json(&["lore"]);
+    assert!(with_event(&ev, "start").is_empty(), "gc keeps current builds: {ev:#?}");
+}
