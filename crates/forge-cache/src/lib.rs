@@ -17,6 +17,7 @@
 //! removes buckets this forge does not know.
 
 mod action;
+pub mod canonical;
 mod codec;
 mod digest;
 pub mod fsutil;

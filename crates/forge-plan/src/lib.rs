@@ -1,7 +1,7 @@
 //! Planning and building: the artifact graph, fingerprints and dirty reasons, early cutoff,
 //! and the parallel scheduler with resource pools.
 
-pub mod canonical;
+pub use forge_cache::canonical;
 pub mod command;
 pub mod dirty;
 pub mod engine;
