@@ -173,6 +173,8 @@ pub struct Recipe {
     pub system: Option<Spanned<String>>,
     /// What the teacher sees; its answer is the training target.
     pub prompt: Option<Spanned<String>>,
+    /// The grammar node an offline `grammar` teacher expands to answer `prompt`.
+    pub prompt_grammar: Option<Spanned<String>>,
     /// Checks every teacher answer must pass to become a sample.
     pub validate: Validation,
 }
@@ -240,6 +242,10 @@ pub struct GenerateNode {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub max_tokens: Option<u32>,
+    /// The grammar node an offline `grammar` teacher expands instead of answering `prompt`.
+    pub grammar: Option<Spanned<String>>,
+    /// Checks this node's answers must pass (rejected answers are asked for again).
+    pub validate: Option<Validation>,
 }
 
 /// `validate { ... }`: acceptance checks on teacher answers.

@@ -21,6 +21,7 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
     let mut input = None;
     let mut system = None;
     let mut prompt = None;
+    let mut prompt_grammar = None;
     let mut validate: Option<(Validation, Spanned<()>)> = None;
     for child in r.child_nodes() {
         let kind = child.name().value();
@@ -36,8 +37,14 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
                 }
             }
             "input" | "system" | "prompt" => {
-                let mut c = NodeReader::new(cx, child, "input \"{{ sender }} vs {{ target }}\"");
+                let mut c =
+                    NodeReader::new(cx, child, "prompt \"Write a poster about {{ target }}\" grammar=\"GRAMMAR_NODE\"");
                 let text = c.arg_str(cx, 0, "a template");
+                if kind == "prompt" {
+                    if let Some(g) = c.str(cx, "grammar") {
+                        prompt_grammar = Some(g);
+                    }
+                }
                 c.no_children(cx);
                 c.finish(cx);
                 let slot = match kind {
@@ -65,7 +72,15 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
     }
     let name = name?;
     check_name(cx, "recipe", &name).then_some(())?;
-    Some(Recipe { name, nodes, input, system, prompt, validate: validate.map(|(v, _)| v).unwrap_or_default() })
+    Some(Recipe {
+        name,
+        nodes,
+        input,
+        system,
+        prompt,
+        prompt_grammar,
+        validate: validate.map(|(v, _)| v).unwrap_or_default(),
+    })
 }
 
 fn once(cx: &mut Cx<'_>, slot: &mut Option<Spanned<String>>, what: &str, value: Option<Spanned<String>>) {
@@ -109,7 +124,9 @@ fn dag_node(cx: &mut Cx<'_>, node: &KdlNode) -> Option<RecipeNode> {
         }
         "template" => "template \"NAME\" \"{{ a }} of {{ b }}\"",
         "grammar" => "grammar \"NAME\" start=\"origin\" { rule \"origin\" \"#adj# #noun#\" }",
-        _ => "generate \"NAME\" teacher=\"TEACHER\" { system \"...\"; prompt \"...\"; schema \"{...}\" }",
+        _ => {
+            "generate \"NAME\" teacher=\"TEACHER\" grammar=\"GRAMMAR_NODE\" { system \"...\"; prompt \"...\"; schema \"{...}\"; validate { ... } }"
+        }
     };
     let mut r = NodeReader::new(cx, node, usage);
     let name = r.arg_str(cx, 0, "a name");
@@ -254,9 +271,11 @@ fn generate(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
     let temperature = r.float_in(cx, "temperature", 0.0, 2.0).map(|v| v.value);
     let top_p = r.float_in(cx, "top-p", 0.0, 1.0).map(|v| v.value);
     let max_tokens = r.int_in(cx, "max-tokens", 1, 1 << 20).map(|v| v.value as u32);
+    let grammar = r.str(cx, "grammar");
     let mut system = None;
     let mut prompt = None;
     let mut schema = None;
+    let mut node_validate: Option<Validation> = None;
     for child in r.child_nodes() {
         let kind = child.name().value();
         match kind {
@@ -284,7 +303,19 @@ fn generate(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
                 };
                 once(cx, slot, kind, text);
             }
-            _ => unknown_node(cx, child, "a `generate`", &["system", "prompt", "schema"]),
+            "validate" => {
+                if node_validate.is_some() {
+                    cx.push(Diagnostic::new(
+                        Code::DuplicateName,
+                        cx.span(child.name().span()),
+                        "`validate` is given twice",
+                        "given again here",
+                    ));
+                } else {
+                    node_validate = Some(validation(cx, child));
+                }
+            }
+            _ => unknown_node(cx, child, "a `generate`", &["system", "prompt", "schema", "validate"]),
         }
     }
     let Some(prompt) = prompt else {
@@ -302,6 +333,8 @@ fn generate(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
         temperature,
         top_p,
         max_tokens,
+        grammar,
+        validate: node_validate,
     }))
 }
 

@@ -70,6 +70,9 @@ fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
             check_ref(diags, "teacher", &Some(d.teacher.clone()), &m.teachers);
             check_ref(diags, "pool", &d.pool, pools);
             let recipe = model.recipe.as_ref().and_then(|r| m.recipes.get(&r.value));
+            if let Some(recipe) = recipe {
+                dataset_recipe(m, d, recipe, diags);
+            }
             if let (Some(split), Some(recipe)) = (&d.split_by, recipe) {
                 if recipe.node(&split.value).is_none() {
                     diags.push(unknown("recipe node", split, recipe.nodes.iter().map(|n| n.name.value.as_str())));
@@ -108,6 +111,91 @@ fn list_items<'m>(m: &'m Manifest, recipe: &'m Recipe, from: &str, depth: usize)
             Some(parents.into_iter().filter_map(|p| p.lists.get(sub)).flat_map(|l| l.items.iter()).collect())
         }
     }
+}
+
+fn is_grammar_teacher(m: &Manifest, name: &str) -> bool {
+    m.teachers.get(name).is_some_and(|t| matches!(t.kind, TeacherKind::Grammar))
+}
+
+/// What a dataset needs of its recipe: an input and a prompt, and for offline grammar
+/// teachers a grammar to expand wherever the teacher would be asked.
+fn dataset_recipe(m: &Manifest, d: &DatasetStage, recipe: &Recipe, diags: &mut Vec<Diagnostic>) {
+    for (what, present) in [("input", recipe.input.is_some()), ("prompt", recipe.prompt.is_some())] {
+        if !present {
+            diags.push(
+                Diagnostic::new(
+                    Code::MissingNode,
+                    recipe.name.span,
+                    format!("recipe `{}` has no `{what}`, which a dataset needs", recipe.name.value),
+                    format!("no `{what}`"),
+                )
+                .with_help(if what == "input" {
+                    "add `input \"...\"`: the text the student model sees at runtime"
+                } else {
+                    "add `prompt \"...\"`: what the teacher is asked; its answer is the training target"
+                }),
+            );
+        }
+    }
+    let grammar_help = |what: &str| {
+        format!(
+            "teacher `{}` is an offline grammar teacher: give {what} `grammar=\"NODE\"`, a grammar node it expands instead",
+            d.teacher.value
+        )
+    };
+    if is_grammar_teacher(m, &d.teacher.value) && recipe.prompt_grammar.is_none() {
+        if let Some(p) = &recipe.prompt {
+            diags.push(
+                Diagnostic::new(
+                    Code::MissingProperty,
+                    p.span,
+                    format!("the dataset's teacher `{}` cannot read prompts", d.teacher.value),
+                    "`grammar=...` missing",
+                )
+                .with_help(grammar_help("the prompt")),
+            );
+        }
+    }
+    for node in &recipe.nodes {
+        if let NodeKind::Generate(g) = &node.kind {
+            let teacher = g.teacher.as_ref().unwrap_or(&d.teacher);
+            if is_grammar_teacher(m, &teacher.value) && g.grammar.is_none() {
+                diags.push(
+                    Diagnostic::new(
+                        Code::MissingProperty,
+                        node.name.span,
+                        format!(
+                            "generate node `{}` is answered by a grammar teacher but names no grammar",
+                            node.name.value
+                        ),
+                        "`grammar=...` missing",
+                    )
+                    .with_help(grammar_help("the node")),
+                );
+            }
+        }
+    }
+}
+
+/// Names a template may use besides the recipe's nodes.
+pub const TEMPLATE_BUILTINS: &[&str] = &["sample_index"];
+
+/// The variables a template (or, with `expr`, an expression) reads, or its syntax error.
+fn template_vars(text: &str, expr: bool) -> Result<Vec<String>, String> {
+    let env = minijinja::Environment::new();
+    let vars = if expr {
+        env.compile_expression(text).map_err(|e| e.to_string())?.undeclared_variables(false)
+    } else {
+        env.template_from_str(text).map_err(|e| e.to_string())?.undeclared_variables(false)
+    };
+    let mut v: Vec<String> = vars.into_iter().collect();
+    v.sort();
+    Ok(v)
+}
+
+/// `#name#` symbols of grammar alternatives.
+fn grammar_symbols(alt: &str) -> Vec<&str> {
+    alt.split('#').skip(1).step_by(2).map(|s| s.split('.').next().unwrap_or("")).collect()
 }
 
 fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
@@ -172,9 +260,65 @@ fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
                     }
                 }
             }
-            NodeKind::Generate(g) => check_ref(diags, "teacher", &g.teacher, &m.teachers),
-            NodeKind::Template { .. } | NodeKind::Grammar(_) => {}
+            NodeKind::Generate(g) => {
+                check_ref(diags, "teacher", &g.teacher, &m.teachers);
+                if let Some(gr) = &g.grammar {
+                    grammar_ref(r, gr, diags);
+                }
+            }
+            NodeKind::Template { .. } => {}
+            NodeKind::Grammar(g) => {
+                for alts in g.rules.values() {
+                    for alt in alts {
+                        for sym in grammar_symbols(alt) {
+                            if g.rules.contains_key(sym) {
+                                continue;
+                            }
+                            match r.node(sym) {
+                                Some(n) => edges.push((me, n.name.value.as_str(), node.name.span)),
+                                None => diags.push(
+                                    Diagnostic::new(
+                                        Code::UnknownReference,
+                                        node.name.span,
+                                        format!("grammar `{me}` uses `#{sym}#`, which is neither one of its rules nor a node"),
+                                        "unknown symbol",
+                                    )
+                                    .with_optional_help(suggest::help(
+                                        sym,
+                                        "rule or node",
+                                        g.rules.keys().map(String::as_str).chain(node_names.iter().copied()),
+                                    )),
+                                ),
+                            }
+                        }
+                    }
+                }
+            }
         }
+        // Templates and expressions: every variable must be a node (and becomes an edge).
+        let mut texts: Vec<(&Spanned<String>, bool)> = Vec::new();
+        match &node.kind {
+            NodeKind::Template { template } => texts.push((template, false)),
+            NodeKind::Generate(g) => {
+                texts.push((&g.prompt, false));
+                texts.extend(g.system.iter().map(|s| (s, false)));
+            }
+            NodeKind::Choice(c) => texts.extend(c.when.iter().map(|w| (w, true))),
+            NodeKind::Grammar(_) => {}
+        }
+        for (text, expr) in texts {
+            for var in template_refs(text, expr, &node_names, diags) {
+                if let Some(n) = r.node(&var) {
+                    edges.push((me, n.name.value.as_str(), text.span));
+                }
+            }
+        }
+    }
+    for text in [&r.input, &r.system, &r.prompt].into_iter().flatten() {
+        template_refs(text, false, &node_names, diags);
+    }
+    if let Some(gr) = &r.prompt_grammar {
+        grammar_ref(r, gr, diags);
     }
     for (a, b, span) in &edges {
         if a == b {
@@ -194,6 +338,66 @@ fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
         }
     }
     report_cycles(&graph, "recipe node", diags);
+}
+
+/// The node variables `text` reads; reports syntax errors and unknown variables.
+fn template_refs(text: &Spanned<String>, expr: bool, nodes: &[&str], diags: &mut Vec<Diagnostic>) -> Vec<String> {
+    match template_vars(&text.value, expr) {
+        Err(e) => {
+            let what = if expr { "expression" } else { "template" };
+            diags.push(Diagnostic::new(
+                Code::InvalidValue,
+                text.span,
+                format!("invalid {what}: {e}"),
+                format!("invalid {what}"),
+            ));
+            Vec::new()
+        }
+        Ok(vars) => {
+            let mut out = Vec::new();
+            for var in vars {
+                if TEMPLATE_BUILTINS.contains(&var.as_str()) {
+                    continue;
+                }
+                if !nodes.contains(&var.as_str()) {
+                    diags.push(
+                        Diagnostic::new(
+                            Code::UnknownReference,
+                            text.span,
+                            format!("the template uses `{var}`, which is not a node of this recipe"),
+                            format!("unknown variable `{var}`"),
+                        )
+                        .with_optional_help(suggest::help(
+                            &var,
+                            "node",
+                            nodes.iter().copied().chain(TEMPLATE_BUILTINS.iter().copied()),
+                        )),
+                    );
+                    continue;
+                }
+                out.push(var);
+            }
+            out
+        }
+    }
+}
+
+/// `grammar="NODE"` must name a grammar node.
+fn grammar_ref(r: &Recipe, name: &Spanned<String>, diags: &mut Vec<Diagnostic>) {
+    match r.node(&name.value).map(|n| &n.kind) {
+        Some(NodeKind::Grammar(_)) => {}
+        Some(_) => diags.push(Diagnostic::new(
+            Code::InvalidValue,
+            name.span,
+            format!("`{}` is not a grammar node", name.value),
+            "not a grammar",
+        )),
+        None => {
+            let grammars =
+                r.nodes.iter().filter(|n| matches!(n.kind, NodeKind::Grammar(_))).map(|n| n.name.value.as_str());
+            diags.push(unknown("grammar node", name, grammars));
+        }
+    }
 }
 
 fn artifact_refs(m: &Manifest, artifacts: &[ArtifactDecl], diags: &mut Vec<Diagnostic>) {
