@@ -10,6 +10,7 @@
 //!   stat-v1.bin           file digests trusted while their metadata is unchanged (stat.rs)
 //!   logs-v1/              the last log of each artifact's action
 //!   teacher-v1/           teacher-call cache (forge-teacher)
+//!   work-v1/<key>/        progress of resumable actions (a dataset's journal), by action key
 //!   manifest-v1/          the validated manifest, reused while its files are unchanged
 //!   tmp/                  staging directories of running actions
 //! ```
@@ -38,7 +39,7 @@ pub use state::{BuildState, StateEntry};
 pub use tree::{Tree, TreeEntry, hash_tree};
 
 /// Directories this forge keeps in the cache; anything else is pruned by gc.
-pub const BUCKETS: &[&str] = &["cas-v1", "ac-v1", "logs-v1", "teacher-v1", "manifest-v1", "tmp"];
+pub const BUCKETS: &[&str] = &["cas-v1", "ac-v1", "logs-v1", "teacher-v1", "work-v1", "manifest-v1", "tmp"];
 /// Files this forge keeps at the cache root.
 pub const ROOT_FILES: &[&str] = &["CACHEDIR.TAG", "lock", "state-v1.bin", "stat-v1.bin"];
 

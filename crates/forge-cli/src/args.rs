@@ -64,6 +64,38 @@ pub enum Command {
     /// Query built artifacts (for scripts).
     #[command(subcommand)]
     Artifact(ArtifactCommand),
+    /// Look at a built dataset.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Print samples of a target's dataset.
+    Show {
+        /// The model target, e.g. `defame`.
+        target: String,
+        #[arg(long, value_enum, default_value = "train")]
+        split: Split,
+        /// At most this many samples.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Summarise a target's dataset: sizes, rejections, token usage, lengths, pick distributions.
+    Stats {
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]

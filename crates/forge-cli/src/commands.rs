@@ -15,9 +15,16 @@ use crate::args::*;
 use crate::output::{Color, Output, ago, bytes, render_diagnostic, render_diagnostic_json, seconds};
 use crate::render::{Renderer, reasons_line};
 
-fn load(g: &Global, out: &Output, json: bool) -> Result<Workspace, Failure> {
+/// Every stage this forge can build.
+pub fn registry() -> forge_plan::Registry {
+    let mut r = forge_plan::Registry::with_builtin();
+    r.register(Arc::new(forge_data::DatasetExecutor));
+    r
+}
+
+pub(crate) fn load(g: &Global, out: &Output, json: bool) -> Result<Workspace, Failure> {
     let dir = g.directory.clone().unwrap_or_else(|| std::path::PathBuf::from("."));
-    let opts = LoadOptions { cache_dir: g.cache_dir.clone(), ..LoadOptions::default() };
+    let opts = LoadOptions { cache_dir: g.cache_dir.clone(), registry: registry(), ..LoadOptions::default() };
     match Workspace::load(&dir, opts) {
         Ok(ws) => {
             for w in &ws.warnings {
@@ -420,22 +427,16 @@ pub fn cache(g: &Global, out: &Output, c: CacheCommand) -> Result<(), Failure> {
     }
 }
 
-pub fn artifact(g: &Global, out: &Output, c: ArtifactCommand) -> Result<(), Failure> {
-    let ArtifactCommand::Path { artifact } = c;
-    let ws = load(g, out, false)?;
+/// The directory of a built, fresh artifact; explains and fails otherwise.
+pub(crate) fn fresh_artifact_dir(ws: &Workspace, out: &Output, artifact: &str) -> Result<std::path::PathBuf, Failure> {
     let id: ArtifactId =
         artifact.parse().map_err(|e: forge_manifest::artifact::ArtifactIdError| Failure::Usage(e.to_string()))?;
-    let n = ws
-        .plan
-        .node(&id)
-        .ok_or_else(|| Failure::from(ws.plan.select(std::slice::from_ref(&artifact), None).unwrap_err()))?;
-    let engine = Engine::new(&ws);
-    let statuses = evaluate(&ws, &engine, &ws.plan.closure(&[n]));
+    let n =
+        ws.plan.node(&id).ok_or_else(|| Failure::from(ws.plan.select(&[artifact.to_string()], None).unwrap_err()))?;
+    let engine = Engine::new(ws);
+    let statuses = evaluate(ws, &engine, &ws.plan.closure(&[n]));
     match &statuses[&n] {
-        Status::Fresh { tree, .. } => {
-            crate::outln!("{}", ws.cache.cas_dir(&tree.digest()).display());
-            Ok(())
-        }
+        Status::Fresh { tree, .. } => Ok(ws.cache.cas_dir(&tree.digest())),
         other => {
             eprintln!(
                 "{}: {id} is not built and fresh ({}: {}); run `forge build {id}`",
@@ -446,4 +447,12 @@ pub fn artifact(g: &Global, out: &Output, c: ArtifactCommand) -> Result<(), Fail
             Err(Failure::Failed)
         }
     }
+}
+
+pub fn artifact(g: &Global, out: &Output, c: ArtifactCommand) -> Result<(), Failure> {
+    let ArtifactCommand::Path { artifact } = c;
+    let ws = load(g, out, false)?;
+    let dir = fresh_artifact_dir(&ws, out, &artifact)?;
+    crate::outln!("{}", dir.display());
+    Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod args;
 mod commands;
+mod data;
 mod output;
 mod render;
 
@@ -64,6 +65,7 @@ pub fn run() -> i32 {
         Command::Clean(a) => commands::clean(&cli.global, &out, a),
         Command::Cache(c) => commands::cache(&cli.global, &out, c),
         Command::Artifact(c) => commands::artifact(&cli.global, &out, c),
+        Command::Data(c) => data::data(&cli.global, &out, c),
     };
     match result {
         Ok(()) => 0,

@@ -301,6 +301,8 @@ pub struct DatasetStage {
     pub teacher: Spanned<String>,
     /// Stratify the split by this recipe node's value.
     pub split_by: Option<Spanned<String>>,
+    /// Answers asked for per sample before it is given up (rejected answers are asked again).
+    pub attempts: u32,
     pub pool: Option<Spanned<String>>,
 }
 

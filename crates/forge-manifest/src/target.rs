@@ -121,6 +121,7 @@ fn dataset(cx: &mut Cx<'_>, node: &KdlNode) -> Option<DatasetStage> {
     let seed = seed(cx, &mut r);
     let teacher = r.req_str(cx, "teacher");
     let split_by = r.str(cx, "split-by");
+    let attempts = r.int_in(cx, "attempts", 1, 1000).map(|v| v.value as u32).unwrap_or(4);
     let pool = r.str(cx, "pool");
     r.no_children(cx);
     r.finish(cx);
@@ -142,6 +143,7 @@ fn dataset(cx: &mut Cx<'_>, node: &KdlNode) -> Option<DatasetStage> {
         seed,
         teacher: teacher?,
         split_by,
+        attempts,
         pool,
     })
 }

@@ -549,6 +549,7 @@ impl<'w> Engine<'w> {
         let started = Instant::now();
         let ctx = ActionContext {
             artifact: &node.id,
+            key: &job.key,
             decl: &node.decl,
             manifest: &self.ws.manifest,
             params: &node.plan.params,

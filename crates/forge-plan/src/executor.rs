@@ -124,6 +124,9 @@ impl Log {
 /// Everything an action may use.
 pub struct ActionContext<'a> {
     pub artifact: &'a ArtifactId,
+    /// The action key: identifies this exact action across runs (a resumable action keeps its
+    /// progress under it).
+    pub key: &'a forge_cache::Digest,
     pub decl: &'a ArtifactDecl,
     pub manifest: &'a Manifest,
     pub params: &'a BTreeMap<String, Value>,
@@ -140,6 +143,14 @@ pub struct ActionContext<'a> {
     pub cancel: &'a CancelToken,
     /// Reports progress: (done, total, what).
     pub progress: &'a (dyn Fn(u64, u64, &str) + Sync),
+}
+
+impl ActionContext<'_> {
+    /// A directory that survives an interrupted run of this exact action (same key), for
+    /// progress an action can resume from. Remove it when done.
+    pub fn work_dir(&self) -> std::path::PathBuf {
+        self.cache.bucket("work-v1").join(self.key.hex())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -35,6 +35,9 @@ pub struct ChatRequest {
     pub seed: Option<u64>,
     /// A JSON schema for structured output.
     pub response_schema: Option<serde_json::Value>,
+    /// Which recipe node asks (`prompt` for the final answer): two nodes sending the same
+    /// messages still get answers of their own.
+    pub node: String,
     /// Which dataset sample this call serves.
     pub sample: u64,
     /// Which attempt at that sample (a rejected answer is asked for again with repeat + 1).
@@ -88,6 +91,7 @@ mod tests {
             max_tokens: Some(100),
             seed: Some(7),
             response_schema: None,
+            node: "prompt".into(),
             sample: 3,
             repeat: 0,
         }
@@ -106,6 +110,7 @@ mod tests {
             Box::new(|r| r.max_tokens = None),
             Box::new(|r| r.seed = Some(8)),
             Box::new(|r| r.response_schema = Some(serde_json::json!({"type": "object"}))),
+            Box::new(|r| r.node = "backstory".into()),
             Box::new(|r| r.sample = 4),
             Box::new(|r| r.repeat = 1),
         ];

@@ -28,6 +28,7 @@ fn request(i: u64) -> ChatRequest {
         max_tokens: Some(64),
         seed: Some(i),
         response_schema: None,
+        node: "prompt".into(),
         sample: i,
         repeat: 0,
     }

@@ -1,0 +1,777 @@
+//! The `dataset` stage (DefameLM §3.2; the NPC persona pipeline's stages I–II).
+//!
+//! For sample indices 0, 1, 2, ... the recipe's DAG is evaluated ([`crate::sampler`]), the
+//! teacher answers `generate` nodes and then the final prompt, and the answer is validated.
+//! Candidates are produced concurrently but *committed in index order*, so deduplication, the
+//! error budget and the result are the same however the calls interleave. A rejected candidate
+//! is asked for again (`repeat` + 1) up to `attempts` times; a sample that exhausts them is given
+//! up and a later index takes its place, until exactly `samples` are accepted.
+//!
+//! Every committed outcome is appended to a journal (`work-v1/<action key>/journal.jsonl`,
+//! fsynced), so a killed build resumes where it stopped; the teacher-call cache means calls
+//! already answered are not paid for twice either way.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use forge_manifest::{ArtifactDecl, DatasetStage, Manifest, NodeKind, Recipe, StageKind, TeacherKind};
+use forge_plan::{ActionContext, ActionError, Executor, StagePlan};
+use forge_teacher::rng::SplitMix64;
+use forge_teacher::{CallCache, ChatRequest, ChatResponse, Message, OpenAiClient, OpenAiConfig, TeacherError, Usage};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::dataset::{DATASET_FORMAT, Meta, Sample, sample_id, write_samples};
+use crate::sampler::{NodeValue, Sampler, Values, generate_prompt, generate_system};
+use crate::split::split;
+use crate::validate::{Checks, Dedup, Rejection};
+
+pub struct DatasetExecutor;
+
+/// The error budget: of the last `WINDOW` committed attempts, more than half failing stops the
+/// build instead of burning tokens.
+const WINDOW: usize = 32;
+
+/// The rejection key of a candidate whose teacher failed after all its retries.
+const TEACHER_ERROR: &str = "teacher-error";
+
+fn stage<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> (&'m DatasetStage, &'m Recipe) {
+    assert_eq!(decl.kind, StageKind::Dataset);
+    let model = m.targets[decl.target].model.as_ref().expect("dataset stages belong to models");
+    let d = model.dataset.as_ref().expect("the dataset artifact has a dataset block");
+    let recipe = model.recipe.as_ref().and_then(|r| m.recipes.get(&r.value)).expect("validated: the recipe exists");
+    (d, recipe)
+}
+
+/// The teachers a dataset asks: its own and any a `generate` node names.
+fn teacher_names<'m>(d: &'m DatasetStage, r: &'m Recipe) -> Vec<&'m str> {
+    let mut names = vec![d.teacher.value.as_str()];
+    for n in &r.nodes {
+        if let NodeKind::Generate(g) = &n.kind {
+            if let Some(t) = &g.teacher {
+                names.push(t.value.as_str());
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Lore entries keyed by name (their order in the file does not matter to sampling).
+fn list_params(list: &forge_manifest::LoreList) -> Value {
+    let items: serde_json::Map<String, Value> = list
+        .items
+        .iter()
+        .map(|i| {
+            let subs: serde_json::Map<String, Value> =
+                i.lists.iter().map(|(k, l)| (k.clone(), list_params(l))).collect();
+            (i.name.value.clone(), json!({ "weight": i.weight, "attrs": i.attrs, "lists": subs }))
+        })
+        .collect();
+    Value::Object(items)
+}
+
+impl Executor for DatasetExecutor {
+    fn kind(&self) -> &'static str {
+        "dataset"
+    }
+
+    fn format_version(&self) -> u32 {
+        DATASET_FORMAT
+    }
+
+    fn plan(&self, m: &Manifest, decl: &ArtifactDecl) -> StagePlan {
+        let (d, r) = stage(m, decl);
+        let mut params = BTreeMap::new();
+        params.insert("samples".into(), json!(d.samples));
+        params.insert("eval".into(), json!(d.eval));
+        params.insert("seed".into(), json!(d.seed));
+        params.insert("attempts".into(), json!(d.attempts));
+        params.insert("teacher".into(), json!(d.teacher.value));
+        params.insert("split_by".into(), json!(d.split_by.as_ref().map(|s| s.value.clone())));
+        let nodes: serde_json::Map<String, Value> = r
+            .nodes
+            .iter()
+            .map(|n| (n.name.value.clone(), serde_json::to_value(&n.kind).expect("nodes serialize")))
+            .collect();
+        params.insert(
+            "recipe".into(),
+            json!({
+                "name": r.name.value,
+                "nodes": nodes,
+                "input": r.input, "system": r.system, "prompt": r.prompt, "prompt_grammar": r.prompt_grammar,
+                "validate": r.validate,
+            }),
+        );
+        // Only the lists the recipe draws from (a nested `node.sub` reads its parent's list).
+        let mut lists = serde_json::Map::new();
+        for n in &r.nodes {
+            if let NodeKind::Choice(c) = &n.kind {
+                if let Some(l) = m.lists.get(&c.from.value) {
+                    lists.insert(l.name.value.clone(), list_params(l));
+                }
+            }
+        }
+        params.insert("lists".into(), Value::Object(lists));
+        // What shapes the answers: the teacher's kind, model and endpoint. Not its key variable,
+        // its parallelism or its timeouts.
+        let mut teachers = serde_json::Map::new();
+        for name in teacher_names(d, r) {
+            let t = &m.teachers[name];
+            let v = match &t.kind {
+                TeacherKind::Grammar => json!({ "kind": "grammar" }),
+                TeacherKind::Openai(o) => json!({ "kind": "openai", "model": o.model, "base_url": o.base_url }),
+            };
+            teachers.insert(name.to_string(), v);
+        }
+        params.insert("teachers".into(), Value::Object(teachers));
+        StagePlan { params, inputs: Vec::new(), tools: BTreeMap::new() }
+    }
+
+    fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
+        let (d, recipe) = stage(ctx.manifest, ctx.decl);
+        let run = Run::new(ctx, d, recipe)?;
+        // Candidates are polled together on one thread: the work is waiting on teachers, and what
+        // is not (templates, validation) is small.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ActionError::Failed(format!("cannot start the async runtime: {e}")))?;
+        let result = rt.block_on(run.generate(ctx));
+        run.log_stats(ctx);
+        let accepted = result?;
+        run.write(ctx, accepted)?;
+        let _ = std::fs::remove_dir_all(ctx.work_dir());
+        Ok(())
+    }
+}
+
+/// A teacher, ready to be asked.
+enum Teacher {
+    Grammar,
+    Openai(OpenAiClient),
+}
+
+/// What one candidate came to.
+enum Outcome {
+    /// Passed its checks (duplicates are decided at commit).
+    Candidate(Box<Sample>),
+    Rejected {
+        key: String,
+        detail: String,
+        usage: BTreeMap<String, Usage>,
+    },
+    /// Cannot be produced at all (e.g. a choice with nothing left to pick): given up at once.
+    Invalid(String),
+    /// The teacher failed after its retries: counts against the error budget.
+    TeacherFailed(String),
+}
+
+/// A journal line: a committed outcome.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Journal {
+    Accepted(Box<Sample>),
+    Rejected { index: u64, repeat: u32, key: String, detail: String, usage: BTreeMap<String, Usage> },
+    Abandoned { index: u64, reason: String },
+}
+
+struct Run<'m> {
+    d: &'m DatasetStage,
+    sampler: Sampler<'m>,
+    teachers: HashMap<String, Teacher>,
+    cache: CallCache,
+    final_checks: Checks,
+    node_checks: HashMap<String, Checks>,
+    calls: AtomicU64,
+    cache_hits: AtomicU64,
+    /// The statistics of the finished generation, for `meta.json`.
+    stats: std::sync::Mutex<Stats>,
+}
+
+fn failed(e: impl std::fmt::Display) -> ActionError {
+    ActionError::Failed(e.to_string())
+}
+
+impl<'m> Run<'m> {
+    fn new(ctx: &ActionContext<'m>, d: &'m DatasetStage, recipe: &'m Recipe) -> Result<Run<'m>, ActionError> {
+        let sampler = Sampler::new(ctx.manifest, recipe, d.seed).map_err(failed)?;
+        let mut teachers = HashMap::new();
+        for name in teacher_names(d, recipe) {
+            let t = match &ctx.manifest.teachers[name].kind {
+                TeacherKind::Grammar => Teacher::Grammar,
+                TeacherKind::Openai(o) => Teacher::Openai(
+                    OpenAiClient::new(OpenAiConfig {
+                        model: o.model.clone(),
+                        base_url: o.base_url.clone(),
+                        api_key_env: o.api_key_env.clone(),
+                        max_parallel: o.max_parallel,
+                        timeout: Duration::from_secs_f64(o.timeout_s),
+                        max_retries: o.max_retries,
+                    })
+                    .map_err(|e| failed(format!("teacher `{name}`: {e}")))?,
+                ),
+            };
+            teachers.insert(name.to_string(), t);
+        }
+        let final_checks =
+            Checks::new(&recipe.validate, None).map_err(|e| failed(format!("recipe `{}`: {e}", recipe.name)))?;
+        let mut node_checks = HashMap::new();
+        for n in &recipe.nodes {
+            if let NodeKind::Generate(g) = &n.kind {
+                let spec = g.validate.clone().unwrap_or_default();
+                let checks =
+                    Checks::new(&spec, g.schema.as_deref()).map_err(|e| failed(format!("node `{}`: {e}", n.name)))?;
+                node_checks.insert(n.name.value.clone(), checks);
+            }
+        }
+        Ok(Run {
+            d,
+            sampler,
+            teachers,
+            cache: CallCache::new(ctx.cache),
+            final_checks,
+            node_checks,
+            calls: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            stats: std::sync::Mutex::default(),
+        })
+    }
+
+    /// How many candidates may be in flight: enough to keep every teacher busy.
+    fn window(&self) -> usize {
+        let http = self
+            .teachers
+            .values()
+            .filter_map(|t| match t {
+                Teacher::Openai(c) => Some(c.config().max_parallel as usize),
+                Teacher::Grammar => None,
+            })
+            .max();
+        http.map(|p| (2 * p).max(8)).unwrap_or(64)
+    }
+
+    fn log_stats(&self, ctx: &ActionContext<'_>) {
+        ctx.log.line(&format!(
+            "teacher calls: {} made, {} answered from the cache",
+            self.calls.load(Ordering::Relaxed),
+            self.cache_hits.load(Ordering::Relaxed)
+        ));
+        for (name, t) in &self.teachers {
+            if let Teacher::Openai(c) = t {
+                ctx.log.line(&format!("teacher `{name}`: {:?}, final window {:.1}", c.stats.snapshot(), c.window()));
+            }
+        }
+    }
+
+    /// Asks `teacher`; an offline grammar teacher expands `grammar` instead.
+    async fn ask(
+        &self,
+        teacher: &str,
+        req: ChatRequest,
+        grammar: Option<&'m str>,
+        values: &Values<'m>,
+    ) -> Result<ChatResponse, TeacherError> {
+        match &self.teachers[teacher] {
+            Teacher::Grammar => {
+                let name = grammar.expect("validated: grammar teachers get a grammar");
+                let node = self.sampler.recipe.node(name).expect("validated: the grammar node exists");
+                let NodeKind::Grammar(g) = &node.kind else { unreachable!("validated: a grammar node") };
+                let mut rng = SplitMix64::from_parts(&[
+                    &self.d.seed.to_le_bytes(),
+                    &req.sample.to_le_bytes(),
+                    req.node.as_bytes(),
+                    &req.repeat.to_le_bytes(),
+                ]);
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                let content = self
+                    .sampler
+                    .expand(name, g, values, &mut rng)
+                    .map_err(|e| TeacherError::Grammar(forge_teacher::grammar::GrammarError::Unknown(e.to_string())))?;
+                let words = content.split_whitespace().count() as u64;
+                Ok(ChatResponse {
+                    content,
+                    usage: Usage { prompt_tokens: 0, completion_tokens: words },
+                    finish_reason: None,
+                })
+            }
+            Teacher::Openai(client) => {
+                if let Some(r) = self.cache.get(&req) {
+                    self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(r);
+                }
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                let r = client.chat(&req).await?;
+                // Only answers are cached, never errors; a failed write only costs a re-ask.
+                let _ = self.cache.put(&req, &r);
+                Ok(r)
+            }
+        }
+    }
+
+    fn request(&self, teacher: &str, node: &str, messages: Vec<Message>, index: u64, repeat: u32) -> ChatRequest {
+        let (provider, model, base_url) = match &self.teachers[teacher] {
+            Teacher::Grammar => ("grammar".to_string(), String::new(), String::new()),
+            Teacher::Openai(c) => ("openai".to_string(), c.config().model.clone(), c.config().base_url.clone()),
+        };
+        ChatRequest {
+            provider,
+            model,
+            base_url,
+            messages,
+            temperature: None,
+            top_p: None,
+            max_tokens: None,
+            seed: Some(self.d.seed ^ index.rotate_left(17)),
+            response_schema: None,
+            node: node.to_string(),
+            sample: index,
+            repeat,
+        }
+    }
+
+    /// Produces candidate `repeat` of sample `index`.
+    async fn produce(&self, index: u64, repeat: u32) -> Outcome {
+        let mut values: Values<'m> = HashMap::new();
+        let mut usage: BTreeMap<String, Usage> = BTreeMap::new();
+        for node in self.sampler.order() {
+            let name = node.name.value.as_str();
+            let value = match &node.kind {
+                NodeKind::Generate(g) => {
+                    let teacher = g.teacher.as_ref().map(|t| t.value.as_str()).unwrap_or(&self.d.teacher.value);
+                    let render = |t: &str| self.sampler.render(t, index, &values);
+                    let prompt = match render(&generate_prompt(name)) {
+                        Ok(p) => p,
+                        Err(e) => return Outcome::Invalid(e.to_string()),
+                    };
+                    let mut messages = Vec::new();
+                    if g.system.is_some() {
+                        match render(&generate_system(name)) {
+                            Ok(s) => messages.push(Message::system(s)),
+                            Err(e) => return Outcome::Invalid(e.to_string()),
+                        }
+                    }
+                    messages.push(Message::user(prompt));
+                    let checks = &self.node_checks[name];
+                    let mut last: Option<Rejection> = None;
+                    let mut accepted = None;
+                    // A retry of the sample is a fresh candidate: its node answers are new too.
+                    for attempt in 0..self.d.attempts {
+                        let node_repeat = repeat * self.d.attempts + attempt;
+                        let mut req = self.request(teacher, name, messages.clone(), index, node_repeat);
+                        req.temperature = g.temperature;
+                        req.top_p = g.top_p;
+                        req.max_tokens = g.max_tokens;
+                        req.response_schema = g.schema.as_deref().and_then(|s| serde_json::from_str(s).ok());
+                        let grammar = g.grammar.as_ref().map(|s| s.value.as_str());
+                        let answer = match self.ask(teacher, req, grammar, &values).await {
+                            Ok(a) => a,
+                            Err(e) => return Outcome::TeacherFailed(format!("node `{name}`: {e}")),
+                        };
+                        *usage.entry(name.to_string()).or_default() += answer.usage;
+                        match checks.check(&answer.content) {
+                            Ok(Some(json)) => {
+                                accepted = Some(NodeValue::Json(json));
+                                break;
+                            }
+                            Ok(None) => {
+                                accepted = Some(NodeValue::Text(answer.content.trim().to_string()));
+                                break;
+                            }
+                            Err(r) => last = Some(r),
+                        }
+                    }
+                    match accepted {
+                        Some(v) => v,
+                        None => {
+                            let r = last.expect("attempts >= 1");
+                            return Outcome::Rejected {
+                                key: format!("{name}:{}", r.key()),
+                                detail: r.to_string(),
+                                usage,
+                            };
+                        }
+                    }
+                }
+                _ => match self.sampler.evaluate(node, index, &values) {
+                    Ok(v) => v,
+                    Err(e) => return Outcome::Invalid(e.to_string()),
+                },
+            };
+            values.insert(name.to_string(), value);
+        }
+        let rendered = (|| -> Result<(String, String, Option<String>), String> {
+            let input = self.sampler.render("input", index, &values).map_err(|e| e.to_string())?;
+            let prompt = self.sampler.render("prompt", index, &values).map_err(|e| e.to_string())?;
+            let system = if self.sampler.has_template("system") {
+                Some(self.sampler.render("system", index, &values).map_err(|e| e.to_string())?)
+            } else {
+                None
+            };
+            Ok((input, prompt, system))
+        })();
+        let (input, prompt, system) = match rendered {
+            Ok(r) => r,
+            Err(e) => return Outcome::Invalid(e),
+        };
+        let mut messages = Vec::new();
+        if let Some(s) = &system {
+            messages.push(Message::system(s.clone()));
+        }
+        messages.push(Message::user(prompt.clone()));
+        let teacher = self.d.teacher.value.as_str();
+        let req = self.request(teacher, "prompt", messages, index, repeat);
+        let grammar = self.sampler.recipe.prompt_grammar.as_ref().map(|g| g.value.as_str());
+        let answer = match self.ask(teacher, req, grammar, &values).await {
+            Ok(a) => a,
+            Err(e) => return Outcome::TeacherFailed(e.to_string()),
+        };
+        *usage.entry("prompt".to_string()).or_default() += answer.usage;
+        let output = match self.final_checks.check(&answer.content) {
+            Ok(Some(json)) => serde_json::to_string(&json).unwrap_or_default(),
+            Ok(None) => answer.content.trim().to_string(),
+            Err(r) => return Outcome::Rejected { key: r.key().to_string(), detail: r.to_string(), usage },
+        };
+        let mut names: Vec<&String> = values.keys().collect();
+        names.sort();
+        let values_json = names.into_iter().map(|k| (k.clone(), values[k].to_json())).collect();
+        Outcome::Candidate(Box::new(Sample {
+            id: sample_id(index),
+            index,
+            repeat,
+            input,
+            system,
+            prompt,
+            output,
+            values: values_json,
+            usage,
+        }))
+    }
+
+    /// Deduplication of the final answer and of every `generate` node that asks for it.
+    fn dedups(&self) -> (Dedup, Vec<(String, Dedup)>) {
+        let nodes = self
+            .sampler
+            .order()
+            .iter()
+            .filter_map(|n| self.node_checks.get(&n.name.value).map(|c| (n.name.value.clone(), c.dedup())))
+            .collect();
+        (self.final_checks.dedup(), nodes)
+    }
+
+    /// Runs candidates until `samples` are accepted; returns them in index order.
+    async fn generate(&self, ctx: &ActionContext<'_>) -> Result<Vec<Sample>, ActionError> {
+        let target = self.d.samples as usize;
+        let work = ctx.work_dir();
+        std::fs::create_dir_all(&work).map_err(|e| ActionError::io(&work, e))?;
+        let journal_path = work.join("journal.jsonl");
+        let (mut dedup, mut node_dedups) = self.dedups();
+        let mut state = Committed::default();
+        // Replay what an interrupted run of this exact action committed.
+        for entry in read_journal(&journal_path).map_err(|e| ActionError::io(&journal_path, e))? {
+            if let Journal::Accepted(s) = &entry {
+                let _ = check_dedups(s, &mut dedup, &mut node_dedups);
+            }
+            state.resumed += 1;
+            state.commit(entry, self.d.attempts);
+        }
+        if state.resumed > 0 {
+            ctx.log.line(&format!("resuming: {} samples already accepted", state.accepted.len()));
+        }
+        let mut journal = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&journal_path)
+            .map_err(|e| ActionError::io(&journal_path, e))?;
+        let max_candidates = (target as u64) * 4 + 32;
+        let window = self.window();
+        let mut next_index = state.next_index;
+        let mut commit_index = state.next_index;
+        let mut results: BTreeMap<u64, (u32, Outcome)> = BTreeMap::new();
+        let mut in_flight = FuturesUnordered::new();
+        let produce = |index: u64, repeat: u32| async move { (index, repeat, self.produce(index, repeat).await) };
+        // A sample an interrupted run was retrying continues at its next attempt.
+        if let Some(&repeat) = state.pending_attempts.get(&commit_index) {
+            in_flight.push(produce(commit_index, repeat));
+            next_index = commit_index + 1;
+        }
+        let result = loop {
+            if state.accepted.len() >= target {
+                break Ok(());
+            }
+            if ctx.cancel.is_cancelled() {
+                break Err(ActionError::Cancelled);
+            }
+            // Keep the teachers busy, but never ask for more samples than are still missing.
+            let outstanding = (next_index - commit_index) as usize;
+            let mut room =
+                window.saturating_sub(outstanding).min(target.saturating_sub(state.accepted.len() + outstanding));
+            while room > 0 && next_index < max_candidates {
+                in_flight.push(produce(next_index, 0));
+                next_index += 1;
+                room -= 1;
+            }
+            if in_flight.is_empty() {
+                break Err(failed(format!(
+                    "gave up after trying {next_index} candidates for {target} samples ({} accepted); {}",
+                    state.accepted.len(),
+                    state.rejection_summary()
+                )));
+            }
+            let joined = tokio::select! {
+                j = in_flight.next() => j,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+            };
+            let Some((index, repeat, outcome)) = joined else { continue };
+            results.insert(index, (repeat, outcome));
+            // Commit in index order.
+            while let Some((repeat, outcome)) = results.remove(&commit_index) {
+                let entry = match outcome {
+                    Outcome::Candidate(sample) => match check_dedups(&sample, &mut dedup, &mut node_dedups) {
+                        Ok(()) => Journal::Accepted(sample),
+                        Err((key, detail)) => {
+                            Journal::Rejected { index: commit_index, repeat, key, detail, usage: sample.usage.clone() }
+                        }
+                    },
+                    Outcome::Rejected { key, detail, usage } => {
+                        Journal::Rejected { index: commit_index, repeat, key, detail, usage }
+                    }
+                    Outcome::Invalid(reason) => Journal::Abandoned { index: commit_index, reason },
+                    Outcome::TeacherFailed(detail) => Journal::Rejected {
+                        index: commit_index,
+                        repeat,
+                        key: TEACHER_ERROR.into(),
+                        detail,
+                        usage: BTreeMap::new(),
+                    },
+                };
+                append(&mut journal, &entry).map_err(|e| ActionError::io(&journal_path, e))?;
+                if let Some(next_repeat) = state.commit(entry, self.d.attempts) {
+                    // Ask again for this sample; the ones after it wait behind it.
+                    in_flight.push(produce(commit_index, next_repeat));
+                    break;
+                }
+                commit_index += 1;
+                (ctx.progress)(state.accepted.len() as u64, target as u64, "samples");
+            }
+            if state.over_budget() {
+                break Err(failed(format!(
+                    "more than half of the last {WINDOW} answers failed, so generation stopped rather than burn tokens ({} of {target} samples accepted); {}",
+                    state.accepted.len(),
+                    state.rejection_summary()
+                )));
+            }
+        };
+        drop(in_flight);
+        journal.sync_all().map_err(|e| ActionError::io(&journal_path, e))?;
+        result?;
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = state.stats.clone();
+        let mut accepted = state.accepted;
+        accepted.truncate(target);
+        Ok(accepted)
+    }
+
+    fn write(&self, ctx: &ActionContext<'_>, samples: Vec<Sample>) -> Result<(), ActionError> {
+        let d = self.d;
+        let ids: Vec<String> = samples.iter().map(|s| s.id.clone()).collect();
+        let strata: Vec<String> = samples
+            .iter()
+            .map(|s| match &d.split_by {
+                Some(node) => match s.values.get(&node.value) {
+                    Some(Value::String(v)) => v.clone(),
+                    Some(v) => v.to_string(),
+                    None => String::new(),
+                },
+                None => String::new(),
+            })
+            .collect();
+        let is_eval = split(&ids, &strata, d.eval as usize, d.seed);
+        let train: Vec<&Sample> = samples.iter().zip(&is_eval).filter(|(_, e)| !**e).map(|(s, _)| s).collect();
+        let eval: Vec<&Sample> = samples.iter().zip(&is_eval).filter(|(_, e)| **e).map(|(s, _)| s).collect();
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut strata_counts: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+        if d.split_by.is_some() {
+            for (s, e) in strata.iter().zip(&is_eval) {
+                let c = strata_counts.entry(s.clone()).or_default();
+                if *e { c.1 += 1 } else { c.0 += 1 }
+            }
+        }
+        let meta = Meta {
+            format: DATASET_FORMAT,
+            recipe: self.sampler.recipe.name.value.clone(),
+            teacher: d.teacher.value.clone(),
+            seed: d.seed,
+            samples: samples.len() as u32,
+            train: train.len() as u32,
+            eval: eval.len() as u32,
+            split_by: d.split_by.as_ref().map(|s| s.value.clone()),
+            candidates: stats.candidates,
+            rejected: stats.rejected,
+            abandoned: stats.abandoned,
+            usage: stats.usage,
+            strata: strata_counts,
+        };
+        let out = ctx.out_dir;
+        let io = |p: PathBuf| move |e| ActionError::io(&p, e);
+        write_samples(&out.join("train.jsonl"), &train).map_err(io(out.join("train.jsonl")))?;
+        write_samples(&out.join("eval.jsonl"), &eval).map_err(io(out.join("eval.jsonl")))?;
+        let meta_text = serde_json::to_string_pretty(&meta).map_err(failed)?;
+        std::fs::write(out.join("meta.json"), meta_text + "\n").map_err(io(out.join("meta.json")))?;
+        ctx.log.line(&format!(
+            "{} samples ({} train, {} eval) from {} candidates; rejected {:?}; abandoned {}",
+            meta.samples, meta.train, meta.eval, meta.candidates, meta.rejected, meta.abandoned
+        ));
+        Ok(())
+    }
+}
+
+fn check_dedups(sample: &Sample, dedup: &mut Dedup, nodes: &mut [(String, Dedup)]) -> Result<(), (String, String)> {
+    // Check all before recording any, so a rejected candidate leaves no trace.
+    let node_text =
+        |name: &str| sample.values.get(name).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+    for (name, d) in nodes.iter() {
+        if let Some(text) = node_text(name) {
+            d.check(&text).map_err(|r| (format!("{name}:{}", r.key()), r.to_string()))?;
+        }
+    }
+    dedup.check(&sample.output).map_err(|r| (r.key().to_string(), r.to_string()))?;
+    for (name, d) in nodes.iter_mut() {
+        if let Some(text) = node_text(name) {
+            d.insert(&text);
+        }
+    }
+    dedup.insert(&sample.output);
+    Ok(())
+}
+
+fn append(journal: &mut File, entry: &Journal) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    journal.write_all(&line)?;
+    journal.sync_data()
+}
+
+/// The journal's complete lines. A torn last line (a kill mid-write) is cut off.
+fn read_journal(path: &Path) -> std::io::Result<Vec<Journal>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut entries = Vec::new();
+    let mut good_len = 0u64;
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line?;
+        match serde_json::from_slice::<Journal>(&line) {
+            Ok(e) => {
+                entries.push(e);
+                good_len += line.len() as u64 + 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let f = OpenOptions::new().write(true).open(path)?;
+    if f.metadata()?.len() != good_len {
+        f.set_len(good_len)?;
+    }
+    Ok(entries)
+}
+
+#[derive(Clone, Default)]
+struct Stats {
+    candidates: u64,
+    rejected: BTreeMap<String, u64>,
+    abandoned: u64,
+    usage: BTreeMap<String, Usage>,
+}
+
+/// What has been committed, in index order.
+#[derive(Default)]
+struct Committed {
+    accepted: Vec<Sample>,
+    next_index: u64,
+    /// Attempts made at the sample being retried: index → next repeat.
+    pending_attempts: HashMap<u64, u32>,
+    stats: Stats,
+    window: VecDeque<bool>,
+    last_error: Option<String>,
+    resumed: usize,
+}
+
+impl Committed {
+    fn add_usage(&mut self, usage: &BTreeMap<String, Usage>) {
+        for (k, u) in usage {
+            *self.stats.usage.entry(k.clone()).or_default() += *u;
+        }
+    }
+
+    fn push_window(&mut self, ok: bool) {
+        self.window.push_back(ok);
+        while self.window.len() > WINDOW {
+            self.window.pop_front();
+        }
+    }
+
+    /// Records a committed entry; returns the repeat to retry the sample with, if any.
+    fn commit(&mut self, entry: Journal, attempts: u32) -> Option<u32> {
+        match entry {
+            Journal::Accepted(s) => {
+                self.add_usage(&s.usage);
+                self.push_window(true);
+                self.stats.candidates = self.stats.candidates.max(s.index + 1);
+                self.next_index = s.index + 1;
+                self.pending_attempts.remove(&s.index);
+                self.accepted.push(*s);
+                None
+            }
+            Journal::Rejected { index, repeat, key, detail, usage } => {
+                self.add_usage(&usage);
+                self.push_window(false);
+                if key == TEACHER_ERROR {
+                    self.last_error = Some(detail);
+                }
+                *self.stats.rejected.entry(key).or_default() += 1;
+                self.stats.candidates = self.stats.candidates.max(index + 1);
+                if repeat + 1 < attempts {
+                    self.pending_attempts.insert(index, repeat + 1);
+                    Some(repeat + 1)
+                } else {
+                    self.pending_attempts.remove(&index);
+                    self.stats.abandoned += 1;
+                    self.next_index = index + 1;
+                    None
+                }
+            }
+            Journal::Abandoned { index, .. } => {
+                self.stats.abandoned += 1;
+                self.stats.candidates = self.stats.candidates.max(index + 1);
+                self.next_index = index + 1;
+                self.pending_attempts.remove(&index);
+                None
+            }
+        }
+    }
+
+    fn over_budget(&self) -> bool {
+        self.window.len() >= WINDOW && self.window.iter().filter(|ok| !**ok).count() * 2 > WINDOW
+    }
+
+    fn rejection_summary(&self) -> String {
+        let mut r: Vec<(&String, &u64)> = self.stats.rejected.iter().collect();
+        r.sort_by(|a, b| b.1.cmp(a.1));
+        let top: Vec<String> = r.iter().take(4).map(|(k, n)| format!("{k}: {n}")).collect();
+        let mut s =
+            if top.is_empty() { "nothing was rejected".to_string() } else { format!("rejections: {}", top.join(", ")) };
+        if let Some(e) = &self.last_error {
+            s.push_str(&format!("; last teacher error: {e}"));
+        }
+        s
+    }
+}
