@@ -10,10 +10,27 @@ use crate::args::{DataCommand, Global, Split};
 use crate::commands::{fresh_artifact_dir, load};
 use crate::output::{Color, Output};
 
-fn dataset_dir(g: &Global, out: &Output, target: &str) -> Result<std::path::PathBuf, Failure> {
+/// The directory of a target's fresh dataset and the names of its recipe's choice nodes.
+fn dataset_dir(g: &Global, out: &Output, target: &str) -> Result<(std::path::PathBuf, Vec<String>), Failure> {
     let ws = load(g, out, false)?;
     let artifact = if target.contains(':') { target.to_string() } else { format!("{target}:dataset") };
-    fresh_artifact_dir(&ws, out, &artifact)
+    let dir = fresh_artifact_dir(&ws, out, &artifact)?;
+    let name = artifact.split(':').next().unwrap_or_default();
+    let choices = ws
+        .manifest
+        .target(name)
+        .and_then(|t| t.model.as_ref())
+        .and_then(|m| m.recipe.as_ref())
+        .and_then(|r| ws.manifest.recipes.get(&r.value))
+        .map(|r| {
+            r.nodes
+                .iter()
+                .filter(|n| matches!(n.kind, forge_manifest::NodeKind::Choice(_)))
+                .map(|n| n.name.value.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((dir, choices))
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<Sample>, Failure> {
@@ -23,7 +40,7 @@ fn read(path: &std::path::Path) -> Result<Vec<Sample>, Failure> {
 pub fn data(g: &Global, out: &Output, c: DataCommand) -> Result<(), Failure> {
     match c {
         DataCommand::Show { target, split, limit, json } => {
-            let dir = dataset_dir(g, out, &target)?;
+            let (dir, _) = dataset_dir(g, out, &target)?;
             let file = match split {
                 Split::Train => "train.jsonl",
                 Split::Eval => "eval.jsonl",
@@ -60,7 +77,7 @@ pub fn data(g: &Global, out: &Output, c: DataCommand) -> Result<(), Failure> {
             Ok(())
         }
         DataCommand::Stats { target, json } => {
-            let dir = dataset_dir(g, out, &target)?;
+            let (dir, choices) = dataset_dir(g, out, &target)?;
             let meta = read_meta(&dir).map_err(|e| Failure::Internal(e.to_string()))?;
             let mut all = read(&dir.join("train.jsonl"))?;
             all.extend(read(&dir.join("eval.jsonl"))?);
@@ -74,15 +91,13 @@ pub fn data(g: &Global, out: &Output, c: DataCommand) -> Result<(), Failure> {
                     "max": v.iter().max().copied().unwrap_or(0),
                 })
             };
-            // How often each value was picked, per node (entry names only).
+            // How often each lore entry was picked, per choice node.
             let mut picks: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
             for s in &all {
-                for (node, v) in &s.values {
-                    let names: Vec<&str> = match v {
-                        Value::String(x) if x.len() <= 60 => vec![x.as_str()],
-                        Value::Array(items) => {
-                            items.iter().filter_map(Value::as_str).filter(|x| x.len() <= 60).collect()
-                        }
+                for node in &choices {
+                    let names: Vec<&str> = match s.values.get(node) {
+                        Some(Value::String(x)) => vec![x.as_str()],
+                        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
                         _ => continue,
                     };
                     for name in names {
@@ -90,7 +105,6 @@ pub fn data(g: &Global, out: &Output, c: DataCommand) -> Result<(), Failure> {
                     }
                 }
             }
-            picks.retain(|_, counts| counts.len() < all.len().max(2));
             let report = json!({
                 "meta": meta,
                 "output_words": summary(&words),

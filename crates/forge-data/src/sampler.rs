@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use forge_manifest::{AttrValue, ChoiceNode, LoreItem, Manifest, NodeKind, Recipe, RecipeNode};
 use forge_teacher::grammar::Grammar;
-use forge_teacher::rng::{SplitMix64, unit};
+use forge_teacher::rng::{SplitMix64, hash64, unit};
 use minijinja::value::{Object, ObjectRepr, Value as JValue};
 use serde_json::{Value, json};
 
@@ -305,6 +305,9 @@ impl<'m> Sampler<'m> {
                 ),
             ));
         }
+        if c.balance {
+            return Ok(NodeValue::Picks { items: dealt(candidates, k, &seed, index, &node.name), multi });
+        }
         let mut scored: Vec<(f64, &'m LoreItem)> = candidates
             .into_iter()
             .map(|item| {
@@ -315,6 +318,40 @@ impl<'m> Sampler<'m> {
         scored.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.name.value.cmp(&b.1.name.value)));
         Ok(NodeValue::Picks { items: scored.into_iter().take(k).map(|(_, i)| i).collect(), multi })
     }
+}
+
+/// Balanced picks: the entries are dealt like cards. Sample `i` takes the `k` picks at positions
+/// `i*k .. i*k+k` of an endless stream in which every `n` consecutive positions (a "deck") are a
+/// fresh permutation of the `n` candidates, shuffled by hashing (seed, node, deck, entry). So
+/// every deck uses each entry exactly once and counts never differ by more than one deck's
+/// worth, while which sample gets which entry stays pseudo-random. A pick that repeats one
+/// already taken by this sample (possible across a deck boundary) is skipped.
+fn dealt<'m>(mut candidates: Vec<&'m LoreItem>, k: usize, seed: &[u8], index: u64, node: &str) -> Vec<&'m LoreItem> {
+    let n = candidates.len() as u64;
+    candidates.sort_by(|a, b| a.name.value.cmp(&b.name.value));
+    let deck = |d: u64| {
+        let mut order: Vec<(u64, &'m LoreItem)> = candidates
+            .iter()
+            .map(|item| (hash64(&[seed, &d.to_le_bytes(), node.as_bytes(), item.name.as_bytes()]), *item))
+            .collect();
+        order.sort_by_key(|(h, _)| *h);
+        order.into_iter().map(|(_, i)| i).collect::<Vec<_>>()
+    };
+    let mut picks: Vec<&'m LoreItem> = Vec::with_capacity(k);
+    let mut pos = index * k as u64;
+    let mut current: Option<(u64, Vec<&'m LoreItem>)> = None;
+    while picks.len() < k {
+        let d = pos / n;
+        if current.as_ref().is_none_or(|(cd, _)| *cd != d) {
+            current = Some((d, deck(d)));
+        }
+        let item = current.as_ref().expect("dealt above").1[(pos % n) as usize];
+        if !picks.iter().any(|p| std::ptr::eq(*p, item)) {
+            picks.push(item);
+        }
+        pos += 1;
+    }
+    picks
 }
 
 fn attr_text(a: &AttrValue) -> String {
@@ -397,4 +434,66 @@ fn dependency_order(recipe: &Recipe) -> Vec<&RecipeNode> {
         assert!(order.len() > before, "validated recipes are acyclic");
     }
     order
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use forge_manifest::{LoreItem, Spanned};
+
+    use super::dealt;
+
+    fn names(picks: Vec<&LoreItem>) -> Vec<String> {
+        picks.into_iter().map(|i| i.name.value.clone()).collect()
+    }
+
+    fn items(names: &[&str]) -> Vec<LoreItem> {
+        names
+            .iter()
+            .map(|n| LoreItem {
+                name: Spanned::new(n.to_string(), Default::default()),
+                weight: 1.0,
+                attrs: BTreeMap::new(),
+                lists: BTreeMap::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn balanced_picks_use_every_entry_once_per_deck() {
+        let entries = items(&["a", "b", "c", "d", "e"]);
+        let refs: Vec<&LoreItem> = entries.iter().collect();
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut picks = Vec::new();
+        for i in 0..50 {
+            let p = dealt(refs.clone(), 1, b"seed", i, "category");
+            assert_eq!(names(p.clone()), names(dealt(refs.clone(), 1, b"seed", i, "category")), "deterministic");
+            *counts.entry(p[0].name.value.as_str()).or_default() += 1;
+            picks.push(p[0].name.value.clone());
+        }
+        assert!(counts.values().all(|c| *c == 10), "{counts:?}");
+        for deck in picks.chunks(5) {
+            let distinct: std::collections::BTreeSet<&String> = deck.iter().collect();
+            assert_eq!(distinct.len(), 5, "each deck is a permutation: {deck:?}");
+        }
+        // Decks are shuffled differently, and the input order does not matter.
+        assert!(picks.chunks(5).collect::<std::collections::BTreeSet<_>>().len() > 1);
+        let reversed: Vec<&LoreItem> = refs.iter().rev().copied().collect();
+        assert_eq!(
+            names(dealt(reversed, 1, b"seed", 7, "category")),
+            names(dealt(refs.clone(), 1, b"seed", 7, "category"))
+        );
+
+        // Two picks per sample are always distinct, and still balanced overall.
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for i in 0..25 {
+            let p = dealt(refs.clone(), 2, b"seed", i, "lore");
+            assert_ne!(p[0].name.value, p[1].name.value);
+            for x in p {
+                *counts.entry(x.name.value.as_str()).or_default() += 1;
+            }
+        }
+        assert!(counts.values().all(|c| (8..=12).contains(c)), "{counts:?}");
+    }
 }

@@ -634,16 +634,15 @@ impl<'m> Run<'m> {
 
 fn check_dedups(sample: &Sample, dedup: &mut Dedup, nodes: &mut [(String, Dedup)]) -> Result<(), (String, String)> {
     // Check all before recording any, so a rejected candidate leaves no trace.
-    let node_text =
-        |name: &str| sample.values.get(name).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
     for (name, d) in nodes.iter() {
-        if let Some(text) = node_text(name) {
-            d.check(&text).map_err(|r| (format!("{name}:{}", r.key()), r.to_string()))?;
+        if let Some(v) = sample.values.get(name) {
+            d.check(&d.text_of(v)).map_err(|r| (format!("{name}:{}", r.key()), r.to_string()))?;
         }
     }
     dedup.check(&sample.output).map_err(|r| (r.key().to_string(), r.to_string()))?;
     for (name, d) in nodes.iter_mut() {
-        if let Some(text) = node_text(name) {
+        if let Some(v) = sample.values.get(name) {
+            let text = d.text_of(v);
             d.insert(&text);
         }
     }

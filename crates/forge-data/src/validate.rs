@@ -143,13 +143,21 @@ impl Checks {
     }
 
     pub fn dedup(&self) -> Dedup {
-        Dedup { enabled: self.spec.dedup, exact: HashSet::new(), near: self.spec.near_dup, shingles: Vec::new() }
+        Dedup {
+            enabled: self.spec.dedup,
+            field: self.spec.dedup_field.clone(),
+            exact: HashSet::new(),
+            near: self.spec.near_dup,
+            shingles: Vec::new(),
+        }
     }
 }
 
 /// Duplicate detection across accepted answers, in acceptance order.
 pub struct Dedup {
     enabled: bool,
+    /// Compare this top-level field of a JSON value instead of the whole value.
+    field: Option<String>,
     exact: HashSet<[u8; 32]>,
     near: Option<f64>,
     shingles: Vec<Vec<u64>>,
@@ -189,6 +197,16 @@ fn jaccard(a: &[u64], b: &[u64]) -> f64 {
 }
 
 impl Dedup {
+    /// The text of a recorded value that this dedup compares: the value's text, or its
+    /// `field` when it is a JSON object that has one.
+    pub fn text_of(&self, value: &Value) -> String {
+        let v = match (&self.field, value) {
+            (Some(f), Value::Object(map)) => map.get(f).unwrap_or(value),
+            _ => value,
+        };
+        v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+    }
+
     /// Whether `text` may be accepted, without recording it.
     pub fn check(&self, text: &str) -> Result<(), Rejection> {
         if !self.enabled && self.near.is_none() {
@@ -293,5 +311,21 @@ mod tests {
         let mut off = Checks::new(&Validation::default(), None).unwrap().dedup();
         off.accept("same").unwrap();
         off.accept("same").unwrap();
+    }
+
+    #[test]
+    fn dedup_on_a_json_field() {
+        let v = Validation { dedup_field: Some("seed".into()), ..spec() };
+        let mut d = Checks::new(&v, None).unwrap().dedup();
+        let a = serde_json::json!({"seed": "A lost goose", "tone": "stern"});
+        let b = serde_json::json!({"seed": "a LOST goose", "tone": "playful"});
+        let c = serde_json::json!({"seed": "A found goose", "tone": "stern"});
+        assert_eq!(d.text_of(&a), "A lost goose");
+        d.accept(&d.text_of(&a)).unwrap();
+        assert_eq!(d.accept(&d.text_of(&b)), Err(Rejection::Duplicate), "same seed, other tone");
+        d.accept(&d.text_of(&c)).unwrap();
+        // Without the field (or not an object) the whole value is compared.
+        assert_eq!(d.text_of(&serde_json::json!("plain")), "plain");
+        assert_eq!(d.text_of(&serde_json::json!({"other": 1})), r#"{"other":1}"#);
     }
 }

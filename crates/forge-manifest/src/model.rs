@@ -216,6 +216,9 @@ pub struct ChoiceNode {
     pub matching: Vec<Match>,
     /// A minijinja expression over upstream values; when false the node picks nothing.
     pub when: Option<Spanned<String>>,
+    /// Spread picks evenly: every run of consecutive samples as long as the candidate list uses
+    /// each entry once (weights are ignored). Adding an entry re-deals every sample's pick.
+    pub balance: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -264,6 +267,8 @@ pub struct Validation {
     pub schema: Option<String>,
     /// Reject answers whose normalized text was already accepted.
     pub dedup: bool,
+    /// For JSON answers: deduplicate on this top-level field's text rather than the whole answer.
+    pub dedup_field: Option<String>,
     /// Reject answers whose word-shingle Jaccard similarity to an accepted one reaches this.
     pub near_dup: Option<f64>,
 }

@@ -120,7 +120,7 @@ fn dag_node(cx: &mut Cx<'_>, node: &KdlNode) -> Option<RecipeNode> {
     let kind = node.name().value();
     let usage = match kind {
         "choice" => {
-            "choice \"NAME\" from=\"LIST\" min=1 max=2 distinct-from=\"NODE\" when=\"EXPR\" { match ATTR=\"NODE\" }"
+            "choice \"NAME\" from=\"LIST\" min=1 max=2 distinct-from=\"NODE\" when=\"EXPR\" balance=#true { match ATTR=\"NODE\" }"
         }
         "template" => "template \"NAME\" \"{{ a }} of {{ b }}\"",
         "grammar" => "grammar \"NAME\" start=\"origin\" { rule \"origin\" \"#adj# #noun#\" }",
@@ -180,6 +180,7 @@ fn choice(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
     }
     let distinct_from = r.str(cx, "distinct-from").into_iter().collect();
     let when = r.str(cx, "when");
+    let balance = r.bool(cx, "balance").map(|b| b.value).unwrap_or(false);
     let mut matching = Vec::new();
     for child in r.child_nodes() {
         match child.name().value() {
@@ -225,6 +226,7 @@ fn choice(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
         distinct_from,
         matching,
         when,
+        balance,
     }))
 }
 
@@ -362,7 +364,10 @@ fn validation(cx: &mut Cx<'_>, node: &KdlNode) -> Validation {
             "banned" => v.banned.extend(c.rest_str(cx, 0, 1, "phrases").into_iter().map(|s| s.value)),
             "regex" => v.regex.extend(c.rest_str(cx, 0, 1, "a regular expression")),
             "json" => v.json = flag(cx, &mut c),
-            "dedup" => v.dedup = flag(cx, &mut c),
+            "dedup" => {
+                v.dedup = flag(cx, &mut c);
+                v.dedup_field = c.str(cx, "field").map(|f| f.value);
+            }
             "schema" => {
                 if let Some(s) = c.arg_str(cx, 0, "a JSON schema") {
                     match serde_json::from_str::<serde_json::Value>(&s.value) {

@@ -1,0 +1,90 @@
+//! The workspaces this repository ships: the root demo and `examples/`, checked and built
+//! offline with the `forge` binary (into a temporary cache, leaving the checkout untouched).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Run;
+use serde_json::Value;
+
+fn forge(workspace: &str, cache: &Path, args: &[&str]) -> Run {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(workspace);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_forge"));
+    c.arg("-C").arg(&dir).arg("--cache-dir").arg(cache).args(args).env("CI", "1");
+    Run(c.output().unwrap())
+}
+
+fn samples(dir: &Path) -> Vec<Value> {
+    ["train.jsonl", "eval.jsonl"]
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(dir.join(f))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect()
+}
+
+#[test]
+fn every_shipped_workspace_checks() {
+    let cache = tempfile::tempdir().unwrap();
+    for ws in [".", "examples/persona-npc", "examples/openai-teacher"] {
+        let r = forge(ws, cache.path(), &["check"]);
+        assert_eq!(r.code(), 0, "{ws}: {r:?}");
+    }
+}
+
+#[test]
+fn the_root_demo_builds_the_defame_dataset_offline() {
+    let cache = tempfile::tempdir().unwrap();
+    let r = forge(".", cache.path(), &["build", "defame:dataset"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let dir = PathBuf::from(forge(".", cache.path(), &["artifact", "path", "defame:dataset"]).stdout().trim());
+    let all = samples(&dir);
+    assert_eq!(all.len(), 1800);
+    for s in &all {
+        let output = s["output"].as_str().unwrap();
+        assert!(output.chars().count() <= 500, "{output}");
+        // The grammar teacher's poster names the target and uses every piece of intelligence.
+        let target = s["values"]["target"].as_str().unwrap();
+        assert!(output.contains(target) || output.contains(s["values"]["target_given"].as_str().unwrap()), "{s:#}");
+        for item in s["values"]["intel"].as_array().unwrap() {
+            assert!(output.contains(item.as_str().unwrap()), "{s:#}");
+        }
+    }
+    let eval = std::fs::read_to_string(dir.join("eval.jsonl")).unwrap().lines().count();
+    assert_eq!(eval, 360);
+    let second = forge(".", cache.path(), &["build", "--json", "defame:dataset"]);
+    assert!(!second.stdout().contains("\"start\""), "a second build is a no-op: {second:?}");
+}
+
+#[test]
+fn the_persona_example_deals_balanced_categories_and_unique_seeds() {
+    let cache = tempfile::tempdir().unwrap();
+    let r = forge("examples/persona-npc", cache.path(), &["build"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let dir = PathBuf::from(
+        forge("examples/persona-npc", cache.path(), &["artifact", "path", "wenna:dataset"]).stdout().trim(),
+    );
+    let all = samples(&dir);
+    assert_eq!(all.len(), 240);
+    let mut per_category: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in &all {
+        *per_category.entry(s["values"]["category"].as_str().unwrap()).or_default() += 1;
+        let plan = &s["values"]["plan"];
+        for key in ["seed", "tags", "tone", "setting", "lore_targets"] {
+            assert!(!plan[key].is_null(), "the planner's seed has `{key}`: {plan}");
+        }
+        assert_eq!(plan["tone"], s["values"]["tone"]);
+        assert!(s["output"].as_str().unwrap().split_whitespace().count() >= 60);
+    }
+    assert_eq!(per_category.len(), 8);
+    assert!(per_category.values().all(|n| *n == 30), "{per_category:?}");
+    let seeds: BTreeSet<&str> = all.iter().map(|s| s["values"]["plan"]["seed"].as_str().unwrap()).collect();
+    assert_eq!(seeds.len(), 240, "seeds are deduplicated");
+}
