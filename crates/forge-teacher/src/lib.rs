@@ -10,7 +10,7 @@ mod cache;
 pub mod grammar;
 pub mod openai;
 mod request;
-pub mod rng;
+pub use forge_rng as rng;
 
 pub use cache::CallCache;
 pub use openai::{OpenAiClient, OpenAiConfig, Stats, StatsSnapshot};

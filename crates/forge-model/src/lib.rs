@@ -1,0 +1,51 @@
+//! forge's models: a differentiable llama-family decoder on candle-core ([`llama`]), LoRA in
+//! PEFT's format ([`lora`]), Hugging Face folders ([`io`]), tokenizers and chat templates
+//! ([`tokenizer`]) and sampling ([`generate`]).
+
+pub mod config;
+pub mod generate;
+pub mod io;
+pub mod llama;
+pub mod lora;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{Arch, ModelConfig, RopeScaling};
+pub use llama::{Dropout, KvCache, Layout, Llama, weighted_cross_entropy};
+pub use lora::LoraSpec;
+pub use tokenizer::{ChatMessage, Tokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("missing file {}", .0.display())]
+    MissingFile(PathBuf),
+    #[error("{0}")]
+    Config(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("the checkpoint has no tensor `{0}`")]
+    MissingTensor(String),
+    #[error("the checkpoint has a tensor forge does not know: `{0}`")]
+    UnexpectedTensor(String),
+    #[error("tensor `{name}` has shape {found:?}, but the config implies {expected:?}")]
+    Shape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("{len} tokens exceed the model's context of {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub fn io(path: &Path, source: std::io::Error) -> ModelError {
+        ModelError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
