@@ -67,6 +67,45 @@ pub enum Command {
     /// Look at a built dataset.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Generate with a trained model: `forge gen defame --input '{"input": "..."}'`.
+    Gen(GenArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum GenStage {
+    /// The merged weights (`TARGET:merged`).
+    Merged,
+    /// The adapter on its base, unmerged (`TARGET:adapter`).
+    Adapter,
+}
+
+#[derive(Args, Debug)]
+pub struct GenArgs {
+    /// The model target, e.g. `defame`.
+    pub target: String,
+    #[arg(long, value_enum, default_value = "merged")]
+    pub stage: GenStage,
+    /// The student's input: a file (text, a JSON sample, or JSON lines of samples: one answer
+    /// each), `-` for stdin, or the text itself; JSON objects give their `input` field.
+    #[arg(long)]
+    pub input: String,
+    /// Sampling temperature (0 is greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// At most this many inputs from a JSON-lines file.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub limit: usize,
+    /// One JSON object per answer (input, output, tokens, timings).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

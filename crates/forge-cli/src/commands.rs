@@ -19,6 +19,8 @@ use crate::render::{Renderer, reasons_line};
 pub fn registry() -> forge_plan::Registry {
     let mut r = forge_plan::Registry::with_builtin();
     r.register(Arc::new(forge_data::DatasetExecutor));
+    r.register(Arc::new(forge_train::AdapterExecutor));
+    r.register(Arc::new(forge_train::MergedExecutor));
     r
 }
 

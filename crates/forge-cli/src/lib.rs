@@ -4,6 +4,7 @@
 mod args;
 mod commands;
 mod data;
+mod generate;
 mod output;
 mod render;
 
@@ -66,6 +67,7 @@ pub fn run() -> i32 {
         Command::Cache(c) => commands::cache(&cli.global, &out, c),
         Command::Artifact(c) => commands::artifact(&cli.global, &out, c),
         Command::Data(c) => data::data(&cli.global, &out, c),
+        Command::Gen(a) => generate::generate(&cli.global, &out, a),
     };
     match result {
         Ok(()) => 0,

@@ -394,15 +394,18 @@ impl Llama {
         out
     }
 
-    /// A randomly initialised model, as transformers initialises one (`initializer_range`
-    /// 0.02: weights ~ N(0, 0.02²), norms 1, biases 0), from forge's deterministic RNG.
+    /// A randomly initialised model from forge's deterministic RNG: weights ~ N(0, 1/H) (H the
+    /// hidden size; transformers' `initializer_range` set to 1/√H rather than 0.02), norms 1,
+    /// biases 0. At this scale the tied embedding gives logits of unit size at initialisation
+    /// and leaves a frozen base enough range for LoRA to fit a task on it.
     pub fn random(cfg: ModelConfig, seed: u64, device: &Device) -> Result<Llama> {
         let mut t = HashMap::new();
         let mut rng = forge_rng::SplitMix64::new(seed);
         let (h, i, hd) = (cfg.hidden, cfg.intermediate, cfg.head_dim);
+        let std = 1.0 / (h as f64).sqrt();
         let mut normal = |shape: &[usize]| -> Result<Tensor> {
             let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| (rng.next_normal() * 0.02) as f32).collect();
+            let v: Vec<f32> = (0..n).map(|_| (rng.next_normal() * std) as f32).collect();
             Ok(Tensor::from_vec(v, shape, device)?)
         };
         t.insert("model.embed_tokens.weight".to_string(), normal(&[cfg.vocab, h])?);

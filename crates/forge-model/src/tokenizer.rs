@@ -201,6 +201,30 @@ impl Tokenizer {
         env.get_template("chat").and_then(|t| t.render(ctx)).map_err(|e| ModelError::Template(e.to_string()))
     }
 
+    /// What the template writes after an assistant message's content (e.g. `<|end|>\n`,
+    /// `<|eot_id|>`, `<|im_end|>\n`): the end of turn a model must learn to produce. Found by
+    /// rendering a conversation with a sentinel answer and checking that the prompt is a prefix.
+    pub fn completion_suffix(&self) -> Result<String> {
+        const SENTINEL: &str = "\u{1}forge-answer\u{1}";
+        let user = ChatMessage::new("user", "hello");
+        let prompt = self.render_chat(std::slice::from_ref(&user), true)?;
+        let full = self.render_chat(&[user, ChatMessage::new("assistant", SENTINEL)], false)?;
+        let at = full
+            .find(SENTINEL)
+            .ok_or_else(|| ModelError::Template("the chat template drops the assistant's message".into()))?;
+        if full[..at] != prompt {
+            return Err(ModelError::Template(
+                "the chat template's generation prompt is not a prefix of a rendered answer".into(),
+            ));
+        }
+        let suffix = &full[at + SENTINEL.len()..];
+        if suffix.is_empty() {
+            // No end-of-turn marker in the template: end with the EOS token.
+            return Ok(self.eos.as_ref().map(|e| e.0.clone()).unwrap_or_default());
+        }
+        Ok(suffix.to_string())
+    }
+
     /// The text after which the assistant's answer begins, for a user message `input`
     /// (and an optional system message).
     pub fn prompt(&self, system: Option<&str>, input: &str) -> Result<String> {

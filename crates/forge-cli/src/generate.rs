@@ -1,0 +1,92 @@
+//! `forge gen`: sample from a trained model (the merged weights, or the adapter on its base).
+
+use std::io::Read;
+use std::time::Instant;
+
+use forge_model::generate::{Sampling, generate as sample_tokens};
+use serde_json::{Value, json};
+
+use crate::Failure;
+use crate::args::{GenArgs, GenStage, Global};
+use crate::commands::{fresh_artifact_dir, load};
+use crate::output::Output;
+
+/// The inputs `--input` names: a file, stdin, or the text itself; JSON objects give `input`.
+fn inputs(arg: &str, limit: usize) -> Result<Vec<String>, Failure> {
+    let text = if arg == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).map_err(|e| Failure::Internal(format!("stdin: {e}")))?;
+        s
+    } else if std::path::Path::new(arg).is_file() {
+        std::fs::read_to_string(arg).map_err(|e| Failure::Usage(format!("{arg}: {e}")))?
+    } else {
+        arg.to_string()
+    };
+    let from_json = |v: Value| -> Result<String, Failure> {
+        match v {
+            Value::String(s) => Ok(s),
+            Value::Object(o) => o
+                .get("input")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| Failure::Usage("the JSON input has no string field `input`".into())),
+            _ => Err(Failure::Usage("a JSON input must be a string or an object with `input`".into())),
+        }
+    };
+    if let Ok(v) = serde_json::from_str::<Value>(text.trim()) {
+        return Ok(vec![from_json(v)?]);
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() > 1 && lines.iter().all(|l| serde_json::from_str::<Value>(l).is_ok()) {
+        return lines.into_iter().take(limit).map(|l| from_json(serde_json::from_str(l).expect("checked"))).collect();
+    }
+    Ok(vec![text])
+}
+
+pub fn generate(g: &Global, out: &Output, a: GenArgs) -> Result<(), Failure> {
+    let ws = load(g, out, a.json)?;
+    let stage = match a.stage {
+        GenStage::Merged => "merged",
+        GenStage::Adapter => "adapter",
+    };
+    let dir = fresh_artifact_dir(&ws, out, &format!("{}:{stage}", a.target))?;
+    let t0 = Instant::now();
+    let (model, tok) = match a.stage {
+        GenStage::Merged => {
+            forge_model::io::load_hf(&dir, &candle_core::Device::Cpu).map_err(|e| Failure::Internal(e.to_string()))?
+        }
+        GenStage::Adapter => forge_train::load_adapted(&dir, &ws.root).map_err(Failure::Internal)?,
+    };
+    let load_s = t0.elapsed().as_secs_f64();
+    let stop: Vec<u32> = tok.eos.iter().map(|e| e.1).chain(model.cfg.eos.iter().copied()).collect();
+    for (i, input) in inputs(&a.input, a.limit)?.into_iter().enumerate() {
+        let prompt = tok.prompt(None, &input).map_err(|e| Failure::Internal(e.to_string()))?;
+        let ids = tok.encode_prompt(&prompt).map_err(|e| Failure::Internal(e.to_string()))?;
+        let s = Sampling {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            seed: a.seed.wrapping_add(i as u64),
+            max_tokens: a.max_tokens,
+        };
+        let t = Instant::now();
+        let tokens = sample_tokens(&model, &ids, &stop, &s).map_err(|e| Failure::Internal(e.to_string()))?;
+        let secs = t.elapsed().as_secs_f64();
+        let text = tok.decode(&tokens).map_err(|e| Failure::Internal(e.to_string()))?;
+        if a.json {
+            crate::outln!(
+                "{}",
+                json!({
+                    "input": input, "output": text, "prompt_tokens": ids.len(), "tokens": tokens.len(),
+                    "seconds": secs, "load_seconds": load_s,
+                })
+            );
+        } else {
+            crate::outln!("{}", text.trim_end());
+            if !out.quiet {
+                eprintln!("({} prompt tokens, {} generated in {:.2}s)", ids.len(), tokens.len(), secs);
+            }
+        }
+    }
+    Ok(())
+}

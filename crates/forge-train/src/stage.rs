@@ -1,0 +1,318 @@
+//! The `adapter` and `merged` stages.
+//!
+//! `TARGET:adapter` trains on the dataset's train split (evaluating on its eval split every
+//! epoch) and writes, for `method="lora"`, a Hugging Face PEFT adapter (`adapter_config.json`,
+//! `adapter_model.safetensors`); for `method="full"`, a whole Hugging Face model folder. Both
+//! come with the tokenizer files and `loss.json` (the loss curve). A `scratch` base is created
+//! here — a byte-level BPE trained on the train split, a llama initialised from the base's seed —
+//! and shipped in `base/` so that the adapter can be loaded without forge.
+//!
+//! `TARGET:merged` folds the adapter into its base (`W + s·B·A`) and writes a Hugging Face
+//! folder: `config.json`, `generation_config.json`, `model.safetensors`, tokenizer files.
+//!
+//! The artifacts hold nothing that varies between identical runs (timings go to the log), so a
+//! retrained adapter that comes out bit-identical keeps everything downstream fresh.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use candle_core::{Device, Var};
+use forge_manifest::{AdapterStage, ArtifactDecl, BaseKind, Manifest, StageKind, TrainMethod};
+use forge_model::lora::{self, LoraSpec};
+use forge_model::{Arch, Llama, ModelConfig, Tokenizer};
+use forge_plan::{ActionContext, ActionError, Executor, StagePlan};
+use serde_json::{Value, json};
+
+use crate::data::{Example, example};
+use crate::train::{Hooks, TrainConfig, train};
+
+/// Bumped when the adapter artifact's files change shape.
+pub const ADAPTER_FORMAT: u32 = 1;
+pub const MERGED_FORMAT: u32 = 1;
+
+pub struct AdapterExecutor;
+pub struct MergedExecutor;
+
+fn adapter_stage<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> &'m AdapterStage {
+    let model = m.targets[decl.target].model.as_ref().expect("adapter stages belong to models");
+    model.adapter.as_ref().expect("validated: the model has an adapter block")
+}
+
+fn base_of<'m>(m: &'m Manifest, a: &AdapterStage) -> &'m forge_manifest::Base {
+    m.bases.get(&a.base.value).expect("validated: the base exists")
+}
+
+/// What shapes the base: its kind and parameters (an `hf` base's files are inputs too).
+fn base_params(m: &Manifest, a: &AdapterStage) -> (Value, Vec<String>) {
+    let base = base_of(m, a);
+    match &base.kind {
+        BaseKind::Scratch(s) => (json!({ "kind": "scratch", "scratch": s }), Vec::new()),
+        BaseKind::Hf { path } => {
+            let p = forge_manifest::glob::normalize("", &path.value).unwrap_or_else(|_| path.value.clone());
+            (json!({ "kind": "hf", "path": p }), vec![p])
+        }
+    }
+}
+
+pub fn train_config(a: &AdapterStage) -> TrainConfig {
+    TrainConfig {
+        epochs: a.epochs,
+        steps: a.steps,
+        lr: a.lr,
+        batch: a.batch as usize,
+        grad_accum: a.grad_accum as usize,
+        warmup: a.warmup,
+        schedule: a.schedule,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        prompt_loss_weight: a.prompt_loss_weight as f32,
+        seq_len: a.seq_len as usize,
+        packing: a.packing,
+        seed: a.seed,
+    }
+}
+
+pub fn lora_spec(a: &AdapterStage) -> LoraSpec {
+    LoraSpec {
+        rank: a.rank as usize,
+        alpha: a.alpha,
+        dropout: a.dropout,
+        rslora: a.rslora,
+        targets: a.target_modules.clone(),
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> ActionError {
+    ActionError::Failed(e.to_string())
+}
+
+/// The one upstream artifact of a stage with a single dependency.
+fn only_dep(ctx: &ActionContext<'_>) -> Result<PathBuf, ActionError> {
+    ctx.deps.values().next().cloned().ok_or_else(|| failed("the upstream artifact is missing"))
+}
+
+/// The config of a scratch llama whose vocabulary is the trained tokenizer's.
+pub fn scratch_config(s: &forge_manifest::ScratchBase, tok: &Tokenizer) -> ModelConfig {
+    let eos = tok.eos.as_ref().map(|e| vec![e.1]).unwrap_or_default();
+    ModelConfig {
+        arch: Arch::Llama,
+        hidden: s.hidden as usize,
+        intermediate: s.ffn as usize,
+        layers: s.layers as usize,
+        heads: s.heads as usize,
+        kv_heads: s.kv_heads as usize,
+        head_dim: (s.hidden / s.heads) as usize,
+        vocab: tok.vocab_size(),
+        rms_eps: 1e-5,
+        rope_theta: s.rope_theta,
+        rope_scaling: None,
+        max_positions: s.context as usize,
+        tie_embeddings: true,
+        qkv_bias: false,
+        bos: None,
+        eos,
+        pad: tok.pad.as_ref().map(|p| p.1),
+    }
+}
+
+/// Reads a dataset artifact's split.
+fn samples(dir: &Path, split: &str) -> Result<Vec<forge_data::Sample>, ActionError> {
+    forge_data::read_samples(&dir.join(format!("{split}.jsonl"))).map_err(failed)
+}
+
+/// The base model and tokenizer, ready to train.
+fn prepare_base(
+    ctx: &ActionContext<'_>,
+    a: &AdapterStage,
+    train: &[forge_data::Sample],
+) -> Result<(Llama, Tokenizer), ActionError> {
+    match &base_of(ctx.manifest, a).kind {
+        BaseKind::Scratch(s) => {
+            let texts = train.iter().flat_map(|s| [s.input.clone(), s.output.clone()]).collect::<Vec<_>>();
+            let tok = Tokenizer::train_bpe(texts.into_iter(), s.vocab as usize).map_err(failed)?;
+            ctx.log.line(&format!("trained a byte-level BPE of {} tokens on the train split", tok.vocab_size()));
+            let cfg = scratch_config(s, &tok);
+            let model = Llama::random(cfg, s.seed, &Device::Cpu).map_err(failed)?;
+            ctx.log.line(&format!("initialised a scratch llama of {} parameters", model.cfg.parameter_count()));
+            Ok((model, tok))
+        }
+        BaseKind::Hf { path } => {
+            let dir = ctx.workspace.join(&path.value);
+            let (model, tok) = forge_model::io::load_hf(&dir, &Device::Cpu)
+                .map_err(|e| failed(format!("base `{}` ({}): {e}", a.base.value, path.value)))?;
+            ctx.log.line(&format!("loaded {} ({} parameters)", path.value, model.cfg.parameter_count()));
+            Ok((model, tok))
+        }
+    }
+}
+
+fn tokenize(
+    tok: &Tokenizer,
+    samples: &[forge_data::Sample],
+    seq_len: usize,
+    log: &forge_plan::Log,
+    split: &str,
+) -> Result<Vec<Example>, ActionError> {
+    let mut out = Vec::with_capacity(samples.len());
+    let mut truncated = 0;
+    for s in samples {
+        match example(tok, &s.input, &s.output, seq_len).map_err(failed)? {
+            Some(e) => {
+                if e.ids.len() == seq_len {
+                    truncated += 1;
+                }
+                out.push(e);
+            }
+            None => log.line(&format!("{split}: skipped {}: its prompt alone fills seq-len {seq_len}", s.id)),
+        }
+    }
+    let tokens: usize = out.iter().map(|e| e.ids.len()).sum();
+    log.line(&format!(
+        "{split}: {} examples, {tokens} tokens ({:.0} per example), {truncated} cut at seq-len {seq_len}",
+        out.len(),
+        tokens as f64 / out.len().max(1) as f64
+    ));
+    Ok(out)
+}
+
+impl Executor for AdapterExecutor {
+    fn kind(&self) -> &'static str {
+        "adapter"
+    }
+
+    fn format_version(&self) -> u32 {
+        ADAPTER_FORMAT
+    }
+
+    fn plan(&self, m: &Manifest, decl: &ArtifactDecl) -> StagePlan {
+        assert_eq!(decl.kind, StageKind::Adapter);
+        let a = adapter_stage(m, decl);
+        let mut params = BTreeMap::new();
+        let mut stage = serde_json::to_value(a).expect("serializes");
+        // The pool decides when the action runs, not what it makes.
+        stage.as_object_mut().expect("an object").remove("pool");
+        params.insert("adapter".into(), stage);
+        let (base, inputs) = base_params(m, a);
+        params.insert("base".into(), base);
+        StagePlan { params, inputs, tools: BTreeMap::new() }
+    }
+
+    fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
+        let a = adapter_stage(ctx.manifest, ctx.decl);
+        let dataset = only_dep(ctx)?;
+        let train_samples = samples(&dataset, "train")?;
+        let eval_samples = samples(&dataset, "eval")?;
+        let (mut model, tok) = prepare_base(ctx, a, &train_samples)?;
+        let cfg = train_config(a);
+        let seq_len = cfg.seq_len.min(model.cfg.max_positions);
+        let train_ex = tokenize(&tok, &train_samples, seq_len, ctx.log, "train")?;
+        let eval_ex = tokenize(&tok, &eval_samples, seq_len, ctx.log, "eval")?;
+        let pad = tok.pad.as_ref().or(tok.eos.as_ref()).map(|p| p.1).unwrap_or(0);
+        let vars: Vec<(String, Var)> = match a.method {
+            TrainMethod::Lora => lora::attach(&mut model, &lora_spec(a), a.seed).map_err(failed)?,
+            TrainMethod::Full => {
+                let (trainable, vars) = model.trainable().map_err(failed)?;
+                model = trainable;
+                vars
+            }
+        };
+        let log = |line: &str| ctx.log.line(line);
+        let progress = |done: u64, total: u64| (ctx.progress)(done, total, "steps");
+        let cancelled = || ctx.cancel.is_cancelled();
+        let hooks = Hooks {
+            log: &log,
+            progress: &progress,
+            cancelled: &cancelled,
+            checkpoint_dir: Some(ctx.work_dir().join("checkpoint")),
+            checkpoint_every: Duration::from_secs(60),
+        };
+        let cfg = TrainConfig { seq_len, ..cfg };
+        let report = train(&model, &vars, &train_ex, &eval_ex, pad, &cfg, &hooks).map_err(|e| match e {
+            crate::TrainError::Cancelled => ActionError::Cancelled,
+            other => failed(other),
+        })?;
+        ctx.log.line(&format!(
+            "trained {} steps on {} tokens in {:.1}s: {:.0} tokens/s",
+            report.steps, report.tokens, report.train_seconds, report.tokens_per_second
+        ));
+        let out = ctx.out_dir;
+        match a.method {
+            TrainMethod::Lora => {
+                let base_name = match &base_of(ctx.manifest, a).kind {
+                    BaseKind::Scratch(_) => {
+                        // The untrained base ships with the adapter (it exists nowhere else).
+                        let mut plain = model.clone();
+                        for b in plain.layers.iter_mut() {
+                            for (_, l) in b.linears_mut() {
+                                l.lora = None;
+                            }
+                        }
+                        forge_model::io::save_hf(&out.join("base"), &plain, &tok).map_err(failed)?;
+                        "base".to_string()
+                    }
+                    BaseKind::Hf { path } => path.value.clone(),
+                };
+                let tensors: Vec<(String, candle_core::Tensor)> =
+                    vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+                lora::save_peft(out, &lora_spec(a), &base_name, &tensors).map_err(failed)?;
+                tok.save(out).map_err(failed)?;
+            }
+            TrainMethod::Full => forge_model::io::save_hf(out, &model, &tok).map_err(failed)?,
+        }
+        let curve = serde_json::to_string_pretty(&report.curve).expect("serializes") + "\n";
+        std::fs::write(out.join("loss.json"), curve).map_err(|e| ActionError::io(&out.join("loss.json"), e))?;
+        let _ = std::fs::remove_dir_all(ctx.work_dir());
+        Ok(())
+    }
+}
+
+/// Loads what an adapter artifact describes as one model: a LoRA adapter on its base, or a
+/// fully fine-tuned model. `workspace` resolves an `hf` base's path.
+pub fn load_adapted(adapter_dir: &Path, workspace: &Path) -> Result<(Llama, Tokenizer), String> {
+    if adapter_dir.join("adapter_config.json").is_file() {
+        let (spec, tensors) = lora::load_peft(adapter_dir).map_err(|e| e.to_string())?;
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(adapter_dir.join("adapter_config.json")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        let base = cfg.get("base_model_name_or_path").and_then(Value::as_str).unwrap_or("base");
+        let base_dir = if base == "base" { adapter_dir.join("base") } else { workspace.join(base) };
+        let (mut model, _) = forge_model::io::load_hf(&base_dir, &Device::Cpu)
+            .map_err(|e| format!("the adapter's base {}: {e}", base_dir.display()))?;
+        lora::install(&mut model, &spec, &tensors).map_err(|e| e.to_string())?;
+        let tok = Tokenizer::load(adapter_dir).map_err(|e| e.to_string())?;
+        Ok((model, tok))
+    } else {
+        forge_model::io::load_hf(adapter_dir, &Device::Cpu).map_err(|e| e.to_string())
+    }
+}
+
+impl Executor for MergedExecutor {
+    fn kind(&self) -> &'static str {
+        "merged"
+    }
+
+    fn format_version(&self) -> u32 {
+        MERGED_FORMAT
+    }
+
+    fn plan(&self, m: &Manifest, decl: &ArtifactDecl) -> StagePlan {
+        assert_eq!(decl.kind, StageKind::Merged);
+        let a = adapter_stage(m, decl);
+        // The adapter's content covers everything else; an hf base is read again here.
+        let (base, inputs) = base_params(m, a);
+        let mut params = BTreeMap::new();
+        params.insert("base".into(), base);
+        StagePlan { params, inputs, tools: BTreeMap::new() }
+    }
+
+    fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
+        let adapter = only_dep(ctx)?;
+        let (model, tok) = load_adapted(&adapter, ctx.workspace).map_err(failed)?;
+        let merged = lora::merge(&model).map_err(failed)?;
+        forge_model::io::save_hf(ctx.out_dir, &merged, &tok).map_err(failed)?;
+        ctx.log.line(&format!("merged model: {} parameters", merged.cfg.parameter_count()));
+        Ok(())
+    }
+}

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Does Hugging Face PEFT load forge's LoRA adapters, and compute what forge computes?
+
+Builds a workspace's adapter and merged artifacts with forge (default: a copy of
+tests/workspaces/tiny-model, a LoRA on a scratch base), then with transformers + PEFT:
+  1. loads the adapter with PeftModel.from_pretrained on its base and compares the logits with
+     forge's (the same adapter, unmerged) on the dataset's eval inputs;
+  2. merges it with merge_and_unload() and compares with forge's merged artifact loaded by
+     transformers (AutoModelForCausalLM) — weights and logits.
+Prints the max abs differences; fails above 1e-4 (float32).
+
+Usage:  scripts/setup.sh && scripts/.venv/bin/python scripts/peft_check.py [--workspace DIR --target NAME]
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sh(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workspace", type=Path)
+    ap.add_argument("--target", default="tiny")
+    args = ap.parse_args()
+    sh(["cargo", "build", "--release", "-q", "--bin", "forge"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "-q", "-p", "forge-train", "--bin", "forge-logits"], cwd=ROOT)
+    forge, logits_bin = ROOT / "target/release/forge", ROOT / "target/release/forge-logits"
+    ws = args.workspace
+    if ws is None:
+        ws = Path(tempfile.mkdtemp(prefix="forge-peft-")) / "ws"
+        shutil.copytree(ROOT / "tests/workspaces/tiny-model", ws)
+    t = args.target
+    sh([forge, "-C", ws, "build", f"{t}:merged"])
+    adapter = Path(sh([forge, "-C", ws, "artifact", "path", f"{t}:adapter"]).strip())
+    merged = Path(sh([forge, "-C", ws, "artifact", "path", f"{t}:merged"]).strip())
+    dataset = Path(sh([forge, "-C", ws, "artifact", "path", f"{t}:dataset"]).strip())
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    base_dir = adapter / "base" if cfg["base_model_name_or_path"] == "base" else ws / cfg["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    tok = AutoTokenizer.from_pretrained(adapter)
+    print(f"PEFT loaded {adapter.name}: r={cfg['r']} alpha={cfg['lora_alpha']} targets={cfg['target_modules']}")
+
+    samples = [json.loads(l) for l in (dataset / "eval.jsonl").read_text().splitlines()[:4]]
+    worst = 0.0
+    for s in samples:
+        prompt = tok.apply_chat_template([{"role": "user", "content": s["input"]}], tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt + s["output"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            ref = peft_model(torch.tensor([ids])).logits[0]
+        ours = json.loads(sh([logits_bin, adapter, "--workspace", ws, "--ids", ",".join(map(str, ids))]))
+        diff = (torch.tensor(ours["logits"]) - ref).abs().max().item()
+        worst = max(worst, diff)
+    print(f"adapter: PEFT vs forge logits on {len(samples)} eval samples: max |diff| = {worst:.2e}")
+
+    merged_peft = peft_model.merge_and_unload()
+    ours = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    wdiff = max((a - b).abs().max().item() for a, b in zip(merged_peft.state_dict().values(), ours.state_dict().values()))
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        ldiff = (merged_peft(x).logits - ours(x).logits).abs().max().item()
+    print(f"merged: PEFT merge_and_unload vs forge's merged artifact: max |weight diff| = {wdiff:.2e}, max |logit diff| = {ldiff:.2e}")
+    ok = worst <= 1e-4 and ldiff <= 1e-4
+    print("OK" if ok else "MISMATCH")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+//! The training stages end to end with the `forge` binary: dataset → LoRA adapter (PEFT files)
+//! → merged Hugging Face folder → `forge gen`; a no-op rebuild; and a training killed with
+//! SIGKILL that resumes from its checkpoint to the same adapter.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn json_file(path: std::path::PathBuf) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+#[test]
+fn dataset_adapter_merged_and_gen() {
+    let ws = TestWorkspace::copy_of("tiny-model");
+    let (r, ev) = ws.build_json(&[]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert_eq!(with_event(&ev, "finish"), ["tiny:dataset", "tiny:adapter", "tiny:merged"]);
+
+    let adapter = ws.artifact_path("tiny:adapter");
+    let config = json_file(adapter.join("adapter_config.json"));
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 8);
+    assert_eq!(config["base_model_name_or_path"], "base");
+    for f in [
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "base/config.json",
+        "base/model.safetensors",
+    ] {
+        assert!(adapter.join(f).is_file(), "{f}");
+    }
+    let curve = json_file(adapter.join("loss.json"));
+    let train = curve["train"].as_array().unwrap();
+    assert!(train.last().unwrap()["loss"].as_f64().unwrap() < train[0]["loss"].as_f64().unwrap());
+    assert_eq!(curve["eval"].as_array().unwrap().len(), 3, "an eval loss per epoch");
+
+    let merged = ws.artifact_path("tiny:merged");
+    let cfg = json_file(merged.join("config.json"));
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    assert!(merged.join("model.safetensors").is_file() && merged.join("tokenizer.json").is_file());
+
+    let r = ws.run(&["gen", "tiny", "--input", "Target: Maud. Intel: fears geese.", "--max-tokens", "24", "--json"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let answer: Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    assert!(answer["tokens"].as_u64().unwrap() > 0, "{answer}");
+    // The same answer from the unmerged adapter on its base.
+    let r2 = ws.run(&[
+        "gen",
+        "tiny",
+        "--stage",
+        "adapter",
+        "--input",
+        "Target: Maud. Intel: fears geese.",
+        "--max-tokens",
+        "24",
+        "--json",
+    ]);
+    let unmerged: Value = serde_json::from_str(r2.stdout().trim()).unwrap();
+    assert_eq!(answer["output"], unmerged["output"]);
+
+    let (_, ev) = ws.build_json(&[]);
+    assert!(with_event(&ev, "start").is_empty(), "a second build is a no-op");
+}
+
+#[test]
+fn a_killed_training_resumes_from_its_checkpoint() {
+    let ws = TestWorkspace::copy_of("tiny-model");
+    let longer = ws.read("forge.kdl").replace("epochs=3", "epochs=12");
+    ws.write("forge.kdl", &longer);
+    assert_eq!(ws.run(&["build", "tiny:dataset"]).code(), 0);
+    let mut child = ws.cmd(&["build", "tiny:adapter"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Checkpoints are written at every epoch end: kill -9 once one exists.
+    let t0 = Instant::now();
+    let checkpoint = || {
+        walkdir::WalkDir::new(ws.file(".forge-cache/work-v1"))
+            .into_iter()
+            .filter_map(Result::ok)
+            .any(|e| e.file_name() == "state.json" && e.path().parent().is_some_and(|p| p.ends_with("checkpoint")))
+    };
+    while !checkpoint() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "training ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let status: Value = serde_json::from_str(&ws.run(&["status", "--json", "tiny:adapter"]).stdout()).unwrap();
+    assert_eq!(status["artifacts"][1]["status"], "stale", "{status:#}");
+
+    let r = ws.run(&["build", "tiny:adapter"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let log = ws.read(".forge-cache/logs-v1/tiny--adapter.log");
+    assert!(log.contains("resuming from the checkpoint at step"), "{log}");
+    let resumed = std::fs::read(ws.artifact_path("tiny:adapter").join("adapter_model.safetensors")).unwrap();
+
+    let clean = TestWorkspace::copy_of("tiny-model");
+    clean.write("forge.kdl", &longer);
+    assert_eq!(clean.run(&["build", "tiny:adapter"]).code(), 0);
+    let whole = std::fs::read(clean.artifact_path("tiny:adapter").join("adapter_model.safetensors")).unwrap();
+    assert!(resumed == whole, "the resumed adapter is byte-identical to an uninterrupted run's");
+}
