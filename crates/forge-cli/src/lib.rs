@@ -49,6 +49,7 @@ impl From<forge_plan::SelectError> for Failure {
 
 /// Runs `forge` with the process's arguments; returns the exit status.
 pub fn run() -> i32 {
+    forge_model::tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

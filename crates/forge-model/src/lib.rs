@@ -5,6 +5,7 @@
 pub mod config;
 pub mod generate;
 pub mod io;
+pub mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod tokenizer;
@@ -49,3 +50,19 @@ impl ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// Keeps freed memory in the process instead of returning it to the kernel at once.
+///
+/// Training allocates and frees tensors of megabytes on every step; with glibc's defaults each
+/// comes from a fresh `mmap` that the kernel must fault in and zero page by page, which cost a
+/// quarter of a training step (measured with `perf`). Raising the mmap and trim thresholds lets
+/// the heap reuse those blocks. Call once at program start; a no-op off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before other threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}

@@ -15,9 +15,10 @@
 
 use std::collections::HashMap;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::{ModelConfig, RopeScaling};
+use crate::kernels::{cross_entropy, frozen_matmul, masked_softmax, rms_norm, rope, silu_mul};
 use crate::lora::LoraPair;
 use crate::{ModelError, Result};
 
@@ -35,9 +36,9 @@ impl Linear {
         Linear { weight, bias, lora: None }
     }
 
-    /// `x`: `[N, in]` → `[N, out]`.
+    /// `x`: `[N, in]` → `[N, out]`. A frozen weight's gradient is never computed.
     pub fn forward(&self, x: &Tensor, dropout: &mut Dropout) -> Result<Tensor> {
-        let mut y = x.matmul(&self.weight.t()?)?;
+        let mut y = if self.weight.track_op() { x.matmul(&self.weight.t()?)? } else { frozen_matmul(x, &self.weight)? };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -262,31 +263,6 @@ impl Rope {
         };
         Ok((pick(&self.cos)?, pick(&self.sin)?))
     }
-}
-
-/// `x · cos + rotate_half(x) · sin`, with `rotate_half(x) = cat(-x₂, x₁)`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
-}
-
-/// RMSNorm: `w · x / sqrt(mean(x²) + ε)` over the last dimension.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    Ok(normed.broadcast_mul(weight)?)
-}
-
-/// Softmax over the last dimension. The maximum is subtracted for stability and detached:
-/// softmax does not depend on it, so the gradient is exact without differentiating `max`.
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&sum)?)
 }
 
 /// `[B, nkv, S, hd]` → `[B, nkv·n, S, hd]`, each key/value head repeated for its `n` query heads.
@@ -522,8 +498,8 @@ impl Llama {
             let q = heads(layer.q.forward(&x, dropout)?, nh)?;
             let k = heads(layer.k.forward(&x, dropout)?, nkv)?;
             let v = heads(layer.v.forward(&x, dropout)?, nkv)?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let mut k = apply_rope(&k, &cos, &sin)?;
+            let q = rope(&q, &cos, &sin)?;
+            let mut k = rope(&k, &cos, &sin)?;
             let mut v = v;
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = &c.layers[l] {
@@ -534,18 +510,19 @@ impl Llama {
             }
             let k = repeat_kv(&k, nh / nkv)?;
             let v = repeat_kv(&v, nh / nkv)?;
-            let scores = q.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?.broadcast_add(mask)?;
-            let attn = softmax(&scores)?.matmul(&v)?;
+            let scores = q.matmul(&k.t()?.contiguous()?)?;
+            let attn = masked_softmax(&scores, scale, mask)?.matmul(&v)?;
             let attn = attn.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
             h = (h + layer.o.forward(&attn, dropout)?)?;
             // MLP: down(silu(gate(x)) · up(x)).
             let x = rms_norm(&h, &layer.post_norm, cfg.rms_eps)?;
-            let act = (layer.gate.forward(&x, dropout)?.silu()? * layer.up.forward(&x, dropout)?)?;
+            let act = silu_mul(&layer.gate.forward(&x, dropout)?, &layer.up.forward(&x, dropout)?)?;
             h = (h + layer.down.forward(&act, dropout)?)?;
         }
         let h = rms_norm(&h, &self.norm, cfg.rms_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(h.matmul(&head.t()?)?.reshape((b, t, cfg.vocab))?)
+        let logits = if head.track_op() { h.matmul(&head.t()?)? } else { frozen_matmul(&h, head)? };
+        Ok(logits.reshape((b, t, cfg.vocab))?)
     }
 }
 
@@ -554,15 +531,6 @@ impl Llama {
 /// `logits` `[N, V]`, `targets` `N` token ids, `weights` `N` (0 for padding and for prompt
 /// tokens when the prompt-loss weight is 0). Returns the loss and the total weight.
 pub fn weighted_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<(Tensor, f64)> {
-    let device = logits.device();
     let total: f64 = weights.iter().map(|w| *w as f64).sum();
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let idx = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), device)?;
-    let picked = shifted.gather(&idx, D::Minus1)?;
-    let nll = (log_z - picked)?.squeeze(D::Minus1)?;
-    let w = Tensor::from_vec(weights.to_vec(), weights.len(), device)?.to_dtype(logits.dtype())?;
-    let loss = ((nll * w)?.sum_all()? / total.max(1e-12))?;
-    Ok((loss, total))
+    Ok((cross_entropy(logits, targets, weights, total)?, total))
 }
