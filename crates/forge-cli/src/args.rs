@@ -69,6 +69,20 @@ pub enum Command {
     Data(DataCommand),
     /// Generate with a trained model: `forge gen defame --input '{"input": "..."}'`.
     Gen(GenArgs),
+    /// Show a GGUF file's metadata and tensors, and check it has what llama.cpp needs.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// A .gguf file (any: forge's, llama.cpp's, other tools').
+    pub file: std::path::PathBuf,
+    /// The whole report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Print every tensor (by default the first and last few).
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

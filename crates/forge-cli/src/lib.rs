@@ -5,6 +5,7 @@ mod args;
 mod commands;
 mod data;
 mod generate;
+mod inspect;
 mod output;
 mod render;
 
@@ -69,6 +70,7 @@ pub fn run() -> i32 {
         Command::Artifact(c) => commands::artifact(&cli.global, &out, c),
         Command::Data(c) => data::data(&cli.global, &out, c),
         Command::Gen(a) => generate::generate(&cli.global, &out, a),
+        Command::Inspect(a) => inspect::inspect(&out, a),
     };
     match result {
         Ok(()) => 0,

@@ -92,6 +92,8 @@ pub enum StageKind {
     Adapter,
     Merged,
     Gguf(QuantLevel),
+    /// The LoRA adapter as GGUF, for llama.cpp to load on the base.
+    GgufAdapter,
     Bench(QuantLevel),
     Report,
     /// Index into the target's `commands`.
@@ -106,6 +108,7 @@ impl StageKind {
             StageKind::Adapter => "adapter",
             StageKind::Merged => "merged",
             StageKind::Gguf(_) => "gguf",
+            StageKind::GgufAdapter => "gguf-adapter",
             StageKind::Bench(_) => "bench",
             StageKind::Report => "report",
             StageKind::Command(_) => "command",
@@ -222,6 +225,18 @@ fn expand_target(ti: usize, target: &Target, out: &mut Vec<ArtifactDecl>) {
                     pool: pool(&q.pool),
                 };
                 out.push(decl);
+            }
+        }
+        if let (Some(q), Some(a)) = (&m.quantize, &m.adapter) {
+            if a.method == crate::model::TrainMethod::Lora {
+                out.push(ArtifactDecl {
+                    id: id("gguf-adapter", None),
+                    target: ti,
+                    kind: StageKind::GgufAdapter,
+                    deps: vec![dep("adapter", None, q.span)],
+                    span: q.span,
+                    pool: pool(&q.pool),
+                });
             }
         }
         if let (Some(b), Some(q), Some(_)) = (&m.benchmark, &m.quantize, &m.adapter) {

@@ -1,0 +1,44 @@
+//! GGUF, the file format of llama.cpp and the game runtimes built on it.
+//!
+//! - [`format`]: the container (write v3, read v2/v3);
+//! - [`quant`], [`kquant`]: ggml's block quantizations, bit-compatible with llama.cpp;
+//! - [`convert`]: a forge/Hugging Face llama or qwen2 model → GGUF at a quantization level, with
+//!   llama.cpp's per-tensor type mixing, tokenizer metadata and the Q/K row permutation;
+//! - [`adapter`]: LoRA adapters as GGUF (`general.type = adapter`) for hot-loading on a base;
+//! - [`inspect`]: what a file holds and whether llama.cpp has what it needs;
+//! - [`load`]: a GGUF back into forge's decoder (dequantized), for checks and inputs.
+
+pub mod adapter;
+pub mod convert;
+pub mod format;
+pub mod inspect;
+pub mod kquant;
+pub mod load;
+pub mod quant;
+pub mod stage;
+pub mod types;
+
+pub use format::{Gguf, TensorData, TensorInfo, Value};
+pub use types::GgmlType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Model(#[from] forge_model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl From<std::io::Error> for GgufError {
+    fn from(e: std::io::Error) -> GgufError {
+        GgufError::Io(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, GgufError>;
