@@ -18,7 +18,10 @@ fn dataset_adapter_merged_and_gen() {
     let ws = TestWorkspace::copy_of("tiny-model");
     let (r, ev) = ws.build_json(&[]);
     assert_eq!(r.code(), 0, "{r:?}");
-    assert_eq!(with_event(&ev, "finish"), ["tiny:dataset", "tiny:adapter", "tiny:merged"]);
+    let mut finished = with_event(&ev, "finish");
+    finished.sort();
+    let expected = ["tiny:adapter", "tiny:dataset", "tiny:gguf-adapter", "tiny:gguf:f16", "tiny:gguf:q4_k_m", "tiny:gguf:q8_0", "tiny:merged"];
+    assert_eq!(finished, expected);
 
     let adapter = ws.artifact_path("tiny:adapter");
     let config = json_file(adapter.join("adapter_config.json"));
@@ -62,6 +65,23 @@ fn dataset_adapter_merged_and_gen() {
     ]);
     let unmerged: Value = serde_json::from_str(r2.stdout().trim()).unwrap();
     assert_eq!(answer["output"], unmerged["output"]);
+
+    // The GGUF files have what llama.cpp needs (scripts/gguf_check.py runs them in llama.cpp).
+    for (artifact, file) in [("tiny:gguf:q8_0", "model.gguf"), ("tiny:gguf:q4_k_m", "model.gguf"), ("tiny:gguf-adapter", "adapter.gguf"), ("tiny:gguf-adapter", "base.gguf")] {
+        let path = ws.artifact_path(artifact).join(file);
+        let r = ws.run(&["inspect", "--json", path.to_str().unwrap()]);
+        assert_eq!(r.code(), 0, "{artifact}: {r:?}");
+        let report: Value = serde_json::from_str(&r.stdout()).unwrap();
+        assert_eq!(report["problems"], serde_json::json!([]), "{artifact}");
+    }
+    let q4 = ws.run(&["inspect", "--json", ws.artifact_path("tiny:gguf:q4_k_m").join("model.gguf").to_str().unwrap()]);
+    let q4: Value = serde_json::from_str(&q4.stdout()).unwrap();
+    assert_eq!(q4["metadata"]["general.file_type"], 15);
+    // Rows of 64 are not whole 256-blocks: llama-quantize's fallbacks apply.
+    assert!(q4["types"]["q5_0"].is_object() && q4["types"]["q8_0"].is_object(), "{:#}", q4["types"]);
+    let r = ws.run(&["inspect", ws.file("forge.kdl").to_str().unwrap()]);
+    assert_eq!(r.code(), 1);
+    assert!(r.stderr().contains("not a GGUF file"), "{r:?}");
 
     let (_, ev) = ws.build_json(&[]);
     assert!(with_event(&ev, "start").is_empty(), "a second build is a no-op");
