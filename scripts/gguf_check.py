@@ -9,7 +9,10 @@ llama-cpp-python (llama.cpp itself, built from PyPI's source package) and the `g
      decoding of the same file (`forge-decode`, the GGUF dequantized into forge's decoder);
      they must be identical at F16 and Q8_0;
   3. loads the LoRA adapter GGUF on its base GGUF in llama.cpp and compares its greedy tokens
-     with the merged model's (forge, and llama.cpp's own F32 file).
+     with the merged model's (forge, and llama.cpp's own F32 file);
+  4. quantizes forge's F32 file with llama.cpp's own quantizer (`llama_model_quantize`, what
+     `llama-quantize` runs) to every quantized level and compares each tensor's bytes and type
+     with forge's file at that level.
 Prints a table; exits 1 if a required match fails.
 
 Usage:  scripts/setup.sh && scripts/.venv/bin/pip install llama-cpp-python gguf
@@ -42,7 +45,7 @@ def workspace(dir: Path):
     kdl = kdl.replace('layers=2 hidden=64 heads=4 kv-heads=2 ffn=128 vocab=320 context=128',
                       'layers=2 hidden=256 heads=4 kv-heads=2 ffn=512 vocab=320 context=128')
     kdl = kdl.replace("epochs=3", "epochs=8")
-    kdl = kdl.replace("    adapter base=", "    quantize " + " ".join(f'"{l}"' for l in LEVELS) + "\n    adapter base=")
+    kdl = re.sub(r'    quantize [^\n]*\n', "    quantize " + " ".join(f'"{l}"' for l in LEVELS) + "\n", kdl)
     (dir / "forge.kdl").write_text(kdl)
 
 
@@ -114,6 +117,27 @@ def main():
     print(f"LoRA adapter GGUF on its base GGUF in llama.cpp: {same_merged}/{len(prompts)} prompts identical to the merged "
           f"model decoded by forge, {same_f32}/{len(prompts)} to llama.cpp on the merged F32 GGUF")
     ok = ok and same_merged == len(prompts)
+
+    import ctypes
+    import llama_cpp
+    ftypes = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+    print()
+    print("| level | tensors byte-identical to llama-quantize's | same types |")
+    print("|---|---|---|")
+    for level, ftype in ftypes.items():
+        out = ws / f"llama-quantize-{level}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = 2
+        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params))
+        if rc != 0:
+            sys.exit(f"llama_model_quantize failed for {level}: {rc}")
+        theirs = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+        ours = {t.name: t for t in gguf.GGUFReader(str(path(f"tiny:gguf:{level}") / "model.gguf")).tensors}
+        same_bytes = sum(theirs[n].data.tobytes() == t.data.tobytes() for n, t in ours.items() if n in theirs)
+        same_types = sum(theirs[n].tensor_type == t.tensor_type for n, t in ours.items() if n in theirs)
+        print(f"| {level} | {same_bytes}/{len(ours)} | {same_types}/{len(ours)} |")
+        ok = ok and same_bytes == len(ours) == len(theirs)
     print("OK" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 
