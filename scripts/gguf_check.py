@@ -6,8 +6,9 @@ for the k-quants, trained a few epochs, quantized to every level forge writes), 
 llama-cpp-python (llama.cpp itself, built from PyPI's source package) and the `gguf` package:
   1. every level's model.gguf loads in llama.cpp and `gguf`'s reader;
   2. greedy-decodes 32 tokens after each of a few eval prompts, and compares them with forge's
-     decoding of the same file (`forge-decode`, the GGUF dequantized into forge's decoder);
-     they must be identical at F16 and Q8_0;
+     decoding of the same file
+     (`forge-decode`: forge's quantized decoder on the same file); they must be identical at
+     F16 and Q8_0;
   3. loads the LoRA adapter GGUF on its base GGUF in llama.cpp and compares its greedy tokens
      with the merged model's (forge, and llama.cpp's own F32 file);
   4. quantizes forge's F32 file with llama.cpp's own quantizer (`llama_model_quantize`, what
@@ -59,7 +60,7 @@ def main():
     from transformers import AutoTokenizer
 
     sh(["cargo", "build", "--release", "-q", "--bin", "forge"], cwd=ROOT)
-    sh(["cargo", "build", "--release", "-q", "-p", "forge-gguf", "--bin", "forge-decode"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "-q", "-p", "forge-bench", "--bin", "forge-decode"], cwd=ROOT)
     forge, decode = ROOT / "target/release/forge", ROOT / "target/release/forge-decode"
     ws = Path(tempfile.mkdtemp(prefix="forge-gguf-")) / "ws"
     workspace(ws)

@@ -16,6 +16,7 @@ pub mod kquant;
 pub mod load;
 pub mod quant;
 pub mod stage;
+pub mod tokenizer;
 pub mod types;
 
 pub use format::{Gguf, TensorData, TensorInfo, Value};

@@ -309,3 +309,21 @@ fn inspect_lists_what_llama_cpp_would_miss() {
     let p = inspect::problems(&write(&without("general.architecture"), &tensors));
     assert_eq!(p, vec!["missing `general.architecture`".to_string()]);
 }
+
+#[test]
+fn the_tokenizer_comes_back_from_gguf_metadata() {
+    let (model, tok) = tiny(Arch::Llama);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    forge_gguf::convert::write_model(&path, &model, &tok, QuantLevel::Q8_0, "tiny").unwrap();
+    let back = forge_gguf::tokenizer::tokenizer(&forge_gguf::Gguf::open(&path).unwrap()).unwrap();
+    for text in ["HEAR YE! The baron fears geese.", "  odd   spacing\nand lines 1234", "unseen: Zzyzx ünïcødé"] {
+        let prompt = tok.prompt(None, text).unwrap();
+        assert_eq!(back.prompt(None, text).unwrap(), prompt);
+        assert_eq!(back.encode_prompt(&prompt).unwrap(), tok.encode_prompt(&prompt).unwrap(), "{text}");
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(back.decode(&ids).unwrap(), tok.decode(&ids).unwrap());
+    }
+    assert_eq!(back.eos, tok.eos);
+    assert_eq!(back.completion_suffix().unwrap(), tok.completion_suffix().unwrap());
+}

@@ -177,6 +177,44 @@ pub struct Recipe {
     pub prompt_grammar: Option<Spanned<String>>,
     /// Checks every teacher answer must pass to become a sample.
     pub validate: Validation,
+    /// The judge suite the benchmark grades the student's outputs with: an output passes only if
+    /// every criterion passes.
+    pub judge: Vec<Criterion>,
+}
+
+/// One judge criterion.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Criterion {
+    /// Shown in reports (per-criterion pass rates).
+    pub name: Spanned<String>,
+    pub check: Check,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Check {
+    /// Every value of this recipe node (each pick of a multi-pick) appears in the output,
+    /// ignoring case.
+    Contains { node: Spanned<String> },
+    MaxChars { max: u32 },
+    MinWords { min: u32 },
+    MaxWords { max: u32 },
+    /// The output matches this regular expression.
+    Regex { pattern: Spanned<String> },
+    /// None of these phrases appears (ignoring case and spacing).
+    Banned { phrases: Vec<String> },
+    /// The output is JSON (recovered robustly) matching this schema.
+    Schema { schema: String },
+    /// An external program gets the sample as JSON on stdin and prints `pass` or `fail`.
+    Command { run: Vec<Spanned<String>>, timeout_s: f64 },
+    /// A yes/no question asked of the benchmark's judge model about the prompt and output.
+    Llm { question: String },
+}
+
+impl Check {
+    pub fn is_llm(&self) -> bool {
+        matches!(self, Check::Llm { .. })
+    }
 }
 
 impl Recipe {
@@ -451,6 +489,8 @@ pub struct BenchmarkStage {
 pub struct Gate {
     pub metric: Spanned<String>,
     pub value: f64,
+    /// The quantization level it applies to (all levels when absent).
+    pub level: Option<Spanned<QuantLevel>>,
 }
 
 /// An external command stage, like a make rule or a DVC stage.

@@ -11,7 +11,8 @@ use crate::model::*;
 use crate::parse::{check_name, duplicate};
 use crate::source::Spanned;
 
-const RECIPE_NODES: &[&str] = &["choice", "template", "grammar", "generate", "input", "system", "prompt", "validate"];
+const RECIPE_NODES: &[&str] =
+    &["choice", "template", "grammar", "generate", "input", "system", "prompt", "validate", "judge"];
 
 pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
     let mut r = NodeReader::new(cx, node, "recipe \"NAME\" { choice ...; input \"...\"; prompt \"...\" }");
@@ -23,6 +24,7 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
     let mut prompt = None;
     let mut prompt_grammar = None;
     let mut validate: Option<(Validation, Spanned<()>)> = None;
+    let mut judge: Vec<Criterion> = Vec::new();
     for child in r.child_nodes() {
         let kind = child.name().value();
         match kind {
@@ -67,6 +69,7 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
                     validate = Some((v, Spanned::new((), span)));
                 }
             }
+            "judge" => judge.extend(criteria(cx, child)),
             _ => unknown_node(cx, child, "a `recipe`", RECIPE_NODES),
         }
     }
@@ -80,7 +83,93 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
         prompt,
         prompt_grammar,
         validate: validate.map(|(v, _)| v).unwrap_or_default(),
+        judge,
     })
+}
+
+const CRITERIA: &[&str] = &["contains", "max-chars", "min-words", "max-words", "regex", "banned", "schema", "command", "llm"];
+
+/// `judge { contains "intel"; max-chars 500; llm "angle" "Does ...?"; ... }`.
+fn criteria(cx: &mut Cx<'_>, node: &KdlNode) -> Vec<Criterion> {
+    let r = NodeReader::new(cx, node, "judge { contains \"intel\"; max-chars 500; llm \"NAME\" \"QUESTION?\" }");
+    r.finish(cx);
+    let mut out: Vec<Criterion> = Vec::new();
+    for child in r.child_nodes() {
+        let kind = child.name().value();
+        let usage = match kind {
+            "contains" => "contains \"NODE\" name=\"NAME\"",
+            "llm" => "llm \"NAME\" \"A yes/no question about the output?\"",
+            "command" => "command \"PROGRAM\" \"ARG\" ... name=\"NAME\" timeout=10",
+            "banned" => "banned \"as an AI\" \"language model\" name=\"NAME\"",
+            _ => "judge { max-chars 500; regex \"...\" name=\"NAME\" }",
+        };
+        let mut c = NodeReader::new(cx, child, usage);
+        let span = cx.span(child.name().span());
+        let named = |c: &mut NodeReader<'_>, cx: &mut Cx<'_>, default: String| {
+            c.str(cx, "name").unwrap_or_else(|| Spanned::new(default, span))
+        };
+        let count = |c: &mut NodeReader<'_>, cx: &mut Cx<'_>| {
+            c.arg_int(cx, 0, "a count").and_then(|n| {
+                if n.value < 0 || n.value > u32::MAX as i128 {
+                    cx.push(Diagnostic::new(Code::InvalidValue, n.span, "must be a non-negative count", "out of range"));
+                    None
+                } else {
+                    Some(n.value as u32)
+                }
+            })
+        };
+        let criterion = match kind {
+            "contains" => c.arg_str(cx, 0, "a recipe node").map(|node| {
+                let name = named(&mut c, cx, format!("contains-{}", node.value));
+                Criterion { name, check: Check::Contains { node } }
+            }),
+            "max-chars" => count(&mut c, cx).map(|max| Criterion { name: named(&mut c, cx, kind.into()), check: Check::MaxChars { max } }),
+            "min-words" => count(&mut c, cx).map(|min| Criterion { name: named(&mut c, cx, kind.into()), check: Check::MinWords { min } }),
+            "max-words" => count(&mut c, cx).map(|max| Criterion { name: named(&mut c, cx, kind.into()), check: Check::MaxWords { max } }),
+            "regex" => c.arg_str(cx, 0, "a regular expression").map(|pattern| Criterion {
+                name: named(&mut c, cx, kind.into()),
+                check: Check::Regex { pattern },
+            }),
+            "banned" => {
+                let phrases: Vec<String> = c.rest_str(cx, 0, 1, "phrases").into_iter().map(|s| s.value).collect();
+                (!phrases.is_empty()).then(|| Criterion { name: named(&mut c, cx, kind.into()), check: Check::Banned { phrases } })
+            }
+            "schema" => c.arg_str(cx, 0, "a JSON schema").and_then(|s| match serde_json::from_str::<serde_json::Value>(&s.value) {
+                Ok(_) => Some(Criterion { name: named(&mut c, cx, kind.into()), check: Check::Schema { schema: s.value } }),
+                Err(e) => {
+                    cx.push(Diagnostic::new(Code::InvalidValue, s.span, format!("the schema is not valid JSON: {e}"), "invalid JSON"));
+                    None
+                }
+            }),
+            "command" => {
+                let run = c.rest_str(cx, 0, 1, "a program and its arguments");
+                let timeout_s = c.float_in(cx, "timeout", 0.001, 86_400.0).map(|v| v.value).unwrap_or(30.0);
+                (!run.is_empty()).then(|| Criterion { name: named(&mut c, cx, kind.into()), check: Check::Command { run, timeout_s } })
+            }
+            "llm" => {
+                let name = c.arg_str(cx, 0, "a criterion name");
+                let question = c.arg_str(cx, 1, "a yes/no question");
+                match (name, question) {
+                    (Some(name), Some(q)) => Some(Criterion { name, check: Check::Llm { question: q.value } }),
+                    _ => None,
+                }
+            }
+            _ => {
+                unknown_node(cx, child, "`judge`", CRITERIA);
+                continue;
+            }
+        };
+        c.no_children(cx);
+        c.finish(cx);
+        if let Some(cr) = criterion {
+            if let Some(first) = out.iter().find(|o| o.name.value == cr.name.value) {
+                cx.push(duplicate("criterion", &cr.name, first.name.span));
+            } else {
+                out.push(cr);
+            }
+        }
+    }
+    out
 }
 
 fn once(cx: &mut Cx<'_>, slot: &mut Option<Spanned<String>>, what: &str, value: Option<Spanned<String>>) {

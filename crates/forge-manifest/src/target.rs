@@ -323,7 +323,19 @@ fn benchmark(cx: &mut Cx<'_>, node: &KdlNode) -> Option<BenchmarkStage> {
     for child in r.child_nodes() {
         match child.name().value() {
             "gate" => {
-                let mut c = NodeReader::new(cx, child, "gate success=0.9 p95-seconds=3.4");
+                let mut c = NodeReader::new(cx, child, "gate success=0.9 p95-seconds=3.4 level=\"q4_0\"");
+                let level = c.str(cx, "level").and_then(|l| match QuantLevel::parse(&l.value) {
+                    Some(q) => Some(Spanned::new(q, l.span)),
+                    None => {
+                        cx.push(Diagnostic::new(
+                            Code::InvalidValue,
+                            l.span,
+                            format!("`{}` is not a quantization level", l.value),
+                            "unknown level",
+                        ));
+                        None
+                    }
+                });
                 for metric in GATE_METRICS {
                     if let Some(v) = c.float_in(cx, metric, 0.0, f64::INFINITY) {
                         if *metric == "success" && v.value > 1.0 {
@@ -335,7 +347,7 @@ fn benchmark(cx: &mut Cx<'_>, node: &KdlNode) -> Option<BenchmarkStage> {
                             ));
                             continue;
                         }
-                        gates.push(Gate { metric: Spanned::new(metric.to_string(), v.span), value: v.value });
+                        gates.push(Gate { metric: Spanned::new(metric.to_string(), v.span), value: v.value, level: level.clone() });
                     }
                 }
                 c.no_children(cx);

@@ -89,6 +89,38 @@ fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
         if let Some(b) = &model.benchmark {
             check_ref(diags, "teacher", &b.judge, &m.teachers);
             check_ref(diags, "pool", &b.pool, pools);
+            if let Some(j) = &b.judge {
+                if matches!(m.teachers.get(&j.value).map(|t| &t.kind), Some(TeacherKind::Grammar)) {
+                    diags.push(
+                        Diagnostic::new(
+                            Code::InvalidValue,
+                            j.span,
+                            format!("teacher `{}` is an offline grammar teacher; it cannot answer judge questions", j.value),
+                            "not a model",
+                        )
+                        .with_help("name an `openai` teacher, or leave `judge` out to grade with the recipe's verifier criteria only"),
+                    );
+                }
+            }
+            let levels: Vec<QuantLevel> = model.quantize.iter().flat_map(|q| q.levels.iter().map(|l| l.value)).collect();
+            for g in &b.gates {
+                if let Some(l) = &g.level {
+                    if !levels.contains(&l.value) {
+                        diags.push(
+                            Diagnostic::new(
+                                Code::UnknownReference,
+                                l.span,
+                                format!("the model is not quantized to `{}`", l.value),
+                                "not a quantize level",
+                            )
+                            .with_help(format!(
+                                "gates can name the levels of `quantize`: {}",
+                                levels.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ")
+                            )),
+                        );
+                    }
+                }
+            }
         }
     }
     for c in &t.commands {
@@ -208,6 +240,11 @@ fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
             true
         }
     };
+    for c in &r.judge {
+        if let Check::Contains { node } = &c.check {
+            node_ref(diags, node);
+        }
+    }
     // Edges of the node DAG: (from, to, where the dependency is written).
     let mut edges: Vec<(&str, &str, Span)> = Vec::new();
     for node in &r.nodes {

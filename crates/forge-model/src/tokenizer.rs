@@ -64,6 +64,18 @@ impl Tokenizer {
         inner.token_to_id(&t).map(|id| (t, id))
     }
 
+    /// A tokenizer assembled from parts (e.g. read from a GGUF file's metadata).
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        chat_template: Option<String>,
+        bos: Option<(String, u32)>,
+        eos: Option<(String, u32)>,
+        pad: Option<(String, u32)>,
+        add_bos: bool,
+    ) -> Tokenizer {
+        Tokenizer { inner, chat_template, bos, eos, pad, add_bos, config: json!({}) }
+    }
+
     /// Reads `tokenizer.json` and `tokenizer_config.json` (optional) from a model folder.
     pub fn load(dir: &Path) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");

@@ -1,6 +1,6 @@
-//! `forge-decode MODEL (--ids 1,2,3) [--greedy N]`: greedy decoding with forge's decoder from a
-//! GGUF file (dequantized) or a Hugging Face folder, as JSON, for scripts/gguf_check.py, which
-//! compares it with llama.cpp on the same files.
+//! `forge-decode MODEL (--ids 1,2,3) [--greedy N]`: greedy decoding with forge — its quantized
+//! decoder for a GGUF file, its f32 decoder for a Hugging Face folder — as JSON, for
+//! scripts/gguf_check.py, which compares it with llama.cpp on the same files.
 
 use candle_core::Device;
 use forge_model::generate::{Sampling, generate};
@@ -20,12 +20,13 @@ fn main() {
         }
     }
     let path = path.expect("usage: forge-decode MODEL --ids 1,2,3 [--greedy N]");
-    let model = if path.extension().is_some_and(|e| e == "gguf") {
-        forge_gguf::load::open_model(&path, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let tokens = if path.extension().is_some_and(|e| e == "gguf") {
+        let model = forge_bench::infer::QModel::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        model.greedy(&ids, n).expect("decoding")
     } else {
-        forge_model::io::load_hf(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display())).0
+        let model = forge_model::io::load_hf(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display())).0;
+        let s = Sampling { temperature: 0.0, max_tokens: n, ..Sampling::default() };
+        generate(&model, &ids, &[], &s).expect("decoding")
     };
-    let s = Sampling { temperature: 0.0, max_tokens: n, ..Sampling::default() };
-    let tokens = generate(&model, &ids, &[], &s).expect("decoding");
     println!("{}", serde_json::json!({ "tokens": tokens }));
 }
