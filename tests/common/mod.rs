@@ -42,6 +42,11 @@ impl TestWorkspace {
         TestWorkspace { dir }
     }
 
+    /// Copies the repository's directory `rel` (e.g. `worlds`) into the workspace.
+    pub fn copy_from_repo(&self, rel: &str) {
+        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join(rel), &self.path().join(rel));
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

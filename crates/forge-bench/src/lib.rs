@@ -2,7 +2,15 @@
 //! forge's quantized decoder, grade each with the recipe's judge suite (all criteria must pass),
 //! estimate every prompt's success probability, run retry-until-success, and compare levels.
 
+pub mod bench;
 pub mod infer;
+pub mod judge;
+pub mod plot;
+pub mod report;
+pub mod stats;
+
+pub use bench::BenchExecutor;
+pub use report::ReportExecutor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

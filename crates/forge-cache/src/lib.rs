@@ -39,7 +39,8 @@ pub use state::{BuildState, StateEntry};
 pub use tree::{Tree, TreeEntry, hash_tree};
 
 /// Directories this forge keeps in the cache; anything else is pruned by gc.
-pub const BUCKETS: &[&str] = &["cas-v1", "ac-v1", "logs-v1", "teacher-v1", "work-v1", "manifest-v1", "tmp"];
+pub const BUCKETS: &[&str] =
+    &["cas-v1", "ac-v1", "logs-v1", "teacher-v1", "work-v1", "manifest-v1", "reports-v1", "tmp"];
 /// Files this forge keeps at the cache root.
 pub const ROOT_FILES: &[&str] = &["CACHEDIR.TAG", "lock", "state-v1.bin", "stat-v1.bin"];
 

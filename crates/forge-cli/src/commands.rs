@@ -23,6 +23,8 @@ pub fn registry() -> forge_plan::Registry {
     r.register(Arc::new(forge_train::MergedExecutor));
     r.register(Arc::new(forge_gguf::stage::GgufExecutor));
     r.register(Arc::new(forge_gguf::stage::GgufAdapterExecutor));
+    r.register(Arc::new(forge_bench::BenchExecutor));
+    r.register(Arc::new(forge_bench::ReportExecutor));
     r
 }
 
@@ -270,6 +272,9 @@ pub fn check(g: &Global, out: &Output, a: CheckArgs) -> Result<(), Failure> {
     for kind in &missing {
         eprintln!("{}: this forge cannot build `{kind}` stages yet", out.paint("warning", Color::Yellow));
     }
+    for w in ungraded_criteria(&ws.manifest) {
+        eprintln!("{}: {w}", out.paint("warning", Color::Yellow));
+    }
     if !out.quiet {
         eprintln!(
             "{} {} ({} files, {} targets, {} artifacts)",
@@ -281,6 +286,29 @@ pub fn check(g: &Global, out: &Output, a: CheckArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// Benchmarks whose recipe asks `llm` questions but that name no `judge` model to ask: those
+/// criteria are not graded (the report says so too).
+fn ungraded_criteria(m: &forge_manifest::Manifest) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in &m.targets {
+        let Some(model) = &t.model else { continue };
+        let (Some(b), Some(r)) = (&model.benchmark, model.recipe.as_ref().and_then(|r| m.recipes.get(&r.value))) else {
+            continue;
+        };
+        let llm: Vec<String> =
+            r.judge.iter().filter(|c| c.check.is_llm()).map(|c| format!("`{}`", c.name.value)).collect();
+        if b.judge.is_none() && !llm.is_empty() {
+            out.push(format!(
+                "the benchmark of `{}` names no `judge` model, so {} llm criteria are not graded: {}",
+                t.name.value,
+                llm.len(),
+                llm.join(", ")
+            ));
+        }
+    }
+    out
 }
 
 fn take_lock(ws: &Workspace) -> Result<forge_cache::CacheLock, Failure> {
