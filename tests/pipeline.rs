@@ -20,7 +20,15 @@ fn dataset_adapter_merged_and_gen() {
     assert_eq!(r.code(), 0, "{r:?}");
     let mut finished = with_event(&ev, "finish");
     finished.sort();
-    let expected = ["tiny:adapter", "tiny:dataset", "tiny:gguf-adapter", "tiny:gguf:f16", "tiny:gguf:q4_k_m", "tiny:gguf:q8_0", "tiny:merged"];
+    let expected = [
+        "tiny:adapter",
+        "tiny:dataset",
+        "tiny:gguf-adapter",
+        "tiny:gguf:f16",
+        "tiny:gguf:q4_k_m",
+        "tiny:gguf:q8_0",
+        "tiny:merged",
+    ];
     assert_eq!(finished, expected);
 
     let adapter = ws.artifact_path("tiny:adapter");
@@ -67,7 +75,12 @@ fn dataset_adapter_merged_and_gen() {
     assert_eq!(answer["output"], unmerged["output"]);
 
     // The GGUF files have what llama.cpp needs (scripts/gguf_check.py runs them in llama.cpp).
-    for (artifact, file) in [("tiny:gguf:q8_0", "model.gguf"), ("tiny:gguf:q4_k_m", "model.gguf"), ("tiny:gguf-adapter", "adapter.gguf"), ("tiny:gguf-adapter", "base.gguf")] {
+    for (artifact, file) in [
+        ("tiny:gguf:q8_0", "model.gguf"),
+        ("tiny:gguf:q4_k_m", "model.gguf"),
+        ("tiny:gguf-adapter", "adapter.gguf"),
+        ("tiny:gguf-adapter", "base.gguf"),
+    ] {
         let path = ws.artifact_path(artifact).join(file);
         let r = ws.run(&["inspect", "--json", path.to_str().unwrap()]);
         assert_eq!(r.code(), 0, "{artifact}: {r:?}");

@@ -81,7 +81,8 @@ impl QModel {
         let cfg = forge_gguf::load::config(&ours)?;
         let tokenizer = forge_gguf::tokenizer::tokenizer(&ours)?;
         let mut f = std::fs::File::open(path).map_err(|e| BenchError::Io(format!("{}: {e}", path.display())))?;
-        let content = gguf_file::Content::read(&mut f).map_err(|e| BenchError::Model(format!("{}: {e}", path.display())))?;
+        let content =
+            gguf_file::Content::read(&mut f).map_err(|e| BenchError::Model(format!("{}: {e}", path.display())))?;
         let dev = Device::Cpu;
         let mut qt = |name: &str| -> Result<QTensor> {
             content.tensor(&mut f, name, &dev).map_err(|e| BenchError::Model(format!("tensor `{name}`: {e}")))
@@ -95,7 +96,8 @@ impl QModel {
         };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
-            let mut mm = |n: &str| -> Result<QMatMul> { Ok(QMatMul::from_qtensor(qt(&format!("blk.{l}.{n}.weight"))?)?) };
+            let mut mm =
+                |n: &str| -> Result<QMatMul> { Ok(QMatMul::from_qtensor(qt(&format!("blk.{l}.{n}.weight"))?)?) };
             let q = mm("attn_q")?;
             let k = mm("attn_k")?;
             let v = mm("attn_v")?;

@@ -24,15 +24,42 @@ const POSTERS: [(&str, &str); 6] = [
 fn trained() -> (Llama, Tokenizer) {
     let texts = POSTERS.iter().flat_map(|(i, o)| [i.to_string(), o.to_string()]);
     let tok = Tokenizer::train_bpe(texts, 400).unwrap();
-    let base = ScratchBase { layers: 2, hidden: 256, heads: 4, kv_heads: 2, ffn: 512, vocab: 400, context: 96, rope_theta: 10_000.0, seed: 3 };
+    let base = ScratchBase {
+        layers: 2,
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 512,
+        vocab: 400,
+        context: 96,
+        rope_theta: 10_000.0,
+        seed: 3,
+    };
     let model = Llama::random(forge_train::stage::scratch_config(&base, &tok), 3, &Device::Cpu).unwrap();
     let (model, vars) = model.trainable().unwrap();
     let examples: Vec<_> = POSTERS.iter().map(|(i, o)| example(&tok, i, o, 96).unwrap().unwrap()).collect();
     let cfg = TrainConfig {
-        epochs: None, steps: Some(30), lr: 3e-3, batch: 6, grad_accum: 1, warmup: 0.1, schedule: Schedule::Cosine,
-        weight_decay: 0.0, max_grad_norm: 1.0, prompt_loss_weight: 0.0, seq_len: 96, packing: false, seed: 1,
+        epochs: None,
+        steps: Some(30),
+        lr: 3e-3,
+        batch: 6,
+        grad_accum: 1,
+        warmup: 0.1,
+        schedule: Schedule::Cosine,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        prompt_loss_weight: 0.0,
+        seq_len: 96,
+        packing: false,
+        seed: 1,
     };
-    let hooks = Hooks { log: &|_| {}, progress: &|_, _| {}, cancelled: &|| false, checkpoint_dir: None, checkpoint_every: Duration::ZERO };
+    let hooks = Hooks {
+        log: &|_| {},
+        progress: &|_, _| {},
+        cancelled: &|| false,
+        checkpoint_dir: None,
+        checkpoint_every: Duration::ZERO,
+    };
     train(&model, &vars, &examples, &[], tok.pad.as_ref().unwrap().1, &cfg, &hooks).unwrap();
     let weights = model.tensors().into_iter().map(|(n, t)| (n, t.detach())).collect();
     (Llama::from_tensors(model.cfg.clone(), weights, &Device::Cpu).unwrap(), tok)
@@ -45,7 +72,9 @@ fn greedy_decoding_matches_the_f32_model_and_sampling_is_seeded() {
     let prompts: Vec<Vec<u32>> = POSTERS
         .iter()
         .map(|(i, _)| tok.encode_prompt(&tok.prompt(None, i).unwrap()).unwrap())
-        .chain(std::iter::once(tok.encode_prompt(&tok.prompt(None, "Target: Osric Underhill. Intel: lost a duel.").unwrap()).unwrap()))
+        .chain(std::iter::once(
+            tok.encode_prompt(&tok.prompt(None, "Target: Osric Underhill. Intel: lost a duel.").unwrap()).unwrap(),
+        ))
         .collect();
     let greedy = Sampling { temperature: 0.0, max_tokens: 24, ..Sampling::default() };
     let reference: Vec<Vec<u32>> = prompts.iter().map(|p| generate(&model, p, &[], &greedy).unwrap()).collect();
@@ -66,7 +95,8 @@ fn greedy_decoding_matches_the_f32_model_and_sampling_is_seeded() {
     let a = q.generate(POSTERS[0].0, &hot(5)).unwrap();
     assert_eq!(a.text, q.generate(POSTERS[0].0, &hot(5)).unwrap().text);
     let wild = |seed| Sampling { temperature: 2.0, top_p: 1.0, top_k: None, seed, max_tokens: 24 };
-    let texts: std::collections::BTreeSet<String> = (0..8).map(|s| q.generate(POSTERS[0].0, &wild(s)).unwrap().text).collect();
+    let texts: std::collections::BTreeSet<String> =
+        (0..8).map(|s| q.generate(POSTERS[0].0, &wild(s)).unwrap().text).collect();
     assert!(texts.len() > 1, "different seeds sample different answers");
     assert!(a.prompt_tokens > 5 && a.prompt_s > 0.0 && a.decode_s > 0.0);
     let greedy_text = q.generate(POSTERS[1].0, &greedy).unwrap();

@@ -12,7 +12,8 @@ use crate::format::Gguf;
 use crate::{GgufError, Result};
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn byte_level(use_regex: bool) -> Json {
     json!({ "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex })
@@ -38,7 +39,9 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
             .and_then(|v| v.as_array())
             .ok_or_else(|| GgufError::Invalid(format!("missing `{key}`")))?
             .iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| GgufError::Invalid(format!("`{key}` holds a non-string"))))
+            .map(|v| {
+                v.as_str().map(str::to_string).ok_or_else(|| GgufError::Invalid(format!("`{key}` holds a non-string")))
+            })
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;

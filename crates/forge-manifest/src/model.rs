@@ -195,20 +195,39 @@ pub struct Criterion {
 pub enum Check {
     /// Every value of this recipe node (each pick of a multi-pick) appears in the output,
     /// ignoring case.
-    Contains { node: Spanned<String> },
-    MaxChars { max: u32 },
-    MinWords { min: u32 },
-    MaxWords { max: u32 },
+    Contains {
+        node: Spanned<String>,
+    },
+    MaxChars {
+        max: u32,
+    },
+    MinWords {
+        min: u32,
+    },
+    MaxWords {
+        max: u32,
+    },
     /// The output matches this regular expression.
-    Regex { pattern: Spanned<String> },
+    Regex {
+        pattern: Spanned<String>,
+    },
     /// None of these phrases appears (ignoring case and spacing).
-    Banned { phrases: Vec<String> },
+    Banned {
+        phrases: Vec<String>,
+    },
     /// The output is JSON (recovered robustly) matching this schema.
-    Schema { schema: String },
+    Schema {
+        schema: String,
+    },
     /// An external program gets the sample as JSON on stdin and prints `pass` or `fail`.
-    Command { run: Vec<Spanned<String>>, timeout_s: f64 },
+    Command {
+        run: Vec<Spanned<String>>,
+        timeout_s: f64,
+    },
     /// A yes/no question asked of the benchmark's judge model about the prompt and output.
-    Llm { question: String },
+    Llm {
+        question: String,
+    },
 }
 
 impl Check {

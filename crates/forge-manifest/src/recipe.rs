@@ -87,7 +87,8 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
     })
 }
 
-const CRITERIA: &[&str] = &["contains", "max-chars", "min-words", "max-words", "regex", "banned", "schema", "command", "llm"];
+const CRITERIA: &[&str] =
+    &["contains", "max-chars", "min-words", "max-words", "regex", "banned", "schema", "command", "llm"];
 
 /// `judge { contains "intel"; max-chars 500; llm "angle" "Does ...?"; ... }`.
 fn criteria(cx: &mut Cx<'_>, node: &KdlNode) -> Vec<Criterion> {
@@ -111,7 +112,12 @@ fn criteria(cx: &mut Cx<'_>, node: &KdlNode) -> Vec<Criterion> {
         let count = |c: &mut NodeReader<'_>, cx: &mut Cx<'_>| {
             c.arg_int(cx, 0, "a count").and_then(|n| {
                 if n.value < 0 || n.value > u32::MAX as i128 {
-                    cx.push(Diagnostic::new(Code::InvalidValue, n.span, "must be a non-negative count", "out of range"));
+                    cx.push(Diagnostic::new(
+                        Code::InvalidValue,
+                        n.span,
+                        "must be a non-negative count",
+                        "out of range",
+                    ));
                     None
                 } else {
                     Some(n.value as u32)
@@ -123,28 +129,44 @@ fn criteria(cx: &mut Cx<'_>, node: &KdlNode) -> Vec<Criterion> {
                 let name = named(&mut c, cx, format!("contains-{}", node.value));
                 Criterion { name, check: Check::Contains { node } }
             }),
-            "max-chars" => count(&mut c, cx).map(|max| Criterion { name: named(&mut c, cx, kind.into()), check: Check::MaxChars { max } }),
-            "min-words" => count(&mut c, cx).map(|min| Criterion { name: named(&mut c, cx, kind.into()), check: Check::MinWords { min } }),
-            "max-words" => count(&mut c, cx).map(|max| Criterion { name: named(&mut c, cx, kind.into()), check: Check::MaxWords { max } }),
-            "regex" => c.arg_str(cx, 0, "a regular expression").map(|pattern| Criterion {
-                name: named(&mut c, cx, kind.into()),
-                check: Check::Regex { pattern },
-            }),
+            "max-chars" => count(&mut c, cx)
+                .map(|max| Criterion { name: named(&mut c, cx, kind.into()), check: Check::MaxChars { max } }),
+            "min-words" => count(&mut c, cx)
+                .map(|min| Criterion { name: named(&mut c, cx, kind.into()), check: Check::MinWords { min } }),
+            "max-words" => count(&mut c, cx)
+                .map(|max| Criterion { name: named(&mut c, cx, kind.into()), check: Check::MaxWords { max } }),
+            "regex" => c
+                .arg_str(cx, 0, "a regular expression")
+                .map(|pattern| Criterion { name: named(&mut c, cx, kind.into()), check: Check::Regex { pattern } }),
             "banned" => {
                 let phrases: Vec<String> = c.rest_str(cx, 0, 1, "phrases").into_iter().map(|s| s.value).collect();
-                (!phrases.is_empty()).then(|| Criterion { name: named(&mut c, cx, kind.into()), check: Check::Banned { phrases } })
+                (!phrases.is_empty())
+                    .then(|| Criterion { name: named(&mut c, cx, kind.into()), check: Check::Banned { phrases } })
             }
-            "schema" => c.arg_str(cx, 0, "a JSON schema").and_then(|s| match serde_json::from_str::<serde_json::Value>(&s.value) {
-                Ok(_) => Some(Criterion { name: named(&mut c, cx, kind.into()), check: Check::Schema { schema: s.value } }),
-                Err(e) => {
-                    cx.push(Diagnostic::new(Code::InvalidValue, s.span, format!("the schema is not valid JSON: {e}"), "invalid JSON"));
-                    None
+            "schema" => c.arg_str(cx, 0, "a JSON schema").and_then(|s| {
+                match serde_json::from_str::<serde_json::Value>(&s.value) {
+                    Ok(_) => Some(Criterion {
+                        name: named(&mut c, cx, kind.into()),
+                        check: Check::Schema { schema: s.value },
+                    }),
+                    Err(e) => {
+                        cx.push(Diagnostic::new(
+                            Code::InvalidValue,
+                            s.span,
+                            format!("the schema is not valid JSON: {e}"),
+                            "invalid JSON",
+                        ));
+                        None
+                    }
                 }
             }),
             "command" => {
                 let run = c.rest_str(cx, 0, 1, "a program and its arguments");
                 let timeout_s = c.float_in(cx, "timeout", 0.001, 86_400.0).map(|v| v.value).unwrap_or(30.0);
-                (!run.is_empty()).then(|| Criterion { name: named(&mut c, cx, kind.into()), check: Check::Command { run, timeout_s } })
+                (!run.is_empty()).then(|| Criterion {
+                    name: named(&mut c, cx, kind.into()),
+                    check: Check::Command { run, timeout_s },
+                })
             }
             "llm" => {
                 let name = c.arg_str(cx, 0, "a criterion name");

@@ -347,7 +347,11 @@ fn benchmark(cx: &mut Cx<'_>, node: &KdlNode) -> Option<BenchmarkStage> {
                             ));
                             continue;
                         }
-                        gates.push(Gate { metric: Spanned::new(metric.to_string(), v.span), value: v.value, level: level.clone() });
+                        gates.push(Gate {
+                            metric: Spanned::new(metric.to_string(), v.span),
+                            value: v.value,
+                            level: level.clone(),
+                        });
                     }
                 }
                 c.no_children(cx);

@@ -102,7 +102,8 @@ fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
                     );
                 }
             }
-            let levels: Vec<QuantLevel> = model.quantize.iter().flat_map(|q| q.levels.iter().map(|l| l.value)).collect();
+            let levels: Vec<QuantLevel> =
+                model.quantize.iter().flat_map(|q| q.levels.iter().map(|l| l.value)).collect();
             for g in &b.gates {
                 if let Some(l) = &g.level {
                     if !levels.contains(&l.value) {

@@ -24,7 +24,8 @@ fn main() {
         let model = forge_bench::infer::QModel::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         model.greedy(&ids, n).expect("decoding")
     } else {
-        let model = forge_model::io::load_hf(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display())).0;
+        let model =
+            forge_model::io::load_hf(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display())).0;
         let s = Sampling { temperature: 0.0, max_tokens: n, ..Sampling::default() };
         generate(&model, &ids, &[], &s).expect("decoding")
     };
