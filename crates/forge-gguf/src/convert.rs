@@ -314,7 +314,7 @@ pub fn layer_of(name: &str) -> Option<usize> {
 }
 
 /// llama.cpp's order: tensors outside blocks first, then by block, then by name.
-fn order_key(name: &str) -> (i64, String) {
+pub(crate) fn order_key(name: &str) -> (i64, String) {
     (layer_of(name).map(|l| l as i64).unwrap_or(-1), name.to_string())
 }
 

@@ -237,14 +237,17 @@ fn write_value(w: &mut impl Write, v: &Value) -> io::Result<()> {
     }
 }
 
-/// Writes a GGUF v3 file. Metadata keys are written in the order given; `general.alignment`
-/// is honoured if present.
-pub fn write(w: &mut impl Write, metadata: &[(String, Value)], tensors: &[TensorData]) -> Result<(), GgufError> {
-    let align = metadata
-        .iter()
-        .find(|(k, _)| k == "general.alignment")
-        .and_then(|(_, v)| v.as_u64())
-        .unwrap_or(DEFAULT_ALIGNMENT);
+/// The alignment a file with this metadata uses: `general.alignment`, else 32.
+pub fn alignment(metadata: &[(String, Value)]) -> u64 {
+    metadata.iter().find(|(k, _)| k == "general.alignment").and_then(|(_, v)| v.as_u64()).unwrap_or(DEFAULT_ALIGNMENT)
+}
+
+/// The bytes of a GGUF v3 file before its tensor data — magic, counts, metadata in the order
+/// given, tensor descriptors (name, shape, type; data offsets follow from the types) — padded
+/// to the [`alignment`]. Each tensor's data must then follow in order, padded to the alignment
+/// with zeros: what [`write`] does, for writers that produce the data as they go.
+pub fn header(metadata: &[(String, Value)], tensors: &[(&str, &[usize], GgmlType)]) -> Result<Vec<u8>, GgufError> {
+    let align = alignment(metadata);
     let mut head = Vec::new();
     head.extend_from_slice(MAGIC);
     head.extend_from_slice(&VERSION.to_le_bytes());
@@ -256,6 +259,26 @@ pub fn write(w: &mut impl Write, metadata: &[(String, Value)], tensors: &[Tensor
         write_value(&mut head, v)?;
     }
     let mut offset = 0u64;
+    for (name, shape, ty) in tensors {
+        let bytes = ty.bytes_for(shape)? as u64;
+        write_string(&mut head, name)?;
+        head.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+        for d in shape.iter().rev() {
+            head.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        head.extend_from_slice(&(ty.id()).to_le_bytes());
+        head.extend_from_slice(&offset.to_le_bytes());
+        offset = pad(offset + bytes, align);
+    }
+    let data_start = pad(head.len() as u64, align);
+    head.resize(data_start as usize, 0);
+    Ok(head)
+}
+
+/// Writes a GGUF v3 file. Metadata keys are written in the order given; `general.alignment`
+/// is honoured if present.
+pub fn write(w: &mut impl Write, metadata: &[(String, Value)], tensors: &[TensorData]) -> Result<(), GgufError> {
+    let align = alignment(metadata);
     for t in tensors {
         let expected = t.ty.bytes_for(&t.shape)?;
         if expected != t.data.len() {
@@ -267,18 +290,10 @@ pub fn write(w: &mut impl Write, metadata: &[(String, Value)], tensors: &[Tensor
                 t.ty
             )));
         }
-        write_string(&mut head, &t.name)?;
-        head.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
-        for d in t.shape.iter().rev() {
-            head.extend_from_slice(&(*d as u64).to_le_bytes());
-        }
-        head.extend_from_slice(&(t.ty.id()).to_le_bytes());
-        head.extend_from_slice(&offset.to_le_bytes());
-        offset = pad(offset + t.data.len() as u64, align);
     }
-    let data_start = pad(head.len() as u64, align);
-    head.resize(data_start as usize, 0);
-    w.write_all(&head)?;
+    let descriptors: Vec<(&str, &[usize], GgmlType)> =
+        tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice(), t.ty)).collect();
+    w.write_all(&header(metadata, &descriptors)?)?;
     let mut written = 0u64;
     for t in tensors {
         w.write_all(&t.data)?;

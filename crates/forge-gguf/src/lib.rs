@@ -6,7 +6,9 @@
 //!   llama.cpp's per-tensor type mixing, tokenizer metadata and the Q/K row permutation;
 //! - [`adapter`]: LoRA adapters as GGUF (`general.type = adapter`) for hot-loading on a base;
 //! - [`inspect`]: what a file holds and whether llama.cpp has what it needs;
-//! - [`load`]: a GGUF back into forge's decoder (dequantized), for checks and inputs.
+//! - [`load`]: a GGUF back into forge's decoder (dequantized), for checks and inputs;
+//! - [`requant`]: a GGUF model file (f32, f16, bf16, ...) requantized to a level, as
+//!   `llama-quantize` does, with the same mixing as [`convert`].
 
 pub mod adapter;
 pub mod convert;
@@ -15,6 +17,7 @@ pub mod inspect;
 pub mod kquant;
 pub mod load;
 pub mod quant;
+pub mod requant;
 pub mod stage;
 pub mod tokenizer;
 pub mod types;
