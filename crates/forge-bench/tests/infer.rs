@@ -103,3 +103,56 @@ fn greedy_decoding_matches_the_f32_model_and_sampling_is_seeded() {
     assert!(greedy_text.stopped, "the trained model ends its answer: {greedy_text:?}");
     assert!(greedy_text.text.contains("Maud"), "{greedy_text:?}");
 }
+
+/// forge's `q8_0`/`q4_0`/`q5_0` kernels give exactly candle's dot products — the same logits, bit for
+/// bit, for a prompt in one batch and then token by token — on any thread count. The shapes
+/// leave rows over after the quads (6 key/value rows: head dim 6; an even number of blocks per
+/// row, as candle's `q5_0` asserts in debug builds) and inputs over after the tiles of 4 (a
+/// 7-token prompt); every pass is spread over the threads.
+#[test]
+fn forge_kernels_give_candles_logits_on_any_thread_count() {
+    use forge_bench::infer::{Cache, Kernels};
+    let texts = POSTERS.iter().flat_map(|(i, o)| [i.to_string(), o.to_string()]);
+    let tok = Tokenizer::train_bpe(texts, 300).unwrap();
+    let base = ScratchBase {
+        layers: 2,
+        hidden: 192,
+        heads: 32,
+        kv_heads: 1,
+        ffn: 128,
+        vocab: 300,
+        context: 64,
+        rope_theta: 10_000.0,
+        seed: 5,
+    };
+    let model = Llama::random(forge_train::stage::scratch_config(&base, &tok), 5, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prompt: Vec<u32> = (0..7).map(|i| (i * 37 + 11) % tok.vocab_size() as u32).collect();
+    let logits = |q: &QModel| -> Vec<Vec<u32>> {
+        let mut cache = Cache::with_capacity(q, 16);
+        let mut out = vec![q.step(&prompt, &mut cache).unwrap()];
+        for t in [3u32, 1, 4] {
+            out.push(q.step(&[t], &mut cache).unwrap());
+        }
+        out.into_iter().map(|l| l.into_iter().map(f32::to_bits).collect()).collect()
+    };
+    for level in [QuantLevel::Q8_0, QuantLevel::Q4_0, QuantLevel::Q5_0] {
+        let path = dir.path().join(format!("{level}.gguf"));
+        forge_gguf::convert::write_model(&path, &model, &tok, level, "t").unwrap();
+        let mut candle = QModel::load_with(&path, Kernels::Candle).unwrap();
+        candle.set_threads(1);
+        let reference = logits(&candle);
+        for kernels in [Kernels::Avx2, Kernels::Vnni] {
+            let mut q = QModel::load_with(&path, kernels).unwrap();
+            q.set_parallel_threshold(0);
+            for threads in [1, 3] {
+                q.set_threads(threads);
+                assert!(
+                    logits(&q) == reference,
+                    "{level}: {:?} kernels on {threads} threads differ from candle's",
+                    q.kernels()
+                );
+            }
+        }
+    }
+}
