@@ -17,7 +17,7 @@ llama-cpp-python (llama.cpp itself, built from PyPI's source package) and the `g
 Prints a table; exits 1 if a required match fails.
 
 Usage:  scripts/setup.sh && scripts/.venv/bin/pip install llama-cpp-python gguf
-        scripts/.venv/bin/python scripts/gguf_check.py [--prompts 4] [--tokens 32]
+        scripts/.venv/bin/python scripts/gguf_check.py [--prompts 8] [--tokens 32]
 """
 
 import argparse
@@ -52,7 +52,7 @@ def workspace(dir: Path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
     import gguf
@@ -86,6 +86,22 @@ def main():
     def forge_greedy(model, ids):
         return json.loads(sh([decode, model, "--ids", ",".join(map(str, ids)), "--greedy", args.tokens]))["tokens"]
 
+    def logit_gap(model, prompts):
+        """The largest |llama.cpp - forge| logit after any of the prompts."""
+        import numpy as np
+        llm = Llama(model_path=str(model), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+        gap = 0.0
+        for ids in prompts:
+            llm.reset()
+            llm.eval(ids)
+            theirs = np.array(llm.scores[len(ids) - 1])
+            top = json.loads(sh([decode, model, "--ids", ",".join(map(str, ids)), "--top", len(theirs)]))["top"]
+            ours = np.zeros_like(theirs)
+            for t, v in top:
+                ours[t] = v
+            gap = max(gap, float(np.abs(theirs - ours).max()))
+        return gap
+
     merged_tokens = [forge_greedy(merged, p) for p in prompts]
     rows, ok = [], True
     for level in LEVELS:
@@ -100,12 +116,13 @@ def main():
             total += len(a)
         if level in ("f16", "q8_0") and same != len(prompts):
             ok = False
-        rows.append((level, f.stat().st_size, ",".join(types), same, agree, total))
+        rows.append((level, f.stat().st_size, ",".join(types), same, agree, total, logit_gap(f, prompts)))
     print()
-    print(f"| level | size | tensor types | prompts identical (llama.cpp vs forge) | tokens agreeing |")
-    print("|---|---|---|---|---|")
-    for level, size, types, same, agree, total in rows:
-        print(f"| {level} | {size / 1024:.0f} KiB | {types} | {same}/{len(prompts)} | {agree}/{total} |")
+    print("| level | size | tensor types | prompts identical (llama.cpp vs forge) | tokens agreeing "
+          "| max abs logit difference after the prompt |")
+    print("|---|---|---|---|---|---|")
+    for level, size, types, same, agree, total, gap in rows:
+        print(f"| {level} | {size / 1024:.0f} KiB | {types} | {same}/{len(prompts)} | {agree}/{total} | {gap:.1e} |")
 
     base, lora = adapter / "base.gguf", adapter / "adapter.gguf"
     f32 = path("tiny:gguf:f32") / "model.gguf"

@@ -35,7 +35,17 @@
 //!   `vec_dot`, so the logits are bit-identical to candle's quantized matmul
 //!   ([`Kernels::Candle`] runs candle's own, for comparison);
 //! - other block types: candle's `GgmlType::vec_dot` row by row;
-//! - `f32`/`f16`/`bf16` weights: dequantized to `f32` at load, an FMA dot product.
+//! - `f32`/`f16`/`bf16` weights: dequantized to `f32` at load, an FMA dot product with the input
+//!   rounded to the weights' precision (ggml's dot-product type for `f16` is `f16`, for `bf16`
+//!   `bf16`).
+//!
+//! Attention follows llama.cpp's default (no flash attention, an `f16` KV cache): keys and values
+//! are stored rounded to `f16`, each query is rounded to `f16` before its dot products with the
+//! keys, the softmax sums in `f64` and the probabilities are rounded to `f16` before they weight
+//! the values. So the numbers llama.cpp's own decoding rounds are rounded here too: on forge's
+//! `q8_0` files the logits after a prompt equal llama.cpp's bit for bit, and `f32`/`f16` agree to
+//! about 1e-4/1e-3 (`scripts/gguf_check.py`). Every row of a batch is computed as if alone, so a
+//! prompt in one batch equals the same tokens fed one at a time, bit for bit.
 //!
 //! Parallel passes run on the model's own thread pool (`threads`, default `FORGE_THREADS`, else
 //! `RAYON_NUM_THREADS`, else the CPU count): workers take chunks of rows from a shared cursor —
@@ -123,7 +133,8 @@ pub struct QModel {
     pub load_s: f64,
 }
 
-/// Keys and values seen so far, per layer, position-major: `[position][kv head][head dim]`.
+/// Keys and values seen so far, per layer, position-major: `[position][kv head][head dim]`,
+/// rounded to `f16` as llama.cpp's default cache stores them.
 #[derive(Default)]
 pub struct Cache {
     layers: Vec<(Vec<f32>, Vec<f32>)>,
@@ -420,8 +431,12 @@ impl QModel {
                 q.iter_mut().for_each(|q| *q *= scale);
             }
             let (kc, vc) = &mut cache.layers[l];
+            // llama.cpp's default cache holds keys and values as f16.
+            let n0 = kc.len();
             kc.extend_from_slice(&k);
             vc.extend_from_slice(&v);
+            simd::round_f16(&mut kc[n0..]);
+            simd::round_f16(&mut vc[n0..]);
             self.attention(&q, kc, vc, past, t, b.window, &mut att);
             self.matmuls(&mut [(&b.o, &mut h)], &att, t, &mut acts);
             if let Some(w) = &b.post_attn_norm {
@@ -589,21 +604,27 @@ impl QModel {
         // Gemma scales the queries instead.
         let scale = if self.family == Family::Gemma3 { 1.0 } else { (1.0 / (hd as f64).sqrt()) as f32 };
         let out_ptr = OutPtr(out.as_mut_ptr());
-        let item = |it: usize, scores: &mut Vec<f32>| {
+        let item = |it: usize, scores: &mut (Vec<f32>, Vec<f32>)| {
             let (i, head) = (it / nh, it % nh);
             let g = head / rep;
             let s = past + i + 1;
             let first = window.map_or(0, |w| s.saturating_sub(w));
-            let qv = &q[(i * nh + head) * hd..][..hd];
+            // As ggml multiplies an f16 cache: the query rounded to f16, the probabilities too.
+            let (qv, scores) = (&mut scores.0, &mut scores.1);
+            qv.clear();
+            qv.extend_from_slice(&q[(i * nh + head) * hd..][..hd]);
+            simd::round_f16(qv);
             scores.clear();
             simd::scores(qv, kc, nkv * hd, g * hd, first..s, scale, scores);
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0f32;
+            let mut sum = 0f64;
             for x in scores.iter_mut() {
                 *x = (*x - max).exp();
-                sum += *x;
+                sum += *x as f64;
             }
-            scores.iter_mut().for_each(|p| *p /= sum);
+            let inv = (1.0 / sum) as f32;
+            scores.iter_mut().for_each(|p| *p *= inv);
+            simd::round_f16(scores);
             // SAFETY: each (query, head) item writes its own `hd` floats of `out`.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((i * nh + head) * hd), hd) };
             simd::weighted_sum(scores, vc, nkv * hd, g * hd, first, o);
@@ -611,14 +632,14 @@ impl QModel {
         let items = t * nh;
         let work = items * (past + t) * hd * 2;
         if work < self.par_min_work || self.pool.threads() == 1 {
-            let mut scores = Vec::with_capacity(past + t);
+            let mut scores = (Vec::with_capacity(hd), Vec::with_capacity(past + t));
             (0..items).for_each(|it| item(it, &mut scores));
             return;
         }
         let chunk = items.div_ceil(self.pool.threads() * 4).max(1);
         let cursor = AtomicUsize::new(0);
         self.pool.run(&|| {
-            let mut scores = Vec::with_capacity(past + t);
+            let mut scores = (Vec::with_capacity(hd), Vec::with_capacity(past + t));
             loop {
                 let c = cursor.fetch_add(chunk, Ordering::Relaxed);
                 if c >= items {
@@ -886,6 +907,10 @@ type Par<'a> = &'a dyn Fn(usize, &(dyn Fn(Range<usize>) + Sync));
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Need {
     F32,
+    /// The input rounded to `f16` (ggml's dot-product type for `f16` weights).
+    F16,
+    /// The input rounded to `bf16`.
+    BF16,
     Q8_0,
     Q8_1,
     Q8K,
@@ -906,9 +931,20 @@ struct Acts {
     c8: Vec<[i32; 8]>,
     q8_1: Vec<BlockQ8_1>,
     q8k: Vec<BlockQ8K>,
+    f16: Vec<f32>,
+    bf16: Vec<f32>,
 }
 
 impl Acts {
+    /// `x` as a matrix with `f32` weights of dot-product type `need` reads it.
+    fn rounded<'a>(&'a self, need: Need, x: &'a [f32]) -> &'a [f32] {
+        match need {
+            Need::F16 => &self.f16,
+            Need::BF16 => &self.bf16,
+            _ => x,
+        }
+    }
+
     /// Forgets the last input.
     fn reset(&mut self) {
         self.ready.clear();
@@ -923,6 +959,15 @@ impl Acts {
         self.ready.push(need);
         match need {
             Need::F32 => {}
+            Need::F16 => {
+                self.f16.clear();
+                self.f16.extend_from_slice(x);
+                simd::round_f16(&mut self.f16);
+            }
+            Need::BF16 => {
+                self.bf16.clear();
+                self.bf16.extend(x.iter().map(|&x| half::bf16::from_f32(x).to_f32()));
+            }
             Need::Q8_0 => {
                 let nb = k / 32;
                 if self.forge {
@@ -987,7 +1032,9 @@ struct Mat {
 }
 
 enum Weights {
-    F32(Vec<f32>),
+    /// `f32`, `f16` or `bf16` weights as `f32`, and the precision ggml rounds the input to for
+    /// them (its dot-product type: `F32`, `F16` or `BF16`).
+    F32(Vec<f32>, Need),
     /// `q8_0`, `q4_0` or `q5_0` blocks repacked by [`simd::repack`] for forge's kernels.
     Packed(Vec<u8>, GgmlDType, Kernels),
     /// `q8_0` or `q4_0` blocks repacked by [`simd::repack8`] for forge's VNNI kernels.
@@ -1001,8 +1048,13 @@ impl Mat {
         let (n, k) = t.shape().dims2()?;
         let fast = kernels != Kernels::Candle;
         let w = match t.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                Weights::F32(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+            d @ (GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+                let need = match d {
+                    GgmlDType::F16 => Need::F16,
+                    GgmlDType::BF16 => Need::BF16,
+                    _ => Need::F32,
+                };
+                Weights::F32(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?, need)
             }
             d @ (GgmlDType::Q8_0 | GgmlDType::Q4_0) if kernels == Kernels::Vnni => {
                 Weights::Packed8(simd::repack8(&t.data()?, n, k / 32, d), d)
@@ -1028,7 +1080,7 @@ impl Mat {
 
     fn needs(&self) -> Need {
         match &self.w {
-            Weights::F32(_) => Need::F32,
+            Weights::F32(_, need) => *need,
             Weights::Packed(..) | Weights::Packed8(..) => Need::Q8_0,
             Weights::Blocks(b) => b.needs(),
         }
@@ -1043,7 +1095,7 @@ impl Mat {
         let k = self.k;
         unsafe {
             match &self.w {
-                Weights::F32(w) => simd::f32_rows(w, k, rows, x, m, out, ld),
+                Weights::F32(w, need) => simd::f32_rows(w, k, rows, acts.rounded(*need, x), m, out, ld),
                 Weights::Packed(w, d, kern) => simd::q_rows(w, *d, *kern, self.n, k / 32, rows, acts, m, out, ld),
                 Weights::Packed8(w, d) => simd::q_rows8(w, *d, self.n, k / 32, rows, acts, m, out, ld),
                 Weights::Blocks(b) => b.rows(k, rows, acts, m, out, ld),
@@ -1167,6 +1219,35 @@ mod simd {
 
     fn has_fma() -> bool {
         Kernels::cpu() != Kernels::Candle
+    }
+
+    /// Rounds every value to the nearest `f16` (ties to even), as ggml's `f32` → `f16` does.
+    pub fn round_f16(x: &mut [f32]) {
+        let mut i = 0;
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            // SAFETY: the CPU has AVX2 and F16C.
+            i = unsafe { round_f16_f16c(x) };
+        }
+        for v in &mut x[i..] {
+            *v = half::f16::from_f32(*v).to_f32();
+        }
+    }
+
+    /// [`round_f16`] of the multiples of 8; returns how many it did.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,f16c")]
+    fn round_f16_f16c(x: &mut [f32]) -> usize {
+        let n = x.len() / 8 * 8;
+        for c in (0..n).step_by(8) {
+            // SAFETY: `c + 8 <= x.len()`.
+            unsafe {
+                let p = x.as_mut_ptr().add(c);
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p));
+                _mm256_storeu_ps(p, _mm256_cvtph_ps(h));
+            }
+        }
+        n
     }
 
     /// `a · b`.
@@ -2364,5 +2445,40 @@ mod pool {
                 let _ = w.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::simd;
+
+    /// The vector rounding to `f16` equals the scalar one (round to nearest, ties to even) on
+    /// ties, subnormals, overflow, infinities and NaN, and on values between.
+    #[test]
+    fn f16_rounding_rounds_to_nearest_even() {
+        let mut x: Vec<f32> = vec![
+            1.0 + 2f32.powi(-11),       // a tie: down to 1.0 (even)
+            1.0 + 3.0 * 2f32.powi(-11), // a tie: up to 1 + 2^-9
+            6.0e-8,                     // a subnormal f16
+            1.0e-9,                     // underflows to 0
+            65520.0,                    // overflows to infinity
+            -65519.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        let mut rng = forge_rng::SplitMix64::new(7);
+        x.extend((0..997).map(|_| (rng.next_f64() as f32 - 0.5) * 2f32.powi((rng.next_u64() % 40) as i32 - 20)));
+        let want: Vec<f32> = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        let mut got = x.clone();
+        simd::round_f16(&mut got);
+        assert_eq!(got[0], 1.0);
+        assert_eq!(got[1], 1.0 + 2f32.powi(-9));
+        assert_eq!(got[4], f32::INFINITY);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{}: {g} vs {w}", x[i]);
+        }
+        let mut nan = [f32::NAN; 8];
+        simd::round_f16(&mut nan);
+        assert!(nan.iter().all(|v| v.is_nan()));
     }
 }

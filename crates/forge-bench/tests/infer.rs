@@ -156,3 +156,48 @@ fn forge_kernels_give_candles_logits_on_any_thread_count() {
         }
     }
 }
+
+/// A prompt in one batch leaves the same cache and logits as the same tokens fed one at a time,
+/// bit for bit, at every level — as llama.cpp's own decoding does for `f32` and `q8_0` — so a
+/// benchmark's answers do not depend on how its prompt was batched.
+#[test]
+fn a_batched_prompt_equals_the_same_tokens_one_at_a_time() {
+    use forge_bench::infer::Cache;
+    let texts = POSTERS.iter().flat_map(|(i, o)| [i.to_string(), o.to_string()]);
+    let tok = Tokenizer::train_bpe(texts, 300).unwrap();
+    let base = ScratchBase {
+        layers: 2,
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 512,
+        vocab: 300,
+        context: 64,
+        rope_theta: 10_000.0,
+        seed: 9,
+    };
+    let model = Llama::random(forge_train::stage::scratch_config(&base, &tok), 9, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prompt: Vec<u32> = (0..11).map(|i| (i * 53 + 7) % tok.vocab_size() as u32).collect();
+    let bits = |l: Vec<f32>| l.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    for level in [QuantLevel::F32, QuantLevel::F16, QuantLevel::Bf16, QuantLevel::Q8_0, QuantLevel::Q4KM] {
+        let path = dir.path().join(format!("{level}.gguf"));
+        forge_gguf::convert::write_model(&path, &model, &tok, level, "t").unwrap();
+        let mut q = QModel::load(&path).unwrap();
+        q.set_parallel_threshold(0);
+        q.set_threads(2);
+        let mut batched = Cache::default();
+        let a = bits(q.step(&prompt, &mut batched).unwrap());
+        let mut stepped = Cache::default();
+        let mut b = Vec::new();
+        for &t in &prompt {
+            b = bits(q.step(&[t], &mut stepped).unwrap());
+        }
+        assert!(a == b, "{level}: the batched prompt's logits differ from token-by-token decoding");
+        let next = [5u32];
+        assert!(
+            bits(q.step(&next, &mut batched).unwrap()) == bits(q.step(&next, &mut stepped).unwrap()),
+            "{level}: the caches differ"
+        );
+    }
+}

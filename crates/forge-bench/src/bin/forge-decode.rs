@@ -1,7 +1,8 @@
 //! `forge-decode MODEL (--ids 1,2,3) [--greedy N] [--threads N]`: greedy decoding with forge — its
 //! quantized decoder for a GGUF file, its f32 decoder for a Hugging Face folder — as JSON, for
 //! scripts/gguf_check.py, which compares it with llama.cpp on the same files. `--top K` prints
-//! the K largest logits after the ids instead (GGUF files).
+//! the K largest logits after the ids instead (GGUF files; `--stepwise` feeds the ids one at a time
+//! rather than in one batch).
 //!
 //! `forge-decode MODEL.gguf --bench [--ids 1,2,3 | --prompt-tokens 128] [--gen 128] [--reps 3]
 //! [--threads N]`: times the quantized decoder as bench/infer.py compares it with llama.cpp: per
@@ -12,7 +13,7 @@
 use candle_core::Device;
 use forge_model::generate::{Sampling, generate};
 
-const USAGE: &str = "usage: forge-decode MODEL --ids 1,2,3 [--greedy N | --top K] [--threads N]\n       \
+const USAGE: &str = "usage: forge-decode MODEL --ids 1,2,3 [--greedy N | --top K [--stepwise]] [--threads N]\n       \
                      forge-decode MODEL.gguf --bench [--ids 1,2,3 | --prompt-tokens N] [--gen N] [--reps N] \
                      [--threads N]";
 
@@ -28,6 +29,7 @@ fn main() {
     let mut n = 32usize;
     let (mut bench, mut prompt_tokens, mut n_gen, mut reps, mut threads) = (false, 128usize, 128usize, 3usize, None);
     let mut top = None;
+    let mut stepwise = false;
     let num = |args: &mut dyn Iterator<Item = String>, name: &str| -> usize {
         args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage(&format!("{name} needs a number")))
     };
@@ -49,6 +51,7 @@ fn main() {
             "--reps" => reps = num(&mut args, "--reps").max(1),
             "--threads" | "-t" => threads = Some(num(&mut args, "--threads").max(1)),
             "--top" => top = Some(num(&mut args, "--top")),
+            "--stepwise" => stepwise = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return;
@@ -103,7 +106,17 @@ fn main() {
         }
         if let Some(k) = top {
             // The k largest logits after `ids`, for comparing logits with llama.cpp.
-            let logits = model.step(&ids, &mut forge_bench::infer::Cache::default()).expect("decoding");
+            // `--stepwise`: one token at a time instead of the prompt in one batch.
+            let mut cache = forge_bench::infer::Cache::default();
+            let logits = if stepwise {
+                let mut last = Vec::new();
+                for &id in &ids {
+                    last = model.step(&[id], &mut cache).expect("decoding");
+                }
+                last
+            } else {
+                model.step(&ids, &mut cache).expect("decoding")
+            };
             let mut order: Vec<usize> = (0..logits.len()).collect();
             order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
             let best: Vec<_> = order.iter().take(k).map(|&i| serde_json::json!([i, logits[i]])).collect();
