@@ -42,7 +42,8 @@
 //! Attention follows llama.cpp's default (no flash attention, an `f16` KV cache): keys and values
 //! are stored rounded to `f16`, each query is rounded to `f16` before its dot products with the
 //! keys, the softmax sums in `f64` and the probabilities are rounded to `f16` before they weight
-//! the values. So the numbers llama.cpp's own decoding rounds are rounded here too: on forge's
+//! the values; RoPE angles are computed in `f32` as ggml computes them. So the numbers llama.cpp's
+//! own decoding rounds are rounded here too: on forge's
 //! `q8_0` files the logits after a prompt equal llama.cpp's bit for bit, and `f32`/`f16` agree to
 //! about 1e-4/1e-3 (`scripts/gguf_check.py`). Every row of a batch is computed as if alone, so a
 //! prompt in one batch equals the same tokens fed one at a time, bit for bit.
@@ -292,18 +293,20 @@ impl QModel {
             None => None,
         };
         let half = cfg.head_dim / 2;
+        // The angles as ggml computes them (`ggml_rope_cache_init`), in f32: the position times
+        // `base^(-2/dims)` once per pair, each divided by its `rope_freqs` factor and times the
+        // linear scale — so that keys round to the same f16 values as in llama.cpp's cache.
         let table = |theta: f64, factors: Option<&[f32]>, scale: f32| {
+            let step = (theta as f32).powf(-2.0 / cfg.head_dim as f32);
             let mut cos = Vec::with_capacity(cfg.max_positions * half);
             let mut sin = Vec::with_capacity(cfg.max_positions * half);
             for p in 0..cfg.max_positions {
+                let mut angle = p as f32;
                 for i in 0..half {
-                    let mut freq = 1.0 / (theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32);
-                    if let Some(f) = factors {
-                        freq /= f[i];
-                    }
-                    let a = p as f32 * scale * freq;
+                    let a = scale * (angle / factors.map_or(1.0, |f| f[i]));
                     cos.push(a.cos());
                     sin.push(a.sin());
+                    angle *= step;
                 }
             }
             (cos, sin)
