@@ -43,10 +43,10 @@
 //! are stored rounded to `f16`, each query is rounded to `f16` before its dot products with the
 //! keys, the softmax sums in `f64` and the probabilities are rounded to `f16` before they weight
 //! the values; RoPE angles are computed in `f32` as ggml computes them. So the numbers llama.cpp's
-//! own decoding rounds are rounded here too: on forge's
-//! `q8_0` files the logits after a prompt equal llama.cpp's bit for bit, and `f32`/`f16` agree to
-//! about 1e-4/1e-3 (`scripts/gguf_check.py`). Every row of a batch is computed as if alone, so a
-//! prompt in one batch equals the same tokens fed one at a time, bit for bit.
+//! own decoding rounds are rounded here too: on forge's `q8_0` files the logits after a prompt
+//! equal llama.cpp's bit for bit, and `f32`/`f16` agree to about 1e-4/1e-3
+//! (`scripts/gguf_check.py`). Every row of a batch is computed as if alone, so a prompt in one
+//! batch equals the same tokens fed one at a time, bit for bit.
 //!
 //! Parallel passes run on the model's own thread pool (`threads`, default `FORGE_THREADS`, else
 //! `RAYON_NUM_THREADS`, else the CPU count): workers take chunks of rows from a shared cursor —
