@@ -1634,22 +1634,11 @@ mod simd {
         out: *mut f32,
         ld: usize,
     ) {
-        let bs = block_bytes(dtype);
-        assert!(w.len() == n * nb * bs && rows.end <= n && acts.q8_0.len() >= m * nb && acts.dy.len() >= m * nb);
+        assert!(rows.end <= n, "rows within the matrix");
         assert!(rows.start.is_multiple_of(4) || rows.start >= n / 4 * 4, "row chunks start on a quad");
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            let a = Args {
-                w: w.as_ptr(),
-                n,
-                nb,
-                y: acts.q8_0.as_ptr() as *const u8,
-                dy: acts.dy.as_ptr(),
-                c: if dtype == GgmlDType::Q8_0 { acts.c128.as_ptr() } else { acts.c8.as_ptr() } as *const i32,
-                m,
-                out,
-                ld,
-            };
+            let a = Args::new(w, dtype, n, nb, acts, m, out, ld);
             match (dtype, kernels) {
                 (GgmlDType::Q8_0, Kernels::Vnni) => q8_0_vnni(&a, rows),
                 (GgmlDType::Q8_0, _) => q8_0_avx2(&a, rows),
@@ -1685,6 +1674,36 @@ mod simd {
         m: usize,
         out: *mut f32,
         ld: usize,
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    impl Args {
+        /// A kernel's view of `n` rows of `nb` repacked blocks of `w` and `m` inputs prepared in
+        /// `acts`, checking that the buffers hold them.
+        #[allow(clippy::too_many_arguments)]
+        fn new(
+            w: &[u8],
+            dtype: GgmlDType,
+            n: usize,
+            nb: usize,
+            acts: &Acts,
+            m: usize,
+            out: *mut f32,
+            ld: usize,
+        ) -> Args {
+            assert!(w.len() == n * nb * block_bytes(dtype) && acts.q8_0.len() >= m * nb && acts.dy.len() >= m * nb);
+            Args {
+                w: w.as_ptr(),
+                n,
+                nb,
+                y: acts.q8_0.as_ptr() as *const u8,
+                dy: acts.dy.as_ptr(),
+                c: if dtype == GgmlDType::Q8_0 { acts.c128.as_ptr() } else { acts.c8.as_ptr() } as *const i32,
+                m,
+                out,
+                ld,
+            }
+        }
     }
 
     /// How far ahead (bytes) the one-input kernels prefetch the weights; `FORGE_PREFETCH` to tune.
@@ -1966,22 +1985,11 @@ mod simd {
         out: *mut f32,
         ld: usize,
     ) {
-        let bs = block_bytes(dtype);
-        assert!(w.len() == n * nb * bs && rows.end <= n && acts.q8_0.len() >= m * nb && acts.dy.len() >= m * nb);
+        assert!(rows.end <= n, "rows within the matrix");
         assert!(rows.start.is_multiple_of(8) || rows.start >= n / 8 * 8, "row chunks start on an octet");
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            let a = Args {
-                w: w.as_ptr(),
-                n,
-                nb,
-                y: acts.q8_0.as_ptr() as *const u8,
-                dy: acts.dy.as_ptr(),
-                c: if dtype == GgmlDType::Q8_0 { acts.c128.as_ptr() } else { acts.c8.as_ptr() } as *const i32,
-                m,
-                out,
-                ld,
-            };
+            let a = Args::new(w, dtype, n, nb, acts, m, out, ld);
             if dtype == GgmlDType::Q8_0 { q8_0_x8(&a, rows) } else { q4_0_x8(&a, rows) }
         }
         #[cfg(not(target_arch = "x86_64"))]

@@ -65,6 +65,17 @@ fn trained() -> (Llama, Tokenizer) {
     (Llama::from_tensors(model.cfg.clone(), weights, &Device::Cpu).unwrap(), tok)
 }
 
+/// An untrained 2-layer model (vocabulary 300, context 64) of the given width, with a tokenizer
+/// learned from the posters.
+fn random(hidden: u32, heads: u32, kv_heads: u32, ffn: u32, seed: u64) -> (Llama, Tokenizer) {
+    let texts = POSTERS.iter().flat_map(|(i, o)| [i.to_string(), o.to_string()]);
+    let tok = Tokenizer::train_bpe(texts, 300).unwrap();
+    let base =
+        ScratchBase { layers: 2, hidden, heads, kv_heads, ffn, vocab: 300, context: 64, rope_theta: 10_000.0, seed };
+    let model = Llama::random(forge_train::stage::scratch_config(&base, &tok), seed, &Device::Cpu).unwrap();
+    (model, tok)
+}
+
 #[test]
 fn greedy_decoding_matches_the_f32_model_and_sampling_is_seeded() {
     let (model, tok) = trained();
@@ -112,20 +123,7 @@ fn greedy_decoding_matches_the_f32_model_and_sampling_is_seeded() {
 #[test]
 fn forge_kernels_give_candles_logits_on_any_thread_count() {
     use forge_bench::infer::{Cache, Kernels};
-    let texts = POSTERS.iter().flat_map(|(i, o)| [i.to_string(), o.to_string()]);
-    let tok = Tokenizer::train_bpe(texts, 300).unwrap();
-    let base = ScratchBase {
-        layers: 2,
-        hidden: 192,
-        heads: 32,
-        kv_heads: 1,
-        ffn: 128,
-        vocab: 300,
-        context: 64,
-        rope_theta: 10_000.0,
-        seed: 5,
-    };
-    let model = Llama::random(forge_train::stage::scratch_config(&base, &tok), 5, &Device::Cpu).unwrap();
+    let (model, tok) = random(192, 32, 1, 128, 5);
     let dir = tempfile::tempdir().unwrap();
     let prompt: Vec<u32> = (0..7).map(|i| (i * 37 + 11) % tok.vocab_size() as u32).collect();
     let logits = |q: &QModel| -> Vec<Vec<u32>> {
@@ -163,20 +161,7 @@ fn forge_kernels_give_candles_logits_on_any_thread_count() {
 #[test]
 fn a_batched_prompt_equals_the_same_tokens_one_at_a_time() {
     use forge_bench::infer::Cache;
-    let texts = POSTERS.iter().flat_map(|(i, o)| [i.to_string(), o.to_string()]);
-    let tok = Tokenizer::train_bpe(texts, 300).unwrap();
-    let base = ScratchBase {
-        layers: 2,
-        hidden: 256,
-        heads: 4,
-        kv_heads: 2,
-        ffn: 512,
-        vocab: 300,
-        context: 64,
-        rope_theta: 10_000.0,
-        seed: 9,
-    };
-    let model = Llama::random(forge_train::stage::scratch_config(&base, &tok), 9, &Device::Cpu).unwrap();
+    let (model, tok) = random(256, 4, 2, 512, 9);
     let dir = tempfile::tempdir().unwrap();
     let prompt: Vec<u32> = (0..11).map(|i| (i * 53 + 7) % tok.vocab_size() as u32).collect();
     let bits = |l: Vec<f32>| l.into_iter().map(f32::to_bits).collect::<Vec<_>>();
