@@ -346,6 +346,23 @@ fn secs(v: f64) -> String {
     if v.is_infinite() { "∞ (never succeeded)".into() } else { format!("{} s", fmt_num(v)) }
 }
 
+/// One level's row of the quality-and-speed table, cell by cell (Markdown and HTML alike).
+fn level_cells(l: &LevelEntry) -> [String; 10] {
+    let m = &l.summary;
+    [
+        l.level.clone(),
+        mib(l.model_bytes),
+        format!("{:.3} ± {:.3}", m.success, m.success_se),
+        format!("{}/{}", m.unsolved_prompts, l.prompts),
+        fmt_num(m.expected_attempts_mean),
+        format!("{} s", fmt_num(m.load_s)),
+        format!("{} s", fmt_num(m.prompt_s)),
+        format!("{:.2} ms", m.per_token_s * 1e3),
+        format!("{:.0}", m.decode_tokens_per_s),
+        format!("{:.0}", m.prompt_tokens_per_s),
+    ]
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
@@ -377,23 +394,7 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     for l in &r.levels {
-        let m = &l.summary;
-        let _ = writeln!(
-            s,
-            "| {} | {} | {:.3} ± {:.3} | {}/{} | {} | {} s | {} s | {:.2} ms | {:.0} | {:.0} |",
-            l.level,
-            mib(l.model_bytes),
-            m.success,
-            m.success_se,
-            m.unsolved_prompts,
-            l.prompts,
-            fmt_num(m.expected_attempts_mean),
-            fmt_num(m.load_s),
-            fmt_num(m.prompt_s),
-            m.per_token_s * 1e3,
-            m.decode_tokens_per_s,
-            m.prompt_tokens_per_s
-        );
+        let _ = writeln!(s, "| {} |", level_cells(l).join(" | "));
     }
     let _ = writeln!(s, "\n## Time to success (expected, eq. 3; measured retry-until-success)\n");
     let _ = writeln!(s, "| level | | min | P25 | median | P75 | P95 | max |");
@@ -497,23 +498,8 @@ th{{background:#f4f4f4}}td:first-child,th:first-child{{text-align:left}}pre{{whi
 <th>E[attempts] (solved)</th><th>load</th><th>prompt</th><th>per token</th><th>decode tok/s</th><th>prompt tok/s</th></tr>"
     );
     for l in &r.levels {
-        let m = &l.summary;
-        let _ = write!(
-            s,
-            "<tr><td>{}</td><td>{}</td><td>{:.3} ± {:.3}</td><td>{}/{}</td><td>{}</td><td>{} s</td><td>{} s</td><td>{:.2} ms</td><td>{:.0}</td><td>{:.0}</td></tr>",
-            esc(&l.level),
-            mib(l.model_bytes),
-            m.success,
-            m.success_se,
-            m.unsolved_prompts,
-            l.prompts,
-            fmt_num(m.expected_attempts_mean),
-            fmt_num(m.load_s),
-            fmt_num(m.prompt_s),
-            m.per_token_s * 1e3,
-            m.decode_tokens_per_s,
-            m.prompt_tokens_per_s
-        );
+        let cells: Vec<String> = level_cells(l).iter().map(|c| esc(c)).collect();
+        let _ = write!(s, "<tr><td>{}</td></tr>", cells.join("</td><td>"));
     }
     let _ = write!(
         s,
