@@ -13,7 +13,7 @@
 //! Gemma's +1 folded in, so all are plain RMSNorms); queries scaled by 1/√head_dim; GELU (tanh)
 //! gate; five of every six layers attend to a sliding window (`gemma3.attention.sliding_window`)
 //! with RoPE base 10000, the sixth globally with the file's base; no logit soft-capping. Its
-//! SentencePiece vocabulary becomes a Unigram tokenizer (see [`spm_tokenizer`]).
+//! SentencePiece vocabulary is read as llama.cpp tokenizes it (`forge_gguf::tokenizer`).
 //!
 //! Timings are split as DefameLM reports them: preparation (loading, then the prompt) and the
 //! time per generated token.
@@ -98,17 +98,6 @@ struct Block {
     window: Option<usize>,
 }
 
-/// What differs between the architectures forge's decoder runs.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Family {
-    Llama,
-    Qwen2,
-    /// Gemma 3: embeddings scaled by √hidden, GELU (tanh) gate, RMSNorm on Q and K heads and
-    /// after attention and FFN, queries scaled before attention, 5 of 6 layers with a sliding
-    /// window and RoPE base 10000. GGUF stores its norms' weights with the +1 added.
-    Gemma3,
-}
-
 /// A GGUF model ready to generate.
 pub struct QModel {
     pub cfg: ModelConfig,
@@ -123,7 +112,6 @@ pub struct QModel {
     sin: Vec<f32>,
     cos_local: Vec<f32>,
     sin_local: Vec<f32>,
-    family: Family,
     /// Adjacent pairs rotate (llama's permuted Q/K) rather than halves (qwen2).
     interleaved: bool,
     kernels: Kernels,
@@ -206,16 +194,9 @@ impl QModel {
         let kernels = kernels.min(Kernels::cpu());
         let t0 = Instant::now();
         let ours = forge_gguf::Gguf::open(path)?;
-        let arch = ours.get("general.architecture").and_then(|v| v.as_str()).unwrap_or_default();
-        let (family, cfg, tokenizer) = if arch == "gemma3" {
-            (Family::Gemma3, gemma3_config(&ours)?, spm_tokenizer(&ours)?)
-        } else {
-            let cfg = forge_gguf::load::config(&ours)?;
-            let family = if cfg.arch == Arch::Qwen2 { Family::Qwen2 } else { Family::Llama };
-            (family, cfg, forge_gguf::tokenizer::tokenizer(&ours)?)
-        };
-        let gemma = family == Family::Gemma3;
-        let swa = ours.get("gemma3.attention.sliding_window").and_then(|v| v.as_u64()).map(|v| v as usize);
+        let cfg = forge_gguf::load::config(&ours)?;
+        let tokenizer = forge_gguf::tokenizer::tokenizer(&ours)?;
+        let gemma = cfg.arch == Arch::Gemma3;
         let mut f = std::fs::File::open(path).map_err(|e| BenchError::Io(format!("{}: {e}", path.display())))?;
         let content =
             gguf_file::Content::read(&mut f).map_err(|e| BenchError::Model(format!("{}: {e}", path.display())))?;
@@ -250,8 +231,8 @@ impl QModel {
             let (q_norm, k_norm) = (gemma_norm("attn_q_norm.weight")?, gemma_norm("attn_k_norm.weight")?);
             let (post_attn_norm, post_ffn_norm) =
                 (gemma_norm("post_attention_norm.weight")?, gemma_norm("post_ffw_norm.weight")?);
-            // llama.cpp's gemma3: every 6th layer global, the others sliding.
-            let window = if gemma && l % 6 < 5 { swa } else { None };
+            // Gemma 3: every 6th layer global, the others sliding.
+            let window = cfg.gemma.as_ref().filter(|g| g.is_sliding(l)).map(|g| g.sliding_window);
             blocks.push(Block {
                 q_norm,
                 k_norm,
@@ -318,13 +299,14 @@ impl QModel {
                 _ => 1.0,
             };
             let (cos, sin) = table(cfg.rope_theta, None, scale);
-            let (cos_local, sin_local) = table(10_000.0, None, 1.0);
+            let local_theta = cfg.gemma.as_ref().map_or(10_000.0, |g| g.rope_local_theta);
+            let (cos_local, sin_local) = table(local_theta, None, 1.0);
             (cos, sin, cos_local, sin_local)
         } else {
             let (cos, sin) = table(cfg.rope_theta, factors.as_deref(), 1.0);
             (cos, sin, Vec::new(), Vec::new())
         };
-        let interleaved = family == Family::Llama;
+        let interleaved = cfg.arch == Arch::Llama;
         Ok(QModel {
             cfg,
             tokenizer,
@@ -336,7 +318,6 @@ impl QModel {
             sin,
             cos_local,
             sin_local,
-            family,
             interleaved,
             kernels,
             pool: pool::Pool::new(default_threads()),
@@ -345,14 +326,9 @@ impl QModel {
         })
     }
 
-    /// The file's architecture: `llama`, `qwen2` or `gemma3` (`cfg.arch` says `Llama` for
-    /// gemma3, which `ModelConfig` has no name for).
+    /// The file's architecture: `llama`, `qwen2` or `gemma3`.
     pub fn architecture(&self) -> &'static str {
-        match self.family {
-            Family::Llama => "llama",
-            Family::Qwen2 => "qwen2",
-            Family::Gemma3 => "gemma3",
-        }
+        self.cfg.arch.gguf_name()
     }
 
     /// The number of threads a step runs on.
@@ -398,7 +374,7 @@ impl QModel {
         let ffn = self.blocks.first().map_or(0, |b| b.up.n);
         let eps = cfg.rms_eps as f32;
         let mut x = self.embed.embedding(&Tensor::new(ids, &Device::Cpu)?)?.flatten_all()?.to_vec1::<f32>()?;
-        let gemma = self.family == Family::Gemma3;
+        let gemma = self.cfg.arch == Arch::Gemma3;
         if gemma {
             let scale = (hidden as f32).sqrt();
             x.iter_mut().for_each(|x| *x *= scale);
@@ -605,7 +581,7 @@ impl QModel {
         let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
         let rep = nh / nkv;
         // Gemma scales the queries instead.
-        let scale = if self.family == Family::Gemma3 { 1.0 } else { (1.0 / (hd as f64).sqrt()) as f32 };
+        let scale = if self.cfg.arch == Arch::Gemma3 { 1.0 } else { (1.0 / (hd as f64).sqrt()) as f32 };
         let out_ptr = OutPtr(out.as_mut_ptr());
         let item = |it: usize, scores: &mut (Vec<f32>, Vec<f32>)| {
             let (i, head) = (it / nh, it % nh);
@@ -682,7 +658,7 @@ impl QModel {
     pub fn generate(&self, input: &str, s: &Sampling) -> Result<Generation> {
         let prompt = self.tokenizer.prompt(None, input)?;
         let ids = self.tokenizer.encode_prompt(&prompt)?;
-        let stop: Vec<u32> = self.tokenizer.eos.iter().map(|e| e.1).chain(self.cfg.eos.iter().copied()).collect();
+        let stop = self.tokenizer.stop_ids(&self.cfg.eos);
         let (tokens, prompt_s, decode_s, stopped) = self.generate_ids(&ids, &stop, s)?;
         Ok(Generation {
             text: self.tokenizer.decode(&tokens)?,
@@ -790,105 +766,6 @@ fn gelu_tanh(x: f32) -> f32 {
 /// `-2√(2/π)` and `-2√(2/π) · 0.044715`.
 const GELU_C1: f32 = -1.595_769;
 const GELU_C2: f32 = -0.071_354_82;
-
-/// The config of a Gemma 3 GGUF file (`ModelConfig` has no gemma architecture: `arch` says
-/// llama, [`QModel`] knows better).
-fn gemma3_config(g: &forge_gguf::Gguf) -> Result<ModelConfig> {
-    let u = |k: &str| -> Result<usize> {
-        g.get(&format!("gemma3.{k}"))
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or_else(|| BenchError::Model(format!("missing `gemma3.{k}`")))
-    };
-    let f = |k: &str| g.get(&format!("gemma3.{k}")).and_then(|v| v.as_f64());
-    let id = |k: &str| g.get(&format!("tokenizer.ggml.{k}")).and_then(|v| v.as_u64()).map(|v| v as u32);
-    let (hidden, heads) = (u("embedding_length")?, u("attention.head_count")?);
-    let vocab = g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map_or(0, |a| a.len());
-    let rope_scaling = match (g.get("gemma3.rope.scaling.type").and_then(|v| v.as_str()), f("rope.scaling.factor")) {
-        (Some("linear"), Some(factor)) => Some(forge_model::RopeScaling::Linear { factor }),
-        _ => None,
-    };
-    Ok(ModelConfig {
-        arch: Arch::Llama,
-        hidden,
-        intermediate: u("feed_forward_length")?,
-        layers: u("block_count")?,
-        heads,
-        kv_heads: u("attention.head_count_kv").unwrap_or(heads),
-        head_dim: u("attention.key_length").unwrap_or(hidden / heads.max(1)),
-        vocab,
-        rms_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
-        rope_theta: f("rope.freq_base").unwrap_or(1_000_000.0),
-        rope_scaling,
-        max_positions: u("context_length")?,
-        tie_embeddings: g.tensor("output.weight").is_none(),
-        qkv_bias: false,
-        bos: id("bos_token_id"),
-        eos: id("eos_token_id").into_iter().collect(),
-        pad: id("padding_token_id"),
-    })
-}
-
-/// A SentencePiece vocabulary from GGUF (`tokenizer.ggml.model` = `llama`: pieces with scores,
-/// `▁` for spaces, `<0xXX>` byte fallback) as a Hugging Face Unigram tokenizer over the same
-/// pieces and scores. Decoding is exact; encoding picks the best-scoring segmentation, which
-/// can differ from SentencePiece-BPE's merges on some words (the benchmarks pass token ids).
-fn spm_tokenizer(g: &forge_gguf::Gguf) -> Result<Tokenizer> {
-    use serde_json::json;
-    let arr = |k: &str| g.get(k).and_then(|v| v.as_array()).unwrap_or(&[]);
-    let tokens: Vec<&str> = arr("tokenizer.ggml.tokens").iter().map(|v| v.as_str().unwrap_or("")).collect();
-    let scores: Vec<f64> = arr("tokenizer.ggml.scores").iter().map(|v| v.as_f64().unwrap_or(0.0)).collect();
-    let types: Vec<u64> = arr("tokenizer.ggml.token_type").iter().map(|v| v.as_u64().unwrap_or(1)).collect();
-    if tokens.is_empty() {
-        return Err(BenchError::Model("the file has no tokenizer".into()));
-    }
-    let id = |k: &str| g.get(&format!("tokenizer.ggml.{k}")).and_then(|v| v.as_u64()).map(|v| v as usize);
-    // Control (3) and user-defined (4) tokens match whole.
-    let added: Vec<_> = (0..tokens.len())
-        .filter(|&i| matches!(types.get(i), Some(3) | Some(4)))
-        .map(|i| {
-            json!({ "id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
-                    "normalized": false, "special": types[i] == 3 })
-        })
-        .collect();
-    let vocab: Vec<_> =
-        tokens.iter().enumerate().map(|(i, t)| json!([t, scores.get(i).copied().unwrap_or(0.0)])).collect();
-    let space_prefix = g.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.as_bool()).unwrap_or(false);
-    let mut normalizers = vec![json!({ "type": "Replace", "pattern": { "String": " " }, "content": "\u{2581}" })];
-    if space_prefix {
-        normalizers.insert(0, json!({ "type": "Prepend", "prepend": "\u{2581}" }));
-    }
-    let tok = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": { "type": "Sequence", "normalizers": normalizers },
-        "pre_tokenizer": null, "post_processor": null,
-        "decoder": { "type": "Sequence", "decoders": [
-            { "type": "Replace", "pattern": { "String": "\u{2581}" }, "content": " " },
-            { "type": "ByteFallback" }, { "type": "Fuse" }] },
-        "model": { "type": "Unigram", "unk_id": id("unknown_token_id").unwrap_or(0), "vocab": vocab,
-                   "byte_fallback": true },
-    });
-    let name = |k: &str| id(k).and_then(|i| tokens.get(i)).map(|t| t.to_string());
-    let mut config = json!({
-        "bos_token": name("bos_token_id"), "eos_token": name("eos_token_id"), "pad_token": name("padding_token_id"),
-        "add_bos_token": g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
-    });
-    if let Some(t) = g.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
-        config["chat_template"] = json!(t);
-    }
-    let dir = std::env::temp_dir().join(format!(
-        "forge-spm-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
-    ));
-    let io = |e: std::io::Error| BenchError::Io(format!("{}: {e}", dir.display()));
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    let written = std::fs::write(dir.join("tokenizer.json"), tok.to_string())
-        .and_then(|_| std::fs::write(dir.join("tokenizer_config.json"), config.to_string()));
-    let loaded = written.map_err(io).and_then(|_| Ok(Tokenizer::load(&dir)?));
-    let _ = std::fs::remove_dir_all(&dir);
-    loaded
-}
 
 /// A raw output pointer shared by the workers of a pass, each writing its own elements.
 #[derive(Clone, Copy)]

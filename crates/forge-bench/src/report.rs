@@ -104,7 +104,7 @@ impl Executor for ReportExecutor {
 
     fn plan(&self, m: &Manifest, decl: &ArtifactDecl) -> StagePlan {
         assert_eq!(decl.kind, StageKind::Report);
-        let model = m.targets[decl.target].model.as_ref().expect("report belongs to a model");
+        let model = m.target_of(decl).model.as_ref().expect("report belongs to a model");
         let b = model.benchmark.as_ref().expect("planned from a benchmark");
         let mut params = BTreeMap::new();
         params.insert("gates".into(), serde_json::to_value(&b.gates).expect("serializes"));
@@ -114,7 +114,7 @@ impl Executor for ReportExecutor {
     }
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
-        let model = ctx.manifest.targets[ctx.decl.target].model.as_ref().expect("report belongs to a model");
+        let model = ctx.manifest.target_of(ctx.decl).model.as_ref().expect("report belongs to a model");
         let b = model.benchmark.as_ref().expect("planned from a benchmark");
         let order: Vec<String> =
             model.quantize.iter().flat_map(|q| q.levels.iter().map(|l| l.value.as_str().to_string())).collect();

@@ -55,10 +55,27 @@ pub fn generate(g: &Global, out: &Output, a: GenArgs) -> Result<(), Failure> {
         GenStage::Merged => {
             forge_model::io::load_hf(&dir, &candle_core::Device::Cpu).map_err(|e| Failure::Internal(e.to_string()))?
         }
-        GenStage::Adapter => forge_train::load_adapted(&dir, &ws.root).map_err(Failure::Internal)?,
+        GenStage::Adapter => {
+            // A GGUF base is the fetched artifact `base:NAME` (or a workspace file).
+            let base_dir = match forge_train::stage::gguf_base_name(&dir) {
+                Some(name) => match ws.manifest.bases.get(&name).and_then(|b| b.fetch_artifact()) {
+                    Some(id) => {
+                        Some(fresh_artifact_dir(&ws, out, &id.to_string())?.join(forge_plan::fetch::FETCHED_FILE))
+                    }
+                    None => match ws.manifest.bases.get(&name).map(|b| &b.kind) {
+                        Some(forge_manifest::BaseKind::Gguf(g)) => g.path.as_ref().map(|p| ws.root.join(&p.value)),
+                        _ => None,
+                    },
+                },
+                None => None,
+            };
+            let base =
+                base_dir.as_deref().map_or(forge_train::stage::BaseFile::None, forge_train::stage::BaseFile::Gguf);
+            forge_train::load_adapted(&dir, &ws.root, base).map_err(Failure::Internal)?
+        }
     };
     let load_s = t0.elapsed().as_secs_f64();
-    let stop: Vec<u32> = tok.eos.iter().map(|e| e.1).chain(model.cfg.eos.iter().copied()).collect();
+    let stop = tok.stop_ids(&model.cfg.eos);
     for (i, input) in inputs(&a.input, a.limit)?.into_iter().enumerate() {
         let prompt = tok.prompt(None, &input).map_err(|e| Failure::Internal(e.to_string()))?;
         let ids = tok.encode_prompt(&prompt).map_err(|e| Failure::Internal(e.to_string()))?;

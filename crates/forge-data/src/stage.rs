@@ -43,7 +43,7 @@ const TEACHER_ERROR: &str = "teacher-error";
 
 fn stage<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> (&'m DatasetStage, &'m Recipe) {
     assert_eq!(decl.kind, StageKind::Dataset);
-    let model = m.targets[decl.target].model.as_ref().expect("dataset stages belong to models");
+    let model = m.target_of(decl).model.as_ref().expect("dataset stages belong to models");
     let d = model.dataset.as_ref().expect("the dataset artifact has a dataset block");
     let recipe = model.recipe.as_ref().and_then(|r| m.recipes.get(&r.value)).expect("validated: the recipe exists");
     (d, recipe)

@@ -32,7 +32,7 @@ pub fn convert(
     name: &str,
 ) -> Result<(Vec<(String, Value)>, Vec<TensorData>)> {
     let md = vec![
-        ("general.architecture".to_string(), Value::from(cfg.arch.model_type())),
+        ("general.architecture".to_string(), Value::from(cfg.arch.gguf_name())),
         ("general.type".to_string(), "adapter".into()),
         ("general.name".to_string(), name.into()),
         ("adapter.type".to_string(), "lora".into()),
@@ -42,7 +42,8 @@ pub fn convert(
     for l in 0..cfg.layers {
         for m in &spec.targets {
             let base = format!("{}.weight", forge_model::llama::module_path(l, m));
-            let gname = gguf_name(&base).ok_or_else(|| GgufError::Invalid(format!("no GGUF name for `{base}`")))?;
+            let gname =
+                gguf_name(cfg.arch, &base).ok_or_else(|| GgufError::Invalid(format!("no GGUF name for `{base}`")))?;
             let get = |half: char| {
                 let k = peft_key(l, m, half);
                 tensors.get(&k).ok_or_else(|| GgufError::Invalid(format!("the adapter has no `{k}`")))

@@ -1,4 +1,4 @@
-//! A llama or qwen2 model → a GGUF file llama.cpp loads, at one of the manifest's quantization
+//! A llama, qwen2 or gemma3 model → a GGUF file llama.cpp loads, at one of the manifest's quantization
 //! levels. Follows llama.cpp's `convert_hf_to_gguf.py` (names, metadata, tokenizer, the Q/K row
 //! permutation, Llama 3's `rope_freqs`) and `llama-quantize` (per-tensor type mixing for the
 //! `_M` levels and its fallbacks when a row is not a multiple of the block).
@@ -12,8 +12,8 @@ use crate::quant::quantize;
 use crate::types::GgmlType;
 use crate::{GgufError, Result};
 
-/// The GGUF name of a Hugging Face tensor.
-pub fn gguf_name(hf: &str) -> Option<String> {
+/// The GGUF name of a Hugging Face tensor of an `arch` model.
+pub fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -24,9 +24,16 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = rest.rsplit_once('.')?;
+    let gemma = arch == Arch::Gemma3;
     let name = match module {
         "input_layernorm" => "attn_norm",
+        // Gemma's norm after attention; llama's before the FFN.
+        "post_attention_layernorm" if gemma => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" if gemma => "ffn_norm",
+        "post_feedforward_layernorm" if gemma => "post_ffw_norm",
+        "self_attn.q_norm" if gemma => "attn_q_norm",
+        "self_attn.k_norm" if gemma => "attn_k_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
@@ -320,7 +327,7 @@ pub(crate) fn order_key(name: &str) -> (i64, String) {
 
 /// The model's hyperparameters as `{arch}.*` metadata.
 pub fn model_metadata(cfg: &ModelConfig) -> Vec<(String, Value)> {
-    let arch = cfg.arch.model_type();
+    let arch = cfg.arch.gguf_name();
     let k = |s: &str| format!("{arch}.{s}");
     let mut md = vec![
         (k("context_length"), Value::U32(cfg.max_positions as u32)),
@@ -334,9 +341,12 @@ pub fn model_metadata(cfg: &ModelConfig) -> Vec<(String, Value)> {
         (k("vocab_size"), Value::U32(cfg.vocab as u32)),
         (k("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
     ];
-    if cfg.head_dim * cfg.heads != cfg.hidden {
+    if cfg.head_dim * cfg.heads != cfg.hidden || cfg.gemma.is_some() {
         md.push((k("attention.key_length"), Value::U32(cfg.head_dim as u32)));
         md.push((k("attention.value_length"), Value::U32(cfg.head_dim as u32)));
+    }
+    if let Some(g) = &cfg.gemma {
+        md.push((k("attention.sliding_window"), Value::U32(g.sliding_window as u32)));
     }
     if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
         md.push((k("rope.scaling.type"), "linear".into()));
@@ -351,6 +361,25 @@ pub struct Summary {
     pub tensors: Vec<(String, Vec<usize>, GgmlType)>,
 }
 
+/// Writes the `tokenizer.*` metadata of the GGUF file `from` (and its architecture) as a GGUF
+/// file of metadata alone: what a model trained on `from` writes back as its tokenizer.
+pub fn write_tokenizer_file(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    let g = crate::format::Gguf::open(from)?;
+    let md: Vec<(String, Value)> = g
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer.") || k == "general.architecture")
+        .cloned()
+        .collect();
+    write_file(to, &md, &[])
+}
+
+/// The `tokenizer.*` metadata of a file [`write_tokenizer_file`] wrote.
+pub fn read_tokenizer_file(path: &std::path::Path) -> Result<Vec<(String, Value)>> {
+    let g = crate::format::Gguf::open(path)?;
+    Ok(g.metadata.into_iter().filter(|(k, _)| k.starts_with("tokenizer.")).collect())
+}
+
 /// Builds the metadata and tensors of a GGUF model file.
 pub fn convert(
     model: &Llama,
@@ -358,20 +387,40 @@ pub fn convert(
     level: QuantLevel,
     name: &str,
 ) -> Result<(Vec<(String, Value)>, Vec<TensorData>)> {
+    let tok_md = tokenizer_metadata(tok, model.cfg.arch, model.cfg.vocab)?;
+    convert_with(model, tok_md, level, name)
+}
+
+/// [`convert`] with the tokenizer metadata given (e.g. a GGUF base's own, [`read_tokenizer_file`]).
+pub fn convert_with(
+    model: &Llama,
+    tok_md: Vec<(String, Value)>,
+    level: QuantLevel,
+    name: &str,
+) -> Result<(Vec<(String, Value)>, Vec<TensorData>)> {
     let cfg = &model.cfg;
+    let n_tokens =
+        tok_md.iter().find(|(k, _)| k == "tokenizer.ggml.tokens").and_then(|(_, v)| v.as_array()).map(|a| a.len());
+    if n_tokens.is_some_and(|n| n != cfg.vocab) {
+        return Err(GgufError::Invalid(format!(
+            "the tokenizer has {} tokens but the model's vocabulary is {}",
+            n_tokens.unwrap_or(0),
+            cfg.vocab
+        )));
+    }
     let mut md: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), cfg.arch.model_type().into()),
+        ("general.architecture".into(), cfg.arch.gguf_name().into()),
         ("general.type".into(), "model".into()),
         ("general.name".into(), name.into()),
         ("general.file_type".into(), Value::U32(file_type(level))),
         ("general.quantization_version".into(), Value::U32(2)),
     ];
     md.extend(model_metadata(cfg));
-    md.extend(tokenizer_metadata(tok, cfg.arch, cfg.vocab)?);
+    md.extend(tok_md);
     let seventy_b = cfg.layers == 80 && (cfg.arch == Arch::Qwen2 || cfg.kv_heads != cfg.heads);
     let mut items: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for (hf, t) in model.tensors() {
-        let g = gguf_name(&hf).ok_or_else(|| GgufError::Invalid(format!("no GGUF name for `{hf}`")))?;
+        let g = gguf_name(cfg.arch, &hf).ok_or_else(|| GgufError::Invalid(format!("no GGUF name for `{hf}`")))?;
         let shape = t.dims().to_vec();
         let mut data: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
         if let Some(n) = crate::load::permuted_heads(cfg, &hf) {
@@ -394,15 +443,20 @@ pub fn convert(
     Ok((md, tensors))
 }
 
-/// Converts and writes a model file atomically.
+/// Converts and writes a model file atomically; `tok_md` replaces the metadata made from `tok`.
 pub fn write_model(
     path: &std::path::Path,
     model: &Llama,
     tok: &Tokenizer,
+    tok_md: Option<Vec<(String, Value)>>,
     level: QuantLevel,
     name: &str,
 ) -> Result<Summary> {
-    let (md, tensors) = convert(model, tok, level, name)?;
+    let tok_md = match tok_md {
+        Some(md) => md,
+        None => tokenizer_metadata(tok, model.cfg.arch, model.cfg.vocab)?,
+    };
+    let (md, tensors) = convert_with(model, tok_md, level, name)?;
     let summary = Summary { tensors: tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.ty)).collect() };
     write_file(path, &md, &tensors)?;
     Ok(summary)
@@ -427,12 +481,19 @@ mod tests {
 
     #[test]
     fn names_and_permutation() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").unwrap(), "blk.3.attn_q.weight");
-        assert_eq!(gguf_name("model.layers.0.self_attn.k_proj.bias").unwrap(), "blk.0.attn_k.bias");
-        assert_eq!(gguf_name("model.layers.11.mlp.down_proj.weight").unwrap(), "blk.11.ffn_down.weight");
-        assert_eq!(gguf_name("model.layers.1.post_attention_layernorm.weight").unwrap(), "blk.1.ffn_norm.weight");
-        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
-        assert!(gguf_name("model.layers.1.mlp.experts.weight").is_none());
+        let llama = |hf| gguf_name(Arch::Llama, hf);
+        assert_eq!(llama("model.layers.3.self_attn.q_proj.weight").unwrap(), "blk.3.attn_q.weight");
+        assert_eq!(llama("model.layers.0.self_attn.k_proj.bias").unwrap(), "blk.0.attn_k.bias");
+        assert_eq!(llama("model.layers.11.mlp.down_proj.weight").unwrap(), "blk.11.ffn_down.weight");
+        assert_eq!(llama("model.layers.1.post_attention_layernorm.weight").unwrap(), "blk.1.ffn_norm.weight");
+        assert_eq!(llama("lm_head.weight").unwrap(), "output.weight");
+        assert!(llama("model.layers.1.mlp.experts.weight").is_none());
+        assert!(llama("model.layers.1.self_attn.q_norm.weight").is_none());
+        let gemma = |hf| gguf_name(Arch::Gemma3, hf).unwrap();
+        assert_eq!(gemma("model.layers.2.post_attention_layernorm.weight"), "blk.2.post_attention_norm.weight");
+        assert_eq!(gemma("model.layers.2.pre_feedforward_layernorm.weight"), "blk.2.ffn_norm.weight");
+        assert_eq!(gemma("model.layers.2.post_feedforward_layernorm.weight"), "blk.2.post_ffw_norm.weight");
+        assert_eq!(gemma("model.layers.2.self_attn.k_norm.weight"), "blk.2.attn_k_norm.weight");
         // One head of 4 rows: HF rows [a0 a1 b0 b1] (halves) → GGUF [a0 b0 a1 b1] (pairs).
         let w = vec![0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0];
         let p = permute_rows(&w, 8, 1, 2, false);

@@ -320,12 +320,28 @@ struct Reader<R> {
     r: R,
     /// Bytes the file has (guards every length read from it).
     size: u64,
+    /// Bytes read so far.
+    pos: u64,
+}
+
+/// The most entries a reader reserves room for before it has read them: counts in a file are
+/// claims, and a corrupt one must not size an allocation.
+const RESERVE_MAX: u64 = 1 << 16;
+
+fn reserve<T>(n: u64) -> Vec<T> {
+    Vec::with_capacity(n.min(RESERVE_MAX) as usize)
 }
 
 impl<R: Read + Seek> Reader<R> {
+    fn remaining(&self) -> u64 {
+        self.size.saturating_sub(self.pos)
+    }
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
         let mut b = [0u8; N];
-        self.r.read_exact(&mut b).map_err(|_| GgufError::Invalid("the file ends early".into()))?;
+        self.r
+            .read_exact(&mut b)
+            .map_err(|_| GgufError::Invalid(format!("the file ends early (at byte {})", self.pos)))?;
+        self.pos += N as u64;
         Ok(b)
     }
     fn u32(&mut self) -> Result<u32, GgufError> {
@@ -335,13 +351,18 @@ impl<R: Read + Seek> Reader<R> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
     fn string(&mut self) -> Result<String, GgufError> {
+        let at = self.pos;
         let n = self.u64()?;
-        if n > self.size {
-            return Err(GgufError::Invalid(format!("a string of {n} bytes in a file of {}", self.size)));
+        if n > self.remaining() {
+            return Err(GgufError::Invalid(format!(
+                "a string of {n} bytes at byte {at}, with {} bytes left in the file",
+                self.remaining()
+            )));
         }
         let mut b = vec![0u8; n as usize];
         self.r.read_exact(&mut b).map_err(|_| GgufError::Invalid("the file ends inside a string".into()))?;
-        String::from_utf8(b).map_err(|_| GgufError::Invalid("a string is not UTF-8".into()))
+        self.pos += n;
+        String::from_utf8(b).map_err(|_| GgufError::Invalid(format!("the string at byte {at} is not UTF-8")))
     }
     fn value(&mut self, ty: u32, depth: usize) -> Result<Value, GgufError> {
         Ok(match ty {
@@ -360,13 +381,14 @@ impl<R: Read + Seek> Reader<R> {
                 }
                 let ety = self.u32()?;
                 let n = self.u64()?;
-                if n > self.size {
+                // Every element takes at least one byte.
+                if n > self.remaining() {
                     return Err(GgufError::Invalid(format!(
-                        "an array of {n} elements in a file of {} bytes",
-                        self.size
+                        "an array of {n} elements with {} bytes left in the file",
+                        self.remaining()
                     )));
                 }
-                let mut items = Vec::with_capacity(n.min(1 << 20) as usize);
+                let mut items = reserve(n);
                 for _ in 0..n {
                     items.push(self.value(ety, depth + 1)?);
                 }
@@ -385,7 +407,7 @@ impl<R: Read + Seek> Reader<R> {
 pub fn read(r: &mut (impl Read + Seek)) -> Result<Gguf, GgufError> {
     let size = r.seek(SeekFrom::End(0))?;
     r.seek(SeekFrom::Start(0))?;
-    let mut rd = Reader { r, size };
+    let mut rd = Reader { r, size, pos: 0 };
     if &rd.bytes::<4>()? != MAGIC {
         return Err(GgufError::Invalid("not a GGUF file (no GGUF magic)".into()));
     }
@@ -395,10 +417,13 @@ pub fn read(r: &mut (impl Read + Seek)) -> Result<Gguf, GgufError> {
     }
     let n_tensors = rd.u64()?;
     let n_kv = rd.u64()?;
-    if n_tensors > size || n_kv > size {
-        return Err(GgufError::Invalid("implausible tensor or metadata counts".into()));
+    // A key/value takes at least 12 bytes, a tensor descriptor at least 24.
+    if n_tensors.saturating_mul(24) > size || n_kv.saturating_mul(12) > size {
+        return Err(GgufError::Invalid(format!(
+            "the header claims {n_tensors} tensors and {n_kv} metadata keys, more than {size} bytes can hold"
+        )));
     }
-    let mut metadata = Vec::with_capacity(n_kv as usize);
+    let mut metadata = reserve(n_kv);
     for _ in 0..n_kv {
         let key = rd.string()?;
         let ty = rd.u32()?;
@@ -413,7 +438,7 @@ pub fn read(r: &mut (impl Read + Seek)) -> Result<Gguf, GgufError> {
     if alignment == 0 || !alignment.is_power_of_two() {
         return Err(GgufError::Invalid(format!("general.alignment {alignment} is not a power of two")));
     }
-    let mut raw = Vec::with_capacity(n_tensors as usize);
+    let mut raw = reserve(n_tensors);
     for _ in 0..n_tensors {
         let name = rd.string()?;
         let n_dims = rd.u32()?;
@@ -422,7 +447,11 @@ pub fn read(r: &mut (impl Read + Seek)) -> Result<Gguf, GgufError> {
         }
         let mut ne = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
-            ne.push(rd.u64()? as usize);
+            let d = rd.u64()?;
+            if d > size.saturating_mul(8) {
+                return Err(GgufError::Invalid(format!("tensor {name} claims a dimension of {d}")));
+            }
+            ne.push(d as usize);
         }
         ne.reverse();
         let ty_id = rd.u32()?;
@@ -431,30 +460,34 @@ pub fn read(r: &mut (impl Read + Seek)) -> Result<Gguf, GgufError> {
         let offset = rd.u64()?;
         raw.push((name, ne, ty, offset));
     }
-    let pos = rd.r.stream_position()?;
-    let data_start = pad(pos, alignment);
+    let data_start = pad(rd.pos, alignment);
     let mut tensors = Vec::with_capacity(raw.len());
     let mut names = std::collections::HashSet::new();
     for (name, shape, ty, offset) in raw {
         if !names.insert(name.clone()) {
             return Err(GgufError::Invalid(format!("tensor {name} appears twice")));
         }
-        let bytes = ty.bytes_for(&shape)? as u64;
-        let abs = data_start + offset;
-        if offset % alignment != 0 || abs + bytes > size {
+        let bytes = ty.bytes_for(&shape).map_err(|e| GgufError::Invalid(format!("tensor {name}: {e}")))? as u64;
+        let abs = data_start.checked_add(offset);
+        if offset % alignment != 0 || abs.and_then(|a| a.checked_add(bytes)).is_none_or(|end| end > size) {
+            let abs = abs.map_or("beyond any file".to_string(), |a| a.to_string());
             return Err(GgufError::Invalid(format!(
                 "tensor {name}: its data ({bytes} bytes at {abs}) is not inside the file"
             )));
         }
-        tensors.push(TensorInfo { name, shape, ty, offset: abs, bytes });
+        tensors.push(TensorInfo { name, shape, ty, offset: data_start + offset, bytes });
     }
     Ok(Gguf { version, metadata, tensors, alignment, data_start, file_size: size })
 }
 
 impl Gguf {
+    /// Reads a file's header; errors name the file.
     pub fn open(path: &std::path::Path) -> Result<Gguf, GgufError> {
         let mut f = std::fs::File::open(path).map_err(|e| GgufError::Io(format!("{}: {e}", path.display())))?;
-        read(&mut f)
+        if f.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(GgufError::Invalid(format!("{} is a directory, not a GGUF file", path.display())));
+        }
+        read(&mut f).map_err(|e| e.in_file(path))
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

@@ -377,6 +377,63 @@ pub fn dq6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// Q2_K (decode only): 16 scale bytes (4-bit scale, 4-bit min), 64 bytes of 2-bit quants,
+/// d, dmin (84 bytes per 256 weights). ggml's `dequantize_row_q2_K`.
+pub fn dq2_k(b: &[u8], y: &mut [f32]) {
+    let (scales, qs) = (&b[0..16], &b[16..80]);
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    let mut is = 0;
+    for half in 0..2 {
+        let q = &qs[32 * half..32 * half + 32];
+        for j in 0..4 {
+            let shift = 2 * j;
+            for part in 0..2 {
+                let sc = scales[is];
+                is += 1;
+                let (dl, ml) = (d * (sc & 0x0F) as f32, dmin * (sc >> 4) as f32);
+                let out = &mut y[128 * half + 32 * j + 16 * part..][..16];
+                for (l, o) in out.iter_mut().enumerate() {
+                    *o = dl * ((q[16 * part + l] >> shift) & 3) as f32 - ml;
+                }
+            }
+        }
+    }
+}
+
+/// Q3_K (decode only): 32 bytes of high bits, 64 bytes of 2-bit quants, 12 bytes of 6-bit
+/// scales, d (110 bytes per 256 weights). ggml's `dequantize_row_q3_K`.
+pub fn dq3_k(b: &[u8], y: &mut [f32]) {
+    let (hmask, qs, packed) = (&b[0..32], &b[32..96], &b[96..108]);
+    let d = f16_at(b, 108);
+    // The 16 six-bit scales: low nibbles from bytes 0..8, high two bits from bytes 8..12.
+    let mut scales = [0i32; 16];
+    for (i, s) in scales.iter_mut().enumerate() {
+        let low = if i < 8 { packed[i] & 0x0F } else { packed[i - 8] >> 4 };
+        let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+        *s = (low | (high << 4)) as i32 - 32;
+    }
+    let mut is = 0;
+    let mut m = 1u8;
+    for half in 0..2 {
+        let q = &qs[32 * half..32 * half + 32];
+        for j in 0..4 {
+            let shift = 2 * j;
+            for part in 0..2 {
+                let dl = d * scales[is] as f32;
+                is += 1;
+                let out = &mut y[128 * half + 32 * j + 16 * part..][..16];
+                for (l, o) in out.iter_mut().enumerate() {
+                    let i = 16 * part + l;
+                    let low = ((q[i] >> shift) & 3) as i32;
+                    let sub = if hmask[i] & m != 0 { 0 } else { 4 };
+                    *o = dl * (low - sub) as f32;
+                }
+            }
+            m <<= 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,4 +45,18 @@ impl From<std::io::Error> for GgufError {
     }
 }
 
+impl GgufError {
+    /// The error with the file it is about named first.
+    pub fn in_file(self, path: &std::path::Path) -> GgufError {
+        let p = path.display();
+        match self {
+            GgufError::Invalid(m) => GgufError::Invalid(format!("{p}: {m}")),
+            GgufError::Unsupported(m) => GgufError::Unsupported(format!("{p}: {m}")),
+            GgufError::Io(m) if m.starts_with(&p.to_string()) => GgufError::Io(m),
+            GgufError::Io(m) => GgufError::Io(format!("{p}: {m}")),
+            other => GgufError::Invalid(format!("{p}: {other}")),
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, GgufError>;

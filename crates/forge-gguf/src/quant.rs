@@ -158,6 +158,15 @@ fn dq5_1(b: &[u8], y: &mut [f32]) {
 type Encode = fn(&[f32], &mut [u8]);
 type Decode = fn(&[u8], &mut [f32]);
 
+/// Types forge reads but does not write.
+fn decoder(ty: GgmlType) -> Option<Decode> {
+    Some(match ty {
+        GgmlType::Q2K => kquant::dq2_k,
+        GgmlType::Q3K => kquant::dq3_k,
+        _ => return codec(ty).map(|c| c.1),
+    })
+}
+
 fn codec(ty: GgmlType) -> Option<(Encode, Decode)> {
     Some(match ty {
         GgmlType::Q8_0 => (q8_0, dq8_0),
@@ -219,9 +228,40 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Gguf
         }
         _ => {}
     }
-    let (_, decode) = codec(ty).ok_or_else(|| GgufError::Unsupported(format!("decoding {ty} tensors")))?;
+    let decode = decoder(ty).ok_or_else(|| GgufError::Unsupported(format!("decoding {ty} tensors")))?;
     let (qk, bb) = (ty.block(), ty.block_bytes());
     let mut y = vec![0f32; n];
     y.par_chunks_mut(qk).zip(bytes.par_chunks(bb)).for_each(|(o, b)| decode(b, o));
     Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, GgmlType as CandleType};
+
+    use super::*;
+
+    /// The raw bytes of candle's blocks (ggml's layout, `repr(C)`).
+    fn bytes_of<T>(blocks: &[T]) -> &[u8] {
+        // SAFETY: the blocks are plain `repr(C)` data without padding, as ggml lays them out.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks)) }
+    }
+
+    fn check<T: CandleType + Clone>(ty: GgmlType, zero: T) {
+        let mut rng = forge_rng::SplitMix64::new(ty.id() as u64);
+        let x: Vec<f32> = (0..1024).map(|_| rng.next_normal() as f32 * 0.1).collect();
+        let mut blocks = vec![zero; x.len() / 256];
+        T::from_float(&x, &mut blocks);
+        let mut want = vec![0f32; x.len()];
+        T::to_float(&blocks, &mut want);
+        let got = dequantize(ty, bytes_of(&blocks), x.len()).unwrap();
+        assert_eq!(got, want, "{ty}");
+        assert_eq!(bytes_of(&blocks).len(), ty.bytes_for(&[x.len()]).unwrap());
+    }
+
+    #[test]
+    fn q2_k_and_q3_k_decode_as_ggml() {
+        check(GgmlType::Q2K, BlockQ2K::zeros());
+        check(GgmlType::Q3K, BlockQ3K::zeros());
+    }
 }

@@ -15,7 +15,11 @@ use serde_json::json;
 use crate::types::GgmlType;
 
 /// Bumped when what these stages write changes.
-pub const GGUF_FORMAT: u32 = 1;
+pub const GGUF_FORMAT: u32 = 2;
+
+/// A GGUF base's tokenizer metadata, kept beside the adapter and the merged model trained on
+/// it (a GGUF file of metadata only): the `gguf` stage writes it back unchanged.
+pub const GGUF_TOKENIZER: &str = "tokenizer.gguf";
 
 pub struct GgufExecutor;
 pub struct GgufAdapterExecutor;
@@ -24,8 +28,19 @@ fn failed(e: impl std::fmt::Display) -> ActionError {
     ActionError::Failed(e.to_string())
 }
 
-fn only_dep(ctx: &ActionContext<'_>) -> Result<PathBuf, ActionError> {
-    ctx.deps.values().next().cloned().ok_or_else(|| failed("the upstream artifact is missing"))
+/// The upstream artifact of this target's stage `kind`.
+fn dep_of(ctx: &ActionContext<'_>, kind: StageKind) -> Result<PathBuf, ActionError> {
+    let id = forge_manifest::ArtifactId::new(ctx.artifact.target.clone(), kind.name(), None);
+    ctx.deps.get(&id).cloned().ok_or_else(|| failed(format!("the upstream artifact {id} is missing")))
+}
+
+/// A GGUF base's own tokenizer metadata, kept beside a model trained on it.
+fn stored_tokenizer(dir: &std::path::Path) -> Result<Option<Vec<(String, crate::Value)>>, ActionError> {
+    let path = dir.join(GGUF_TOKENIZER);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    crate::convert::read_tokenizer_file(&path).map(Some).map_err(failed)
 }
 
 fn log_types(ctx: &ActionContext<'_>, summary: &crate::convert::Summary) {
@@ -55,11 +70,12 @@ impl Executor for GgufExecutor {
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         let StageKind::Gguf(level) = ctx.decl.kind else { unreachable!("planned as gguf") };
-        let merged = only_dep(ctx)?;
+        let merged = dep_of(ctx, StageKind::Merged)?;
         let (model, tok) = forge_model::io::load_hf(&merged, &Device::Cpu).map_err(failed)?;
         let path = ctx.out_dir.join("model.gguf");
         let name = ctx.artifact.target.clone();
-        let summary = crate::convert::write_model(&path, &model, &tok, level, &name).map_err(failed)?;
+        let tok_md = stored_tokenizer(&merged)?;
+        let summary = crate::convert::write_model(&path, &model, &tok, tok_md, level, &name).map_err(failed)?;
         log_types(ctx, &summary);
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         ctx.log.line(&format!("{} at {level}: {:.1} MiB", path.display(), size as f64 / (1 << 20) as f64));
@@ -77,20 +93,46 @@ impl Executor for GgufAdapterExecutor {
     }
 
     fn plan(&self, m: &Manifest, decl: &ArtifactDecl) -> StagePlan {
-        let model = m.targets[decl.target].model.as_ref().expect("gguf-adapter belongs to a model");
+        let model = m.target_of(decl).model.as_ref().expect("gguf-adapter belongs to a model");
         let a = model.adapter.as_ref().expect("validated: an adapter");
-        // An hf base is read from the workspace (the adapter only names it).
+        // An hf base or a workspace GGUF file is read from the workspace (the adapter only names
+        // it); a fetched one is an upstream artifact.
+        let normalize = |p: &str| forge_manifest::glob::normalize("", p).unwrap_or_else(|_| p.to_string());
         let inputs = match &m.bases[&a.base.value].kind {
-            BaseKind::Hf { path } => {
-                vec![forge_manifest::glob::normalize("", &path.value).unwrap_or_else(|_| path.value.clone())]
-            }
+            BaseKind::Hf { path } => vec![normalize(&path.value)],
+            BaseKind::Gguf(g) => g.path.iter().map(|p| normalize(&p.value)).collect(),
             BaseKind::Scratch(_) => Vec::new(),
         };
         StagePlan { params: BTreeMap::new(), inputs, tools: BTreeMap::new() }
     }
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
-        let adapter = only_dep(ctx)?;
+        let adapter = dep_of(ctx, StageKind::Adapter)?;
+        let name = ctx.artifact.target.clone();
+        let model = ctx.manifest.target_of(ctx.decl).model.as_ref().expect("gguf-adapter belongs to a model");
+        let a = model.adapter.as_ref().expect("validated: an adapter");
+        if let BaseKind::Gguf(g) = &ctx.manifest.bases[&a.base.value].kind {
+            // The base is a GGUF file already: ship it as it is, the adapter on top.
+            let file = match &g.path {
+                Some(p) => ctx.workspace.join(&p.value),
+                None => {
+                    let id = ctx.manifest.bases[&a.base.value].fetch_artifact().expect("fetched");
+                    ctx.deps
+                        .get(&id)
+                        .ok_or_else(|| failed(format!("{id} is missing")))?
+                        .join(forge_plan::fetch::FETCHED_FILE)
+                }
+            };
+            let g = crate::format::Gguf::open(&file).map_err(failed)?;
+            let cfg = crate::load::config(&g).map_err(failed)?;
+            let n = crate::adapter::write_adapter(&ctx.out_dir.join("adapter.gguf"), &cfg, &adapter, &name)
+                .map_err(failed)?;
+            ctx.log.line(&format!("adapter.gguf: {n} LoRA tensors"));
+            let to = ctx.out_dir.join("base.gguf");
+            std::fs::copy(&file, &to).map_err(|e| ActionError::io(&to, e))?;
+            ctx.log.line(&format!("base.gguf: {} as fetched", a.base.value));
+            return Ok(());
+        }
         let cfg: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(adapter.join("adapter_config.json")).map_err(|e| ActionError::io(&adapter, e))?,
         )
@@ -98,7 +140,6 @@ impl Executor for GgufAdapterExecutor {
         let base = cfg["base_model_name_or_path"].as_str().unwrap_or("base");
         let base_dir = if base == "base" { adapter.join("base") } else { ctx.workspace.join(base) };
         let (base_model, tok) = forge_model::io::load_hf(&base_dir, &Device::Cpu).map_err(failed)?;
-        let name = ctx.artifact.target.clone();
         let n = crate::adapter::write_adapter(&ctx.out_dir.join("adapter.gguf"), &base_model.cfg, &adapter, &name)
             .map_err(failed)?;
         ctx.log.line(&format!("adapter.gguf: {n} LoRA tensors"));
@@ -106,6 +147,7 @@ impl Executor for GgufAdapterExecutor {
             &ctx.out_dir.join("base.gguf"),
             &base_model,
             &tok,
+            None,
             QuantLevel::F16,
             &format!("{name}-base"),
         )

@@ -145,8 +145,13 @@ impl GgmlType {
                 self.block()
             )));
         }
-        let n: usize = shape.iter().product();
-        Ok(n / self.block() * self.block_bytes())
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, d| n.checked_mul(*d))
+            .ok_or_else(|| GgufError::Invalid(format!("a tensor of shape {shape:?} has more elements than memory")))?;
+        (n / self.block())
+            .checked_mul(self.block_bytes())
+            .ok_or_else(|| GgufError::Invalid(format!("a tensor of shape {shape:?} has more bytes than memory")))
     }
 
     /// Bits per weight.

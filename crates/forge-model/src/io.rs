@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};
@@ -88,15 +88,33 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
     Ok(all)
 }
 
-/// Loads a Hugging Face llama/qwen2 folder: the model and its tokenizer.
+/// Gemma's norm weights are stored as `w` and multiply by `1 + w` (transformers'
+/// `Gemma3RMSNorm`); forge holds the multiplier itself, as llama.cpp does. The offset to add
+/// when reading a Hugging Face tensor (and subtract when writing one).
+fn norm_offset(cfg: &ModelConfig, name: &str) -> f64 {
+    if cfg.arch == Arch::Gemma3 && name.ends_with("norm.weight") { 1.0 } else { 0.0 }
+}
+
+/// Loads a Hugging Face llama/qwen2/gemma3 folder: the model and its tokenizer.
 pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tokenizer)> {
+    let model = read_model(dir, device)?;
+    Ok((model, Tokenizer::load(dir)?))
+}
+
+/// Loads the model of a Hugging Face folder (no tokenizer needed).
+pub fn read_model(dir: &Path, device: &Device) -> Result<Llama> {
     if !dir.is_dir() {
         return Err(ModelError::MissingFile(dir.to_path_buf()));
     }
     let cfg = read_config(dir)?;
-    let tokenizer = Tokenizer::load(dir)?;
-    let model = Llama::from_tensors(cfg, read_weights(dir, device)?, device)?;
-    Ok((model, tokenizer))
+    let mut weights = read_weights(dir, device)?;
+    for (name, t) in weights.iter_mut() {
+        let offset = norm_offset(&cfg, name);
+        if offset != 0.0 {
+            *t = t.affine(1.0, offset)?;
+        }
+    }
+    Llama::from_tensors(cfg, weights, device)
 }
 
 /// Writes a Hugging Face folder transformers loads: `config.json`, `generation_config.json`,
@@ -117,6 +135,15 @@ pub fn save_hf(dir: &Path, model: &Llama, tokenizer: &Tokenizer) -> Result<()> {
         generation["eos_token_id"] = model.cfg.eos.clone().into();
     }
     write_json("generation_config.json", &generation)?;
-    write_safetensors(&dir.join("model.safetensors"), &model.tensors())?;
+    let tensors = model
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let offset = norm_offset(&model.cfg, &name);
+            let t = if offset != 0.0 { t.affine(1.0, -offset)? } else { t };
+            Ok((name, t))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_safetensors(&dir.join("model.safetensors"), &tensors)?;
     tokenizer.save(dir)
 }

@@ -7,6 +7,14 @@
 //! block with biases on q/k/v), so a checkpoint computes the same logits here as there (tested
 //! against logits recorded from transformers: `tests/parity.rs`, `scripts/reference_logits.py`).
 //!
+//! Gemma 3 (`modeling_gemma3.py`, llama.cpp's `gemma3` graph) is the same skeleton with:
+//! embeddings times √H; RMSNorm on every query and key head before RoPE; RMSNorms after
+//! attention and after the FFN, before each residual add; `down(gelu_tanh(gate(x)) · up(x))`;
+//! scores scaled by `query_pre_attn_scalar^-1/2`; sliding-window layers (a token sees the last
+//! `sliding_window` positions) with RoPE base `rope_local_theta`, every `sliding_pattern`-th
+//! layer global with `rope_theta`. Norm weights follow llama.cpp's convention — the multiplier
+//! itself, i.e. transformers' `1 + weight` (converted at the Hugging Face boundary, [`crate::io`]).
+//!
 //! candle-nn's fused `rms_norm`, `softmax_last_dim` and `rope*` are deliberately not used:
 //! they have no backward pass, and gradients silently stop at them (candle #2168, #3568).
 //!
@@ -17,8 +25,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::config::Arch;
 use crate::config::{ModelConfig, RopeScaling};
-use crate::kernels::{cross_entropy, frozen_matmul, masked_softmax, rms_norm, rope, silu_mul};
+use crate::kernels::{cross_entropy, frozen_matmul, gelu_mul, masked_softmax, rms_norm, rope, silu_mul};
 use crate::lora::LoraPair;
 use crate::{ModelError, Result};
 
@@ -36,14 +45,15 @@ impl Linear {
         Linear { weight, bias, lora: None }
     }
 
-    /// `x`: `[N, in]` → `[N, out]`. A frozen weight's gradient is never computed.
-    pub fn forward(&self, x: &Tensor, dropout: &mut Dropout) -> Result<Tensor> {
+    /// `x`: `[N, in]` → `[N, out]`. A frozen weight's gradient is never computed. `key` names the
+    /// layer's dropout mask ([`dropout_key`]).
+    pub fn forward(&self, x: &Tensor, dropout: &Dropout, key: u64) -> Result<Tensor> {
         let mut y = if self.weight.track_op() { x.matmul(&self.weight.t()?)? } else { frozen_matmul(x, &self.weight)? };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = &self.lora {
-            let xd = dropout.apply(x, l.dropout)?;
+            let xd = dropout.apply(x, l.dropout, key)?;
             let update = xd.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
             y = (y + update.affine(l.scale, 0.0)?)?;
         }
@@ -51,48 +61,79 @@ impl Linear {
     }
 }
 
-/// Inverted dropout with masks drawn from forge's deterministic RNG, so that a training run is
-/// reproducible and a resumed run draws exactly the masks the uninterrupted one would have.
+/// Inverted dropout on LoRA inputs, with masks drawn from forge's deterministic RNG, so that a
+/// training run is reproducible and a resumed run draws exactly the masks the uninterrupted one
+/// would have. Each mask is keyed by (step seed, [`dropout_key`]): it does not depend on the order
+/// the layers run in, so the training engine draws the same masks as this model.
+#[derive(Clone, Copy, Debug)]
 pub struct Dropout {
-    rng: Option<forge_rng::SplitMix64>,
+    seed: Option<u64>,
+}
+
+/// The key of the dropout mask on the input of module `module` (an index into
+/// [`Block::linears`]) of layer `layer`.
+pub fn dropout_key(layer: usize, module: usize) -> u64 {
+    (layer as u64) << 8 | module as u64
 }
 
 impl Dropout {
     /// No dropout (evaluation, inference).
     pub fn off() -> Dropout {
-        Dropout { rng: None }
+        Dropout { seed: None }
     }
 
     /// Training dropout seeded for one step.
     pub fn seeded(seed: u64) -> Dropout {
-        Dropout { rng: Some(forge_rng::SplitMix64::new(seed)) }
+        Dropout { seed: Some(seed) }
     }
 
-    fn apply(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
-        let Some(rng) = self.rng.as_mut() else { return Ok(x.clone()) };
+    /// The mask for `len` inputs under key `key`: 0 for a dropped input, `1/(1-p)` for a kept
+    /// one; `None` when nothing is dropped.
+    pub fn mask(&self, key: u64, len: usize, p: f32) -> Option<Vec<f32>> {
+        let seed = self.seed?;
         if p <= 0.0 {
-            return Ok(x.clone());
+            return None;
         }
+        let mut rng = forge_rng::SplitMix64::new(forge_rng::hash64(&[&seed.to_le_bytes(), &key.to_le_bytes()]));
         let keep = 1.0 / (1.0 - p);
         let threshold = (p as f64 * (1u64 << 53) as f64) as u64;
-        let mask: Vec<f32> =
-            (0..x.elem_count()).map(|_| if (rng.next_u64() >> 11) < threshold { 0.0 } else { keep }).collect();
-        Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
+        Some((0..len).map(|_| if (rng.next_u64() >> 11) < threshold { 0.0 } else { keep }).collect())
     }
+
+    fn apply(&self, x: &Tensor, p: f32, key: u64) -> Result<Tensor> {
+        match self.mask(key, x.elem_count(), p) {
+            None => Ok(x.clone()),
+            Some(mask) => Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?),
+        }
+    }
+}
+
+/// Gemma 3's extra norms in a layer.
+#[derive(Clone, Debug)]
+pub struct GemmaNorms {
+    /// `[hd]`, on every query head and every key head (before RoPE).
+    pub q_norm: Tensor,
+    pub k_norm: Tensor,
+    /// `[H]`, on the attention output and the FFN output, before the residual add.
+    pub attn_out: Tensor,
+    pub ffn_out: Tensor,
 }
 
 /// One decoder layer.
 #[derive(Clone, Debug)]
 pub struct Block {
+    /// Before attention (`input_layernorm`).
     pub input_norm: Tensor,
     pub q: Linear,
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
+    /// Before the FFN (llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
     pub post_norm: Tensor,
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    pub gemma: Option<GemmaNorms>,
 }
 
 impl Block {
@@ -109,6 +150,20 @@ impl Block {
         ]
     }
 
+    /// A norm by its [`norm_names`] field.
+    pub fn norm(&self, field: &str) -> &Tensor {
+        let g = self.gemma.as_ref();
+        match field {
+            "input" => &self.input_norm,
+            "post" => &self.post_norm,
+            "q_norm" => &g.expect("a gemma block").q_norm,
+            "k_norm" => &g.expect("a gemma block").k_norm,
+            "attn_out" => &g.expect("a gemma block").attn_out,
+            "ffn_out" => &g.expect("a gemma block").ffn_out,
+            other => panic!("no norm `{other}`"),
+        }
+    }
+
     pub fn linears(&self) -> [(&'static str, &Linear); 7] {
         [
             ("q_proj", &self.q),
@@ -119,6 +174,25 @@ impl Block {
             ("up_proj", &self.up),
             ("down_proj", &self.down),
         ]
+    }
+}
+
+/// The Hugging Face names of a layer's norms, with the [`Block`] field each fills:
+/// `(field, name)`, in a stable order.
+pub fn norm_names(arch: Arch, layer: usize) -> Vec<(&'static str, String)> {
+    let p = |n: &str| format!("model.layers.{layer}.{n}.weight");
+    match arch {
+        Arch::Llama | Arch::Qwen2 => {
+            vec![("input", p("input_layernorm")), ("post", p("post_attention_layernorm"))]
+        }
+        Arch::Gemma3 => vec![
+            ("input", p("input_layernorm")),
+            ("attn_out", p("post_attention_layernorm")),
+            ("post", p("pre_feedforward_layernorm")),
+            ("ffn_out", p("post_feedforward_layernorm")),
+            ("q_norm", p("self_attn.q_norm")),
+            ("k_norm", p("self_attn.k_norm")),
+        ],
     }
 }
 
@@ -154,15 +228,17 @@ impl Layout {
 
     /// The additive attention mask `[B, 1, T, T]`: 0 where attention is allowed, a large
     /// negative number elsewhere. A padding token attends only to itself (its loss weight is 0),
-    /// so no row is all masked.
-    fn mask(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+    /// so no row is all masked. With a `window`, a token sees only the last `window` positions
+    /// of its segment (itself included).
+    fn mask(&self, window: Option<usize>, device: &Device, dtype: DType) -> Result<Tensor> {
         let (b, t) = (self.batch, self.len);
+        let window = window.unwrap_or(usize::MAX);
         let mut m = vec![0f32; b * t * t];
         for r in 0..b {
             let seg = &self.segments[r * t..(r + 1) * t];
             for i in 0..t {
                 for j in 0..t {
-                    let ok = if seg[i] == 0 { i == j } else { j <= i && seg[j] == seg[i] };
+                    let ok = if seg[i] == 0 { i == j } else { j <= i && seg[j] == seg[i] && i - j < window };
                     if !ok {
                         m[(r * t + i) * t + j] = MASKED;
                     }
@@ -171,6 +247,12 @@ impl Layout {
         }
         Ok(Tensor::from_vec(m, (b, 1, t, t), device)?.to_dtype(dtype)?)
     }
+}
+
+/// The attention masks of one forward pass: global, and for Gemma the sliding window's.
+struct Masks {
+    global: Tensor,
+    local: Option<Tensor>,
 }
 
 /// A masked score: far below any real one, but finite so that softmax stays exact.
@@ -204,6 +286,13 @@ struct Rope {
     sin: Tensor,
 }
 
+/// The RoPE tables of a model: one, or Gemma's global and sliding-window pair.
+#[derive(Clone, Debug)]
+struct Ropes {
+    global: Rope,
+    local: Option<Rope>,
+}
+
 /// The inverse frequencies of RoPE, with Llama 3's or linear scaling applied
 /// (transformers' `_compute_default_rope_parameters` / `_compute_llama3_parameters`).
 pub fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
@@ -234,8 +323,7 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
 }
 
 impl Rope {
-    fn new(cfg: &ModelConfig, device: &Device, dtype: DType) -> Result<Rope> {
-        let inv = inv_freq(cfg);
+    fn new(inv: Vec<f64>, cfg: &ModelConfig, device: &Device, dtype: DType) -> Result<Rope> {
         let n = cfg.max_positions;
         let half = inv.len();
         let mut cos = Vec::with_capacity(n * half);
@@ -251,6 +339,18 @@ impl Rope {
         }
         let table = |v: Vec<f32>| -> Result<Tensor> { Ok(Tensor::from_vec(v, (n, half), device)?.to_dtype(dtype)?) };
         Ok(Rope { cos: table(cos)?, sin: table(sin)? })
+    }
+
+    fn tables(cfg: &ModelConfig, device: &Device, dtype: DType) -> Result<Ropes> {
+        let global = Rope::new(inv_freq(cfg), cfg, device, dtype)?;
+        let local = match &cfg.gemma {
+            Some(g) => {
+                let local_cfg = ModelConfig { rope_theta: g.rope_local_theta, rope_scaling: None, ..cfg.clone() };
+                Some(Rope::new(inv_freq(&local_cfg), cfg, device, dtype)?)
+            }
+            None => None,
+        };
+        Ok(Ropes { global, local })
     }
 
     /// `cos`, `sin` for the given positions, `[B, 1, T, hd]` (the half table repeated, as
@@ -284,7 +384,7 @@ pub struct Llama {
     pub norm: Tensor,
     /// `[V, H]`; `None` when tied to the embeddings.
     pub lm_head: Option<Tensor>,
-    rope: Rope,
+    rope: Ropes,
 }
 
 impl Llama {
@@ -322,16 +422,32 @@ impl Llama {
             let q_bias = bias(&mut take, "q_proj", cfg.heads * hd)?;
             let k_bias = bias(&mut take, "k_proj", cfg.kv_heads * hd)?;
             let v_bias = bias(&mut take, "v_proj", cfg.kv_heads * hd)?;
+            let mut norms = HashMap::new();
+            for (field, name) in norm_names(cfg.arch, l) {
+                let len = if field.ends_with("_norm") { hd } else { h };
+                norms.insert(field, take(name, &[len])?);
+            }
+            let mut norm = |field: &str| norms.remove(field).expect("norm_names lists it");
+            let gemma = match cfg.arch {
+                Arch::Gemma3 => Some(GemmaNorms {
+                    q_norm: norm("q_norm"),
+                    k_norm: norm("k_norm"),
+                    attn_out: norm("attn_out"),
+                    ffn_out: norm("ffn_out"),
+                }),
+                Arch::Llama | Arch::Qwen2 => None,
+            };
             layers.push(Block {
-                input_norm: take(format!("model.layers.{l}.input_layernorm.weight"), &[h])?,
+                input_norm: norm("input"),
                 q: Linear::new(take(p("q_proj"), &[cfg.heads * hd, h])?, q_bias),
                 k: Linear::new(take(p("k_proj"), &[cfg.kv_heads * hd, h])?, k_bias),
                 v: Linear::new(take(p("v_proj"), &[cfg.kv_heads * hd, h])?, v_bias),
                 o: Linear::new(take(p("o_proj"), &[h, cfg.heads * hd])?, None),
-                post_norm: take(format!("model.layers.{l}.post_attention_layernorm.weight"), &[h])?,
+                post_norm: norm("post"),
                 gate: Linear::new(take(p("gate_proj"), &[i, h])?, None),
                 up: Linear::new(take(p("up_proj"), &[i, h])?, None),
                 down: Linear::new(take(p("down_proj"), &[h, i])?, None),
+                gemma,
             });
         }
         let norm = take("model.norm.weight".into(), &[h])?;
@@ -346,7 +462,10 @@ impl Llama {
         if let Some(extra) = t.keys().min() {
             return Err(ModelError::UnexpectedTensor(extra.clone()));
         }
-        let rope = Rope::new(&cfg, device, dtype)?;
+        if cfg.arch == Arch::Gemma3 && cfg.gemma.is_none() {
+            return Err(ModelError::Config("a gemma3 config without its gemma parameters".into()));
+        }
+        let rope = Rope::tables(&cfg, device, dtype)?;
         Ok(Llama { cfg, embed, layers, norm, lm_head, rope })
     }
 
@@ -354,8 +473,9 @@ impl Llama {
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (l, b) in self.layers.iter().enumerate() {
-            out.push((format!("model.layers.{l}.input_layernorm.weight"), b.input_norm.clone()));
-            out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), b.post_norm.clone()));
+            for (field, name) in norm_names(self.cfg.arch, l) {
+                out.push((name, b.norm(field).clone()));
+            }
             for (m, lin) in b.linears() {
                 out.push((format!("{}.weight", module_path(l, m)), lin.weight.clone()));
                 if let Some(bias) = &lin.bias {
@@ -400,8 +520,9 @@ impl Llama {
                     t.insert(format!("{}.bias", module_path(l, m)), Tensor::zeros(shape[0], DType::F32, device)?);
                 }
             }
-            for n in ["input_layernorm", "post_attention_layernorm"] {
-                t.insert(format!("model.layers.{l}.{n}.weight"), Tensor::ones(h, DType::F32, device)?);
+            for (field, name) in norm_names(cfg.arch, l) {
+                let len = if field.ends_with("_norm") { hd } else { h };
+                t.insert(name, Tensor::ones(len, DType::F32, device)?);
             }
         }
         t.insert("model.norm.weight".to_string(), Tensor::ones(h, DType::F32, device)?);
@@ -441,9 +562,13 @@ impl Llama {
     }
 
     /// Logits `[B, T, V]` for a batch of token ids `[B, T]` laid out by `layout`.
-    pub fn forward(&self, ids: &Tensor, layout: &Layout, dropout: &mut Dropout) -> Result<Tensor> {
-        let mask = layout.mask(self.device(), self.dtype())?;
-        self.run(ids, &layout.positions, &mask, None, dropout)
+    pub fn forward(&self, ids: &Tensor, layout: &Layout, dropout: &Dropout) -> Result<Tensor> {
+        let global = layout.mask(None, self.device(), self.dtype())?;
+        let masks = match &self.cfg.gemma {
+            Some(g) => Masks { local: Some(layout.mask(Some(g.sliding_window), self.device(), self.dtype())?), global },
+            None => Masks { global, local: None },
+        };
+        self.run(ids, &layout.positions, &masks, None, dropout)
     }
 
     /// Logits `[1, T, V]` of `ids` `[1, T]` following the tokens already in `cache`, which is
@@ -455,27 +580,35 @@ impl Llama {
             return Err(ModelError::TooLong { len: past + t, max: self.cfg.max_positions });
         }
         let s = past + t;
-        let mut m = vec![0f32; t * s];
-        for i in 0..t {
-            for j in past + i + 1..s {
-                m[i * s + j] = MASKED;
+        let mask = |window: usize| -> Result<Tensor> {
+            let mut m = vec![0f32; t * s];
+            for i in 0..t {
+                for j in 0..s {
+                    if j > past + i || past + i - j >= window {
+                        m[i * s + j] = MASKED;
+                    }
+                }
             }
-        }
-        let mask = Tensor::from_vec(m, (1, 1, t, s), self.device())?.to_dtype(self.dtype())?;
+            Ok(Tensor::from_vec(m, (1, 1, t, s), self.device())?.to_dtype(self.dtype())?)
+        };
+        let masks = Masks {
+            global: mask(usize::MAX)?,
+            local: self.cfg.gemma.as_ref().map(|g| mask(g.sliding_window)).transpose()?,
+        };
         let positions: Vec<u32> = (past..s).map(|p| p as u32).collect();
         if cache.layers.len() != self.layers.len() {
             cache.layers = vec![None; self.layers.len()];
         }
-        self.run(ids, &positions, &mask, Some(cache), &mut Dropout::off())
+        self.run(ids, &positions, &masks, Some(cache), &Dropout::off())
     }
 
     fn run(
         &self,
         ids: &Tensor,
         positions: &[u32],
-        mask: &Tensor,
+        masks: &Masks,
         mut cache: Option<&mut KvCache>,
-        dropout: &mut Dropout,
+        dropout: &Dropout,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if let Some(&p) = positions.iter().max() {
@@ -485,21 +618,40 @@ impl Llama {
         }
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
-        let (cos, sin) = self.rope.at(positions, b, t)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let (cos, sin) = self.rope.global.at(positions, b, t)?;
+        let local = self.rope.local.as_ref().map(|r| r.at(positions, b, t)).transpose()?;
+        let scale = match &cfg.gemma {
+            Some(g) => 1.0 / g.query_pre_attn_scalar.sqrt(),
+            None => 1.0 / (hd as f64).sqrt(),
+        };
         // The residual stream, `[B·T, H]`.
         let mut h = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        if cfg.gemma.is_some() {
+            h = h.affine((cfg.hidden as f64).sqrt(), 0.0)?;
+        }
         for (l, layer) in self.layers.iter().enumerate() {
+            let sliding = cfg.gemma.as_ref().is_some_and(|g| g.is_sliding(l));
+            let ((cos, sin), mask) = match (&local, sliding) {
+                (Some((lc, ls)), true) => ((lc, ls), masks.local.as_ref().expect("gemma has a sliding mask")),
+                _ => ((&cos, &sin), &masks.global),
+            };
             // Attention.
             let x = rms_norm(&h, &layer.input_norm, cfg.rms_eps)?;
-            let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            // `[B·T, n·hd]` → `[B, n, T, hd]`, Gemma's per-head RMSNorm first.
+            let heads = |y: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
+                let y = match norm {
+                    Some(w) => rms_norm(&y.reshape((b * t * n, hd))?, w, cfg.rms_eps)?,
+                    None => y,
+                };
                 Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
             };
-            let q = heads(layer.q.forward(&x, dropout)?, nh)?;
-            let k = heads(layer.k.forward(&x, dropout)?, nkv)?;
-            let v = heads(layer.v.forward(&x, dropout)?, nkv)?;
-            let q = rope(&q, &cos, &sin)?;
-            let mut k = rope(&k, &cos, &sin)?;
+            let g = layer.gemma.as_ref();
+            let key = |m| dropout_key(l, m);
+            let q = heads(layer.q.forward(&x, dropout, key(0))?, nh, g.map(|g| &g.q_norm))?;
+            let k = heads(layer.k.forward(&x, dropout, key(1))?, nkv, g.map(|g| &g.k_norm))?;
+            let v = heads(layer.v.forward(&x, dropout, key(2))?, nkv, None)?;
+            let q = rope(&q, cos, sin)?;
+            let mut k = rope(&k, cos, sin)?;
             let mut v = v;
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = &c.layers[l] {
@@ -513,11 +665,20 @@ impl Llama {
             let scores = q.matmul(&k.t()?.contiguous()?)?;
             let attn = masked_softmax(&scores, scale, mask)?.matmul(&v)?;
             let attn = attn.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
-            h = (h + layer.o.forward(&attn, dropout)?)?;
-            // MLP: down(silu(gate(x)) · up(x)).
+            let mut a = layer.o.forward(&attn, dropout, key(3))?;
+            if let Some(g) = g {
+                a = rms_norm(&a, &g.attn_out, cfg.rms_eps)?;
+            }
+            h = (h + a)?;
+            // MLP: down(act(gate(x)) · up(x)), SiLU for llama, GELU (tanh) for Gemma.
             let x = rms_norm(&h, &layer.post_norm, cfg.rms_eps)?;
-            let act = silu_mul(&layer.gate.forward(&x, dropout)?, &layer.up.forward(&x, dropout)?)?;
-            h = (h + layer.down.forward(&act, dropout)?)?;
+            let (gate, up) = (layer.gate.forward(&x, dropout, key(4))?, layer.up.forward(&x, dropout, key(5))?);
+            let act = if g.is_some() { gelu_mul(&gate, &up)? } else { silu_mul(&gate, &up)? };
+            let mut f = layer.down.forward(&act, dropout, key(6))?;
+            if let Some(g) = g {
+                f = rms_norm(&f, &g.ffn_out, cfg.rms_eps)?;
+            }
+            h = (h + f)?;
         }
         let h = rms_norm(&h, &self.norm, cfg.rms_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);

@@ -32,6 +32,12 @@ impl ChatMessage {
 /// The chat template of forge's scratch models: a turn is `<|role|>\ncontent<|end|>\n`.
 pub const SCRATCH_CHAT_TEMPLATE: &str = "{% for message in messages %}<|{{ message.role }}|>\n{{ message.content }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
 
+/// Gemma's chat format (the template Gemma 3's instruction-tuned checkpoints ship, for text
+/// messages), for a Gemma base model whose file carries none: a turn is
+/// `<start_of_turn>ROLE\ncontent<end_of_turn>\n`, the assistant's role is `model`, and a system
+/// message is prepended to the first user turn.
+pub const GEMMA_CHAT_TEMPLATE: &str = "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}";
+
 /// The special tokens of a scratch tokenizer. `<|end|>` ends a turn (the EOS a model stops
 /// at); `<|endoftext|>` pads.
 pub const SCRATCH_SPECIAL: [&str; 5] = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"];
@@ -235,6 +241,23 @@ impl Tokenizer {
             return Ok(self.eos.as_ref().map(|e| e.0.clone()).unwrap_or_default());
         }
         Ok(suffix.to_string())
+    }
+
+    /// The tokens generation stops at: the EOS tokens, and the end-of-turn token the chat
+    /// template writes after an answer (`<end_of_turn>`, `<|im_end|>`, ...) when that is a
+    /// token of its own.
+    pub fn stop_ids(&self, model_eos: &[u32]) -> Vec<u32> {
+        let mut stop: Vec<u32> = self.eos.iter().map(|e| e.1).chain(model_eos.iter().copied()).collect();
+        if let Ok(suffix) = self.completion_suffix() {
+            let end_of_turn =
+                self.inner.get_added_vocabulary().get_vocab().iter().find(|(t, _)| suffix.starts_with(t.as_str()));
+            if let Some((_, id)) = end_of_turn {
+                stop.push(*id);
+            }
+        }
+        stop.sort_unstable();
+        stop.dedup();
+        stop
     }
 
     /// The text after which the assistant's answer begins, for a user message `input`

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use forge_model::lora::{self, LoraSpec};
-use forge_model::{Arch, Dropout, Layout, Llama, ModelConfig, weighted_cross_entropy};
+use forge_model::{Arch, Dropout, GemmaConfig, Layout, Llama, ModelConfig, weighted_cross_entropy};
 
 fn tiny(arch: Arch) -> ModelConfig {
     ModelConfig {
@@ -19,11 +19,19 @@ fn tiny(arch: Arch) -> ModelConfig {
         rope_theta: 10_000.0,
         rope_scaling: None,
         max_positions: 32,
-        tie_embeddings: arch == Arch::Qwen2,
+        tie_embeddings: arch != Arch::Llama,
         qkv_bias: arch == Arch::Qwen2,
         bos: None,
         eos: vec![],
         pad: None,
+        // A window of 3 in the 7-token rows, and every other layer global, so both kinds of
+        // layer and the window's edge are in the graph.
+        gemma: (arch == Arch::Gemma3).then_some(GemmaConfig {
+            sliding_window: 3,
+            sliding_pattern: 2,
+            rope_local_theta: 100.0,
+            query_pre_attn_scalar: 3.0,
+        }),
     }
 }
 
@@ -44,7 +52,7 @@ fn batch() -> (Tensor, Layout, Vec<u32>, Vec<f32>) {
 
 fn loss(model: &Llama) -> Tensor {
     let (ids, layout, targets, weights) = batch();
-    let logits = model.forward(&ids, &layout, &mut Dropout::off()).unwrap();
+    let logits = model.forward(&ids, &layout, &Dropout::off()).unwrap();
     let logits = logits.reshape((14, model.cfg.vocab)).unwrap();
     weighted_cross_entropy(&logits, &targets, &weights).unwrap().0
 }
@@ -105,7 +113,7 @@ fn check_vars(model: &Llama, vars: &[(String, Var)]) {
 
 #[test]
 fn full_parameter_gradients_match_finite_differences() {
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Gemma3] {
         let (model, vars) = lively(tiny(arch), 3).trainable().unwrap();
         check_vars(&model, &vars);
     }
@@ -113,7 +121,13 @@ fn full_parameter_gradients_match_finite_differences() {
 
 #[test]
 fn lora_gradients_match_finite_differences_and_none_is_zero() {
-    let mut model = lively(tiny(Arch::Llama), 5);
+    for arch in [Arch::Llama, Arch::Gemma3] {
+        lora_gradients(arch);
+    }
+}
+
+fn lora_gradients(arch: Arch) {
+    let mut model = lively(tiny(arch), 5);
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     let spec =
         LoraSpec { rank: 2, alpha: 4.0, dropout: 0.0, rslora: false, targets: targets.map(String::from).to_vec() };
@@ -145,7 +159,13 @@ fn lora_gradients_match_finite_differences_and_none_is_zero() {
 
 #[test]
 fn merging_lora_gives_the_same_logits() {
-    let mut model = Llama::random(tiny(Arch::Qwen2), 6, &Device::Cpu).unwrap();
+    for arch in [Arch::Qwen2, Arch::Gemma3] {
+        merging_lora(arch);
+    }
+}
+
+fn merging_lora(arch: Arch) {
+    let mut model = Llama::random(tiny(arch), 6, &Device::Cpu).unwrap();
     let spec = LoraSpec {
         rank: 4,
         alpha: 8.0,
@@ -159,10 +179,10 @@ fn merging_lora_gives_the_same_logits() {
         v.set(&noise).unwrap();
     }
     let (ids, layout, _, _) = batch();
-    let with_lora = model.forward(&ids, &layout, &mut Dropout::off()).unwrap();
+    let with_lora = model.forward(&ids, &layout, &Dropout::off()).unwrap();
     let merged = lora::merge(&model).unwrap();
     assert!(merged.layers.iter().all(|b| b.linears().iter().all(|(_, l)| l.lora.is_none())));
-    let folded = merged.forward(&ids, &layout, &mut Dropout::off()).unwrap();
+    let folded = merged.forward(&ids, &layout, &Dropout::off()).unwrap();
     let diff = scalar(&(with_lora - folded).unwrap().abs().unwrap().max_all().unwrap());
     assert!(diff < 1e-4, "{diff}");
 }

@@ -72,6 +72,18 @@ fn silu_mul() {
 }
 
 #[test]
+fn gelu_mul() {
+    let g = (randn(&[9, 33], 8) * 3.0).unwrap();
+    let u = randn(&[9, 33], 9);
+    compare(
+        &[g, u],
+        |t| kernels::gelu_mul(&t[0], &t[1]).unwrap(),
+        |t| (kernels::gelu_tanh_reference(&t[0]).unwrap() * &t[1]).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
 fn rope() {
     let x = randn(&[2, 3, 5, 8], 6);
     let cos = randn(&[2, 1, 5, 8], 7).cos().unwrap();

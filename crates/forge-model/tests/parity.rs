@@ -16,7 +16,7 @@ fn check(name: &str) {
     let ids: Vec<u32> = reference["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let expected: Vec<Vec<f64>> = serde_json::from_value(reference["logits"].clone()).unwrap();
     let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = model.forward(&input, &Layout::dense(1, ids.len()), &mut Dropout::off()).unwrap();
+    let logits = model.forward(&input, &Layout::dense(1, ids.len()), &Dropout::off()).unwrap();
     let got: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
     let mut max_diff = 0f64;
     for (g, e) in got.iter().zip(&expected) {

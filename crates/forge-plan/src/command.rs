@@ -23,7 +23,7 @@ pub struct CommandExecutor;
 
 fn stage<'m>(manifest: &'m Manifest, decl: &ArtifactDecl) -> &'m forge_manifest::CommandStage {
     let StageKind::Command(i) = decl.kind else { panic!("the command executor got a {} stage", decl.kind.name()) };
-    &manifest.targets[decl.target].commands[i]
+    &manifest.target_of(decl).commands[i]
 }
 
 /// Quotes a word for `sh` when it needs it.
@@ -59,7 +59,7 @@ impl Executor for CommandExecutor {
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         let c = stage(ctx.manifest, ctx.decl);
-        let target = &ctx.manifest.targets[ctx.decl.target];
+        let target = ctx.manifest.target_of(ctx.decl);
         let argv = expand_argv(ctx, c, target)?;
         let (program, args) = argv.split_first().ok_or_else(|| ActionError::Failed("empty command".into()))?;
         ctx.log.line(&format!("$ {}", argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")));
@@ -85,36 +85,10 @@ impl Executor for CommandExecutor {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::from(log));
-        contain(&mut cmd);
-        let mut child = cmd.spawn().map_err(|e| ActionError::Failed(format!("cannot run `{program}`: {e}")))?;
-        let started = Instant::now();
         let timeout = c.timeout_s.map(Duration::from_secs_f64);
-        let status = loop {
-            if let Some(status) =
-                child.try_wait().map_err(|e| ActionError::Failed(format!("waiting for `{program}`: {e}")))?
-            {
-                break status;
-            }
-            if ctx.cancel.is_cancelled() {
-                kill_group(&mut child);
-                return Err(ActionError::Cancelled);
-            }
-            if timeout.is_some_and(|t| started.elapsed() > t) {
-                kill_group(&mut child);
-                return Err(ActionError::Failed(format!(
-                    "`{program}` timed out after {:.1}s (timeout={})",
-                    started.elapsed().as_secs_f64(),
-                    c.timeout_s.unwrap_or_default()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(5).max(started.elapsed().min(Duration::from_millis(50)) / 4));
-        };
+        let status = run_contained(ctx, &mut cmd, program, timeout)?;
         if !status.success() {
-            let how = match status.code() {
-                Some(code) => format!("exited with status {code}"),
-                None => signal_name(&status),
-            };
-            return Err(ActionError::Failed(format!("`{program}` {how}")));
+            return Err(ActionError::Failed(format!("`{program}` {}", how_it_ended(&status))));
         }
         let missing: Vec<&str> =
             c.outputs.iter().map(|o| o.value.as_str()).filter(|o| !ctx.out_dir.join(o).exists()).collect();
@@ -126,6 +100,47 @@ impl Executor for CommandExecutor {
             )));
         }
         Ok(())
+    }
+}
+
+/// Runs `cmd` in its own process group (killed on cancel, on timeout, and with forge) and
+/// waits for it.
+pub(crate) fn run_contained(
+    ctx: &ActionContext<'_>,
+    cmd: &mut Command,
+    program: &str,
+    timeout: Option<Duration>,
+) -> Result<std::process::ExitStatus, ActionError> {
+    contain(cmd);
+    let mut child = cmd.spawn().map_err(|e| ActionError::Failed(format!("cannot run `{program}`: {e}")))?;
+    let started = Instant::now();
+    loop {
+        if let Some(status) =
+            child.try_wait().map_err(|e| ActionError::Failed(format!("waiting for `{program}`: {e}")))?
+        {
+            return Ok(status);
+        }
+        if ctx.cancel.is_cancelled() {
+            kill_group(&mut child);
+            return Err(ActionError::Cancelled);
+        }
+        if let Some(t) = timeout.filter(|t| started.elapsed() > *t) {
+            kill_group(&mut child);
+            return Err(ActionError::Failed(format!(
+                "`{program}` timed out after {:.1}s (timeout={})",
+                started.elapsed().as_secs_f64(),
+                t.as_secs_f64()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5).max(started.elapsed().min(Duration::from_millis(50)) / 4));
+    }
+}
+
+/// How a process that did not succeed ended.
+pub(crate) fn how_it_ended(status: &std::process::ExitStatus) -> String {
+    match status.code() {
+        Some(code) => format!("exited with status {code}"),
+        None => signal_name(status),
     }
 }
 

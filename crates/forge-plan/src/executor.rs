@@ -46,10 +46,11 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry with the built-in `command` stage.
+    /// A registry with the built-in `command` and `fetch` stages.
     pub fn with_builtin() -> Registry {
         let mut r = Registry::default();
         r.register(Arc::new(crate::command::CommandExecutor));
+        r.register(Arc::new(crate::fetch::FetchExecutor));
         r
     }
 

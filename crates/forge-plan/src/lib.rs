@@ -7,6 +7,7 @@ pub mod dirty;
 pub mod engine;
 pub mod events;
 pub mod executor;
+pub mod fetch;
 pub mod fingerprint;
 pub mod plan;
 pub mod workspace;

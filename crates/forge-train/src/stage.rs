@@ -10,6 +10,11 @@
 //! `TARGET:merged` folds the adapter into its base (`W + s·B·A`) and writes a Hugging Face
 //! folder: `config.json`, `generation_config.json`, `model.safetensors`, tokenizer files.
 //!
+//! A `gguf` base (a workspace file, or the fetched artifact `base:NAME`) is dequantized to f32 for
+//! training and merging; its tokenizer comes from the file, and the file's own `tokenizer.*`
+//! metadata travels with the adapter and the merged model as `tokenizer.gguf` (a GGUF file of
+//! metadata only), so the `gguf` stages write back exactly the tokenizer llama.cpp read.
+//!
 //! The artifacts hold nothing that varies between identical runs (timings go to the log), so a
 //! retrained adapter that comes out bit-identical keeps everything downstream fresh.
 
@@ -18,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use candle_core::{Device, Var};
-use forge_manifest::{AdapterStage, ArtifactDecl, BaseKind, Manifest, StageKind, TrainMethod};
+use forge_manifest::{AdapterStage, ArtifactDecl, BaseKind, GgufBase, Manifest, StageKind, TrainMethod};
 use forge_model::lora::{self, LoraSpec};
 use forge_model::{Arch, Llama, ModelConfig, Tokenizer};
 use forge_plan::{ActionContext, ActionError, Executor, StagePlan};
@@ -28,14 +33,19 @@ use crate::data::{Example, example};
 use crate::train::{Hooks, TrainConfig, train};
 
 /// Bumped when the adapter artifact's files change shape.
-pub const ADAPTER_FORMAT: u32 = 1;
-pub const MERGED_FORMAT: u32 = 1;
+pub const ADAPTER_FORMAT: u32 = 2;
+pub const MERGED_FORMAT: u32 = 2;
+
+pub use forge_gguf::stage::GGUF_TOKENIZER;
+/// Which base an adapter was trained on, when PEFT's `base_model_name_or_path` cannot say
+/// (a GGUF base): `{"kind": "gguf", "base": NAME, "file": PATH-or-null, "sha256": ...}`.
+pub const BASE_INFO: &str = "forge-base.json";
 
 pub struct AdapterExecutor;
 pub struct MergedExecutor;
 
 fn adapter_stage<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> &'m AdapterStage {
-    let model = m.targets[decl.target].model.as_ref().expect("adapter stages belong to models");
+    let model = m.target_of(decl).model.as_ref().expect("adapter stages belong to models");
     model.adapter.as_ref().expect("validated: the model has an adapter block")
 }
 
@@ -51,6 +61,52 @@ fn base_params(m: &Manifest, a: &AdapterStage) -> (Value, Vec<String>) {
         BaseKind::Hf { path } => {
             let p = forge_manifest::glob::normalize("", &path.value).unwrap_or_else(|_| path.value.clone());
             (json!({ "kind": "hf", "path": p }), vec![p])
+        }
+        // A fetched file is an upstream artifact (its content is in the key); a workspace
+        // file is an input.
+        BaseKind::Gguf(g) => {
+            let path = g
+                .path
+                .as_ref()
+                .map(|p| forge_manifest::glob::normalize("", &p.value).unwrap_or_else(|_| p.value.clone()));
+            let params = json!({
+                "kind": "gguf",
+                "path": path,
+                "sha256": g.sha256.as_ref().map(|s| s.value.clone()),
+                "chat-template": g.chat_template.as_ref().map(|t| t.value.clone()),
+            });
+            (params, path.into_iter().collect())
+        }
+    }
+}
+
+/// The file of a GGUF base: the fetched artifact's, or the workspace file (checked against
+/// its sha256 when the manifest gives one).
+pub fn gguf_base_file(
+    m: &Manifest,
+    base_name: &str,
+    g: &GgufBase,
+    workspace: &Path,
+    deps: &BTreeMap<forge_manifest::ArtifactId, PathBuf>,
+) -> Result<PathBuf, ActionError> {
+    match &g.path {
+        Some(p) => {
+            let file = workspace.join(&p.value);
+            if let Some(want) = &g.sha256 {
+                let got = forge_plan::fetch::sha256_file(&file).map_err(|e| ActionError::io(&file, e))?;
+                if got != want.value {
+                    return Err(failed(format!(
+                        "base `{base_name}`: {} has sha256 {got}, but the manifest says {}",
+                        p.value, want.value
+                    )));
+                }
+            }
+            Ok(file)
+        }
+        None => {
+            let id = m.bases[base_name].fetch_artifact().expect("a base without a path is fetched");
+            let dir = deps.get(&id).ok_or_else(|| failed(format!("the fetched base {id} is missing")))?;
+            Ok(dir.join(forge_plan::fetch::FETCHED_FILE))
         }
     }
 }
@@ -87,9 +143,10 @@ fn failed(e: impl std::fmt::Display) -> ActionError {
     ActionError::Failed(e.to_string())
 }
 
-/// The one upstream artifact of a stage with a single dependency.
-fn only_dep(ctx: &ActionContext<'_>) -> Result<PathBuf, ActionError> {
-    ctx.deps.values().next().cloned().ok_or_else(|| failed("the upstream artifact is missing"))
+/// The upstream artifact of this target's stage `kind`.
+fn dep_of(ctx: &ActionContext<'_>, kind: StageKind) -> Result<PathBuf, ActionError> {
+    let id = forge_manifest::ArtifactId::new(ctx.artifact.target.clone(), kind.name(), None);
+    ctx.deps.get(&id).cloned().ok_or_else(|| failed(format!("the upstream artifact {id} is missing")))
 }
 
 /// The config of a scratch llama whose vocabulary is the trained tokenizer's.
@@ -113,12 +170,25 @@ pub fn scratch_config(s: &forge_manifest::ScratchBase, tok: &Tokenizer) -> Model
         bos: None,
         eos,
         pad: tok.pad.as_ref().map(|p| p.1),
+        gemma: None,
     }
 }
 
 /// Reads a dataset artifact's split.
 fn samples(dir: &Path, split: &str) -> Result<Vec<forge_data::Sample>, ActionError> {
     forge_data::read_samples(&dir.join(format!("{split}.jsonl"))).map_err(failed)
+}
+
+/// A GGUF base and its tokenizer (with the manifest's chat template, or Gemma's when a Gemma
+/// base model has none).
+pub fn load_gguf_base(file: &Path, g: &GgufBase) -> Result<(Llama, Tokenizer), String> {
+    let (model, mut tok) = forge_gguf::load::open_base(file).map_err(|e| e.to_string())?;
+    if let Some(t) = &g.chat_template {
+        tok.chat_template = Some(t.value.clone());
+    } else if tok.chat_template.is_none() && model.cfg.arch == Arch::Gemma3 {
+        tok.chat_template = Some(forge_model::tokenizer::GEMMA_CHAT_TEMPLATE.to_string());
+    }
+    Ok((model, tok))
 }
 
 /// The base model and tokenizer, ready to train.
@@ -128,6 +198,19 @@ fn prepare_base(
     train: &[forge_data::Sample],
 ) -> Result<(Llama, Tokenizer), ActionError> {
     match &base_of(ctx.manifest, a).kind {
+        BaseKind::Gguf(g) => {
+            let file = gguf_base_file(ctx.manifest, &a.base.value, g, ctx.workspace, ctx.deps)?;
+            let (model, tok) = load_gguf_base(&file, g).map_err(|e| failed(format!("base `{}`: {e}", a.base.value)))?;
+            ctx.log.line(&format!(
+                "loaded base `{}`: {} ({} layers, hidden {}, {} parameters)",
+                a.base.value,
+                model.cfg.arch.hf_class(),
+                model.cfg.layers,
+                model.cfg.hidden,
+                model.cfg.parameter_count()
+            ));
+            Ok((model, tok))
+        }
         BaseKind::Scratch(s) => {
             let texts = train.iter().flat_map(|s| [s.input.clone(), s.output.clone()]).collect::<Vec<_>>();
             let tok = Tokenizer::train_bpe(texts.into_iter(), s.vocab as usize).map_err(failed)?;
@@ -200,7 +283,7 @@ impl Executor for AdapterExecutor {
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         let a = adapter_stage(ctx.manifest, ctx.decl);
-        let dataset = only_dep(ctx)?;
+        let dataset = dep_of(ctx, StageKind::Dataset)?;
         let train_samples = samples(&dataset, "train")?;
         let eval_samples = samples(&dataset, "eval")?;
         let (mut model, tok) = prepare_base(ctx, a, &train_samples)?;
@@ -252,6 +335,11 @@ impl Executor for AdapterExecutor {
                         "base".to_string()
                     }
                     BaseKind::Hf { path } => path.value.clone(),
+                    BaseKind::Gguf(g) => {
+                        let file = gguf_base_file(ctx.manifest, &a.base.value, g, ctx.workspace, ctx.deps)?;
+                        write_gguf_base_info(out, &a.base.value, g, &file)?;
+                        a.base.value.clone()
+                    }
                 };
                 let tensors: Vec<(String, candle_core::Tensor)> =
                     vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
@@ -267,19 +355,58 @@ impl Executor for AdapterExecutor {
     }
 }
 
+/// Writes what the adapter of a GGUF base needs to find it again and to write its tokenizer
+/// back: [`BASE_INFO`] and [`GGUF_TOKENIZER`].
+fn write_gguf_base_info(out: &Path, name: &str, g: &GgufBase, file: &Path) -> Result<(), ActionError> {
+    let info = json!({
+        "kind": "gguf",
+        "base": name,
+        "file": g.path.as_ref().map(|p| p.value.clone()),
+        "sha256": g.sha256.as_ref().map(|s| s.value.clone()),
+    });
+    let path = out.join(BASE_INFO);
+    std::fs::write(&path, serde_json::to_string_pretty(&info).expect("serializes") + "\n")
+        .map_err(|e| ActionError::io(&path, e))?;
+    forge_gguf::convert::write_tokenizer_file(file, &out.join(GGUF_TOKENIZER)).map_err(failed)
+}
+
+/// Where a LoRA adapter's base is, when it is not named by `base_model_name_or_path` alone.
+pub enum BaseFile<'a> {
+    /// The caller has no GGUF base file at hand (it is an error to need one).
+    None,
+    /// The GGUF file the adapter was trained on.
+    Gguf(&'a Path),
+}
+
+/// Reads an adapter's [`BASE_INFO`], if it has one: the base's name in the manifest.
+pub fn gguf_base_name(adapter_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(adapter_dir.join(BASE_INFO)).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v.get("base").and_then(Value::as_str).map(str::to_string)
+}
+
 /// Loads what an adapter artifact describes as one model: a LoRA adapter on its base, or a
-/// fully fine-tuned model. `workspace` resolves an `hf` base's path.
-pub fn load_adapted(adapter_dir: &Path, workspace: &Path) -> Result<(Llama, Tokenizer), String> {
+/// fully fine-tuned model. `workspace` resolves an `hf` base's path; `base` gives a GGUF
+/// base's file.
+pub fn load_adapted(adapter_dir: &Path, workspace: &Path, base: BaseFile<'_>) -> Result<(Llama, Tokenizer), String> {
     if adapter_dir.join("adapter_config.json").is_file() {
         let (spec, tensors) = lora::load_peft(adapter_dir).map_err(|e| e.to_string())?;
         let cfg: Value = serde_json::from_str(
             &std::fs::read_to_string(adapter_dir.join("adapter_config.json")).map_err(|e| e.to_string())?,
         )
         .map_err(|e| e.to_string())?;
-        let base = cfg.get("base_model_name_or_path").and_then(Value::as_str).unwrap_or("base");
-        let base_dir = if base == "base" { adapter_dir.join("base") } else { workspace.join(base) };
-        let (mut model, _) = forge_model::io::load_hf(&base_dir, &Device::Cpu)
-            .map_err(|e| format!("the adapter's base {}: {e}", base_dir.display()))?;
+        let name = cfg.get("base_model_name_or_path").and_then(Value::as_str).unwrap_or("base");
+        let mut model = if let Some(gguf) = gguf_base_name(adapter_dir) {
+            let BaseFile::Gguf(file) = base else {
+                return Err(format!("the adapter's base `{gguf}` is a GGUF file, and none was given"));
+            };
+            forge_gguf::load::open_model(file, None).map_err(|e| format!("the adapter's base `{gguf}`: {e}"))?
+        } else {
+            let base_dir = if name == "base" { adapter_dir.join("base") } else { workspace.join(name) };
+            forge_model::io::load_hf(&base_dir, &Device::Cpu)
+                .map_err(|e| format!("the adapter's base {}: {e}", base_dir.display()))?
+                .0
+        };
         lora::install(&mut model, &spec, &tensors).map_err(|e| e.to_string())?;
         let tok = Tokenizer::load(adapter_dir).map_err(|e| e.to_string())?;
         Ok((model, tok))
@@ -308,10 +435,21 @@ impl Executor for MergedExecutor {
     }
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
-        let adapter = only_dep(ctx)?;
-        let (model, tok) = load_adapted(&adapter, ctx.workspace).map_err(failed)?;
+        let a = adapter_stage(ctx.manifest, ctx.decl);
+        let adapter = dep_of(ctx, StageKind::Adapter)?;
+        let file = match &base_of(ctx.manifest, a).kind {
+            BaseKind::Gguf(g) => Some(gguf_base_file(ctx.manifest, &a.base.value, g, ctx.workspace, ctx.deps)?),
+            _ => None,
+        };
+        let base = file.as_deref().map_or(BaseFile::None, BaseFile::Gguf);
+        let (model, tok) = load_adapted(&adapter, ctx.workspace, base).map_err(failed)?;
         let merged = lora::merge(&model).map_err(failed)?;
         forge_model::io::save_hf(ctx.out_dir, &merged, &tok).map_err(failed)?;
+        let gguf_tok = adapter.join(GGUF_TOKENIZER);
+        if gguf_tok.is_file() {
+            let to = ctx.out_dir.join(GGUF_TOKENIZER);
+            std::fs::copy(&gguf_tok, &to).map_err(|e| ActionError::io(&to, e))?;
+        }
         ctx.log.line(&format!("merged model: {} parameters", merged.cfg.parameter_count()));
         Ok(())
     }

@@ -133,7 +133,7 @@ pub fn evaluate(model: &Llama, examples: &[Example], cfg: &TrainConfig, pad: u32
     let (mut sum, mut weight) = (0f64, 0f64);
     for chunk in all.chunks(cfg.batch.max(1)) {
         let b = batch(examples, chunk, cfg.prompt_loss_weight, pad, model.device())?;
-        let logits = model.forward(&b.ids, &b.layout, &mut Dropout::off())?.detach();
+        let logits = model.forward(&b.ids, &b.layout, &Dropout::off())?.detach();
         let logits = logits.reshape((b.targets.len(), model.cfg.vocab))?;
         let (loss, w) = weighted_cross_entropy(&logits, &b.targets, &b.weights)?;
         sum += scalar(&loss)? * w;
@@ -213,13 +213,13 @@ pub fn train(
         let (mut loss_sum, mut step_tokens) = (0f64, 0usize);
         for (k, rows) in group.iter().enumerate() {
             let b = batch(train, rows, cfg.prompt_loss_weight, pad, &device)?;
-            let mut dropout = Dropout::seeded(seed_for(&[
+            let dropout = Dropout::seeded(seed_for(&[
                 &cfg.seed.to_le_bytes(),
                 &(step as u64).to_le_bytes(),
                 &(k as u64).to_le_bytes(),
                 b"dropout",
             ]));
-            let logits = model.forward(&b.ids, &b.layout, &mut dropout)?;
+            let logits = model.forward(&b.ids, &b.layout, &dropout)?;
             let logits = logits.reshape((b.targets.len(), model.cfg.vocab))?;
             let (loss, _) = weighted_cross_entropy(&logits, &b.targets, &b.weights)?;
             loss_sum += scalar(&loss)?;

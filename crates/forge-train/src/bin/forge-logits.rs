@@ -1,6 +1,8 @@
-//! `forge-logits MODEL_DIR (--ids 1,2,3 | --text TEXT) [--workspace DIR]`: forge's logits for a
-//! token sequence, as JSON, for the comparison scripts in `scripts/` (transformers, PEFT).
-//! MODEL_DIR is a Hugging Face folder or an adapter artifact (PEFT adapter on its base).
+//! `forge-logits MODEL (--ids 1,2,3 | --text TEXT) [--workspace DIR] [--base FILE.gguf]`: forge's
+//! logits for a token sequence, as JSON, for the comparison scripts in `scripts/` (transformers,
+//! PEFT, llama.cpp). MODEL is a Hugging Face folder, an adapter artifact (PEFT adapter on its
+//! base; `--base` gives a GGUF base's file) or a GGUF file (dequantized to f32; `--text` is then
+//! encoded with the file's tokenizer, BOS as the file asks).
 
 use candle_core::Tensor;
 use forge_model::{Dropout, Layout};
@@ -11,6 +13,7 @@ fn main() {
     let mut ids: Option<Vec<u32>> = None;
     let mut text = None;
     let mut workspace = std::path::PathBuf::from(".");
+    let mut base: Option<std::path::PathBuf> = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--ids" => {
@@ -24,6 +27,7 @@ fn main() {
             }
             "--text" => text = args.next(),
             "--workspace" => workspace = args.next().expect("--workspace DIR").into(),
+            "--base" => base = Some(args.next().expect("--base FILE.gguf").into()),
             _ if dir.is_none() => dir = Some(std::path::PathBuf::from(a)),
             other => {
                 eprintln!("unexpected argument {other}");
@@ -32,31 +36,39 @@ fn main() {
         }
     }
     let dir = dir.unwrap_or_else(|| {
-        eprintln!("usage: forge-logits MODEL_DIR (--ids 1,2,3 | --text TEXT) [--workspace DIR]");
+        eprintln!("usage: forge-logits MODEL (--ids 1,2,3 | --text TEXT) [--workspace DIR] [--base FILE.gguf]");
         std::process::exit(2)
     });
     let fail = |e: String| -> ! {
         eprintln!("{e}");
         std::process::exit(1)
     };
+    let base = base.as_deref().map_or(forge_train::stage::BaseFile::None, forge_train::stage::BaseFile::Gguf);
     let (model, ids) = match (ids, text) {
+        // A GGUF file, dequantized.
+        (ids, text) if dir.extension().is_some_and(|e| e == "gguf") => {
+            let (model, tok) = forge_gguf::load::open_base(&dir).unwrap_or_else(|e| fail(e.to_string()));
+            let ids = match (ids, text) {
+                (Some(ids), _) => ids,
+                (None, Some(t)) => tok.encode_prompt(&t).unwrap_or_else(|e| fail(e.to_string())),
+                (None, None) => fail("give --ids or --text".into()),
+            };
+            (model, ids)
+        }
         // Token ids need no tokenizer: a bare checkpoint folder will do.
         (Some(ids), _) if !dir.join("adapter_config.json").is_file() => {
-            let device = candle_core::Device::Cpu;
-            let cfg = forge_model::io::read_config(&dir).unwrap_or_else(|e| fail(e.to_string()));
-            let weights = forge_model::io::read_weights(&dir, &device).unwrap_or_else(|e| fail(e.to_string()));
-            (forge_model::Llama::from_tensors(cfg, weights, &device).unwrap_or_else(|e| fail(e.to_string())), ids)
+            (forge_model::io::read_model(&dir, &candle_core::Device::Cpu).unwrap_or_else(|e| fail(e.to_string())), ids)
         }
-        (Some(ids), _) => (forge_train::load_adapted(&dir, &workspace).unwrap_or_else(|e| fail(e)).0, ids),
+        (Some(ids), _) => (forge_train::load_adapted(&dir, &workspace, base).unwrap_or_else(|e| fail(e)).0, ids),
         (None, Some(t)) => {
-            let (model, tok) = forge_train::load_adapted(&dir, &workspace).unwrap_or_else(|e| fail(e));
+            let (model, tok) = forge_train::load_adapted(&dir, &workspace, base).unwrap_or_else(|e| fail(e));
             let ids = tok.encode(&t).unwrap_or_else(|e| fail(e.to_string()));
             (model, ids)
         }
         (None, None) => fail("give --ids or --text".into()),
     };
     let input = Tensor::new(ids.as_slice(), model.device()).and_then(|t| t.unsqueeze(0)).expect("a tensor");
-    let logits = model.forward(&input, &Layout::dense(1, ids.len()), &mut Dropout::off()).expect("forward");
+    let logits = model.forward(&input, &Layout::dense(1, ids.len()), &Dropout::off()).expect("forward");
     let rows: Vec<Vec<f32>> = logits.squeeze(0).and_then(|l| l.to_vec2()).expect("logits");
     println!("{}", serde_json::json!({ "ids": ids, "logits": rows }));
 }

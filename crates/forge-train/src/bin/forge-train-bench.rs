@@ -37,6 +37,7 @@ fn main() {
         bos: None,
         eos: vec![],
         pad: None,
+        gemma: None,
     };
     let (batch, seq, steps, warmup) = (get("batch", 4), get("seq", 256), get("steps", 10), get("warmup", 2));
     let targets: Vec<String> =
@@ -54,7 +55,7 @@ fn main() {
         let weights = vec![1f32; batch * seq];
         let t0 = Instant::now();
         let input = Tensor::from_vec(ids, (batch, seq), &Device::Cpu).expect("ids");
-        let logits = model.forward(&input, &layout, &mut Dropout::off()).expect("forward");
+        let logits = model.forward(&input, &layout, &Dropout::off()).expect("forward");
         let logits = logits.reshape((batch * seq, cfg.vocab)).expect("reshape");
         let (loss, _) = weighted_cross_entropy(&logits, &targets, &weights).expect("loss");
         let t_fwd = t0.elapsed().as_secs_f64();
