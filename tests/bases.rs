@@ -139,3 +139,77 @@ fn gemma3_forward_matches_llama_cpp() {
     logits_match("gemma3-270m", "prompts_f32", 0.02, 0);
     logits_match("gemma3-270m", "prompts", 1.0, 2);
 }
+
+/// A few steps of LoRA on the base (the adapter stage's engine, its bf16 base) lower the eval
+/// loss on held-out samples of the task.
+fn lora_lowers_eval_loss(name: &str) {
+    use forge_model::engine::{BaseDtype, Engine};
+    use forge_model::lora::{self, LoraSpec};
+    use forge_train::train::{Backend, evaluate, train};
+
+    let file = fetch(name);
+    let (mut model, mut tok) = forge_gguf::load::open_base(&file).unwrap();
+    if tok.chat_template.is_none() {
+        tok.chat_template = Some(forge_model::tokenizer::GEMMA_CHAT_TEMPLATE.to_string());
+    }
+    let pairs: Vec<(String, String)> = (0..12)
+        .map(|i| {
+            let who = ["Maud", "Osric", "Edwin", "Agnes"][i % 4];
+            let sin = ["fears geese", "waters the ale", "cannot read", "sold the bells"][i / 4 % 3];
+            (
+                format!("Target: {who}. Intelligence: {sin}."),
+                format!("HEAR YE, good folk! {who} {sin}, and all the realm laughs. Trust not {who}!"),
+            )
+        })
+        .collect();
+    let examples: Vec<forge_train::data::Example> =
+        pairs.iter().map(|(i, o)| forge_train::data::example(&tok, i, o, 128).unwrap().unwrap()).collect();
+    let (train_ex, eval_ex) = examples.split_at(8);
+    let spec = LoraSpec {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        rslora: false,
+        targets: ["q_proj", "v_proj", "down_proj"].map(String::from).to_vec(),
+    };
+    let vars = lora::attach(&mut model, &spec, 0).unwrap();
+    let engine = Engine::new(&model, BaseDtype::Bf16).unwrap();
+    let cfg = forge_train::TrainConfig {
+        epochs: None,
+        steps: Some(6),
+        lr: 2e-3,
+        batch: 4,
+        grad_accum: 1,
+        warmup: 0.0,
+        schedule: forge_manifest::Schedule::Constant,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        prompt_loss_weight: 0.0,
+        seq_len: 128,
+        packing: false,
+        seed: 0,
+    };
+    let pad = tok.pad.as_ref().or(tok.eos.as_ref()).unwrap().1;
+    let before = evaluate(&model, Backend::Engine(&engine), eval_ex, &cfg, pad).unwrap();
+    let hooks = forge_train::Hooks {
+        log: &|_| {},
+        progress: &|_, _| {},
+        cancelled: &|| false,
+        checkpoint_dir: None,
+        checkpoint_every: std::time::Duration::from_secs(3600),
+    };
+    train(&model, Backend::Engine(&engine), &vars, train_ex, &[], pad, &cfg, &hooks).unwrap();
+    let after = evaluate(&model, Backend::Engine(&engine), eval_ex, &cfg, pad).unwrap();
+    eprintln!("{name}: eval loss {before:.3} -> {after:.3} after 6 LoRA steps");
+    assert!(after < 0.8 * before, "{name}: eval loss {before} -> {after}");
+}
+
+#[test]
+fn smollm2_lora_lowers_eval_loss() {
+    lora_lowers_eval_loss("smollm2-135m");
+}
+
+#[test]
+fn gemma3_lora_lowers_eval_loss() {
+    lora_lowers_eval_loss("gemma3-270m");
+}

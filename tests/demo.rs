@@ -1,7 +1,8 @@
 //! The root demo end to end at a reduced size: the root `forge.kdl` with smaller numbers
-//! (dataset, scratch base, training, benchmark), built offline from lore to report with the
-//! `forge` binary; a second build is a no-op; a gate the model misses fails the build with the
-//! gate, the measured value and the report's path.
+//! (dataset, training, benchmark) on its scratch base instead of SmolLM2 (tests/bases.rs covers
+//! the real base), built offline from lore to report with the `forge` binary; a second build is
+//! a no-op; a gate the model misses fails the build with the gate, the measured value and the
+//! report's path.
 
 mod common;
 
@@ -13,13 +14,15 @@ fn reduced_demo() -> String {
     let root = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/forge.kdl")).unwrap();
     let mut text = root.clone();
     for (from, to) in [
-        ("samples=1800 eval=360", "samples=120 eval=24"),
+        ("samples=360 eval=40", "samples=120 eval=24"),
+        (" \"bases/smollm2-135m.kdl\"", ""),
+        ("base=\"smollm2-135m\"", "base=\"tiny\""),
         (
             "layers=4 hidden=256 heads=4 kv-heads=2 ffn=768 vocab=4096",
             "layers=1 hidden=64 heads=2 kv-heads=1 ffn=128 vocab=400",
         ),
-        ("rank=64 alpha=128", "rank=4 alpha=8"),
-        ("epochs=2", "epochs=1"),
+        ("rank=16 alpha=32", "rank=4 alpha=8"),
+        ("imatrix=32", "imatrix=8"),
         ("prompts=24 samples=4 attempts=8", "prompts=4 samples=2 attempts=3"),
         ("max-tokens=192", "max-tokens=40"),
     ] {
@@ -52,6 +55,7 @@ fn the_root_demo_builds_from_lore_to_report() {
         "defame:gguf:f16",
         "defame:gguf:q4_0",
         "defame:gguf:q8_0",
+        "defame:imatrix",
         "defame:merged",
         "defame:report",
     ];

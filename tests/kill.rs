@@ -55,7 +55,7 @@ fn sigkill_mid_action_then_rerun() {
 #[test]
 fn interrupt_stops_the_build_and_records_nothing() {
     let ws = TestWorkspace::copy_of("lore");
-    let mut child = ws.cmd(&["build", "slow"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = ws.cmd(&["build", "slow"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
     wait_for(&ws.file("started"));
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };

@@ -27,6 +27,7 @@ fn dataset_adapter_merged_and_gen() {
         "tiny:gguf:f16",
         "tiny:gguf:q4_k_m",
         "tiny:gguf:q8_0",
+        "tiny:imatrix",
         "tiny:merged",
     ];
     assert_eq!(finished, expected);
@@ -92,6 +93,13 @@ fn dataset_adapter_merged_and_gen() {
     assert_eq!(q4["metadata"]["general.file_type"], 15);
     // Rows of 64 are not whole 256-blocks: llama-quantize's fallbacks apply.
     assert!(q4["types"]["q5_0"].is_object() && q4["types"]["q8_0"].is_object(), "{:#}", q4["types"]);
+    // The fallback q5_0 tensors are quantized with the importance matrix computed on the train
+    // split (in llama.cpp's format), which only the quantized levels need.
+    let imatrix = forge_gguf::imatrix::read(&ws.artifact_path("tiny:imatrix").join("imatrix.gguf")).unwrap();
+    assert_eq!(imatrix["blk.0.attn_q.weight"].len(), 64);
+    assert!(imatrix.values().all(|w| w.iter().all(|v| v.is_finite() && *v >= 0.0)));
+    let log = ws.read(".forge-cache/logs-v1/tiny--gguf--q4_k_m.log");
+    assert!(log.contains("quantized with the importance matrix"), "{log}");
     let r = ws.run(&["inspect", ws.file("forge.kdl").to_str().unwrap()]);
     assert_eq!(r.code(), 1);
     assert!(r.stderr().contains("not a GGUF file"), "{r:?}");

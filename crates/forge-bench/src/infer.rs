@@ -124,7 +124,7 @@ pub struct QModel {
 
 /// Keys and values seen so far, per layer, position-major: `[position][kv head][head dim]`,
 /// rounded to `f16` as llama.cpp's default cache stores them.
-#[derive(Default)]
+#[derive(Default, Clone, Debug)]
 pub struct Cache {
     layers: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
@@ -158,6 +158,15 @@ impl Cache {
         }
         self.len = 0;
     }
+}
+
+/// A processed prompt: its KV cache, the logits after it, and the seconds it took.
+#[derive(Clone, Debug)]
+pub struct Prefill {
+    cache: Cache,
+    logits: Vec<f32>,
+    pub tokens: usize,
+    pub seconds: f64,
 }
 
 /// One generation and its timings.
@@ -631,11 +640,25 @@ impl QModel {
 
     /// Generates after prompt ids `prompt`, stopping at `stop` or after `s.max_tokens`.
     pub fn generate_ids(&self, prompt: &[u32], stop: &[u32], s: &Sampling) -> Result<(Vec<u32>, f64, f64, bool)> {
-        let mut rng = forge_rng::SplitMix64::new(s.seed);
-        let mut cache = Cache::with_capacity(self, prompt.len() + s.max_tokens);
+        let p = self.prefill(prompt, s.max_tokens)?;
+        let (out, decode_s, stopped) = self.continue_from(&p, stop, s)?;
+        Ok((out, p.seconds, decode_s, stopped))
+    }
+
+    /// Processes a prompt once, for any number of generations to continue from.
+    pub fn prefill(&self, prompt: &[u32], room: usize) -> Result<Prefill> {
+        let mut cache = Cache::with_capacity(self, prompt.len() + room);
         let t0 = Instant::now();
-        let mut logits = self.step(prompt, &mut cache)?;
-        let prompt_s = t0.elapsed().as_secs_f64();
+        let logits = self.step(prompt, &mut cache)?;
+        Ok(Prefill { cache, logits, tokens: prompt.len(), seconds: t0.elapsed().as_secs_f64() })
+    }
+
+    /// Samples an answer after a [`prefill`](Self::prefill)ed prompt: the tokens, the seconds
+    /// they took, and whether a stop token ended them.
+    pub fn continue_from(&self, p: &Prefill, stop: &[u32], s: &Sampling) -> Result<(Vec<u32>, f64, bool)> {
+        let mut rng = forge_rng::SplitMix64::new(s.seed);
+        let mut cache = p.cache.clone();
+        let mut logits = p.logits.clone();
         let t1 = Instant::now();
         let mut out = Vec::new();
         let mut stopped = false;
@@ -651,23 +674,33 @@ impl QModel {
             }
             logits = self.step(&[token], &mut cache)?;
         }
-        Ok((out, prompt_s, t1.elapsed().as_secs_f64(), stopped))
+        Ok((out, t1.elapsed().as_secs_f64(), stopped))
+    }
+
+    /// The student's prompt for `input` (the file's chat format), prefilled.
+    pub fn prefill_input(&self, input: &str, room: usize) -> Result<Prefill> {
+        let prompt = self.tokenizer.prompt(None, input)?;
+        let ids = self.tokenizer.encode_prompt(&prompt)?;
+        self.prefill(&ids, room)
+    }
+
+    /// An answer after a prefilled input, decoded, with its timings.
+    pub fn generate_after(&self, p: &Prefill, s: &Sampling) -> Result<Generation> {
+        let stop = self.tokenizer.stop_ids(&self.cfg.eos);
+        let (tokens, decode_s, stopped) = self.continue_from(p, &stop, s)?;
+        Ok(Generation {
+            text: self.tokenizer.decode(&tokens)?,
+            tokens: tokens.len(),
+            prompt_tokens: p.tokens,
+            prompt_s: p.seconds,
+            decode_s,
+            stopped,
+        })
     }
 
     /// The student's answer to `input`, in the file's chat format.
     pub fn generate(&self, input: &str, s: &Sampling) -> Result<Generation> {
-        let prompt = self.tokenizer.prompt(None, input)?;
-        let ids = self.tokenizer.encode_prompt(&prompt)?;
-        let stop = self.tokenizer.stop_ids(&self.cfg.eos);
-        let (tokens, prompt_s, decode_s, stopped) = self.generate_ids(&ids, &stop, s)?;
-        Ok(Generation {
-            text: self.tokenizer.decode(&tokens)?,
-            tokens: tokens.len(),
-            prompt_tokens: ids.len(),
-            prompt_s,
-            decode_s,
-            stopped,
-        })
+        self.generate_after(&self.prefill_input(input, s.max_tokens)?, s)
     }
 
     /// Greedy tokens for `ids` — used to check the decoder against the f32 model.
@@ -915,6 +948,9 @@ enum Weights {
     /// `f32`, `f16` or `bf16` weights as `f32`, and the precision ggml rounds the input to for
     /// them (its dot-product type: `F32`, `F16` or `BF16`).
     F32(Vec<f32>, Need),
+    /// `f16` weights kept as `f16` (half the memory traffic of `F32`) and widened with F16C
+    /// inside the dot product, which sums exactly as the `F32` one does.
+    F16(Vec<u16>),
     /// `q8_0`, `q4_0` or `q5_0` blocks repacked by [`simd::repack`] for forge's kernels.
     Packed(Vec<u8>, GgmlDType, Kernels),
     /// `q8_0` or `q4_0` blocks repacked by [`simd::repack8`] for forge's VNNI kernels.
@@ -928,6 +964,10 @@ impl Mat {
         let (n, k) = t.shape().dims2()?;
         let fast = kernels != Kernels::Candle;
         let w = match t.dtype() {
+            GgmlDType::F16 if fast => {
+                let data = t.data()?;
+                Weights::F16(data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect())
+            }
             d @ (GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
                 let need = match d {
                     GgmlDType::F16 => Need::F16,
@@ -961,6 +1001,7 @@ impl Mat {
     fn needs(&self) -> Need {
         match &self.w {
             Weights::F32(_, need) => *need,
+            Weights::F16(_) => Need::F16,
             Weights::Packed(..) | Weights::Packed8(..) => Need::Q8_0,
             Weights::Blocks(b) => b.needs(),
         }
@@ -976,6 +1017,7 @@ impl Mat {
         unsafe {
             match &self.w {
                 Weights::F32(w, need) => simd::f32_rows(w, k, rows, acts.rounded(*need, x), m, out, ld),
+                Weights::F16(w) => simd::f16_rows(w, k, rows, acts.rounded(Need::F16, x), m, out, ld),
                 Weights::Packed(w, d, kern) => simd::q_rows(w, *d, *kern, self.n, k / 32, rows, acts, m, out, ld),
                 Weights::Packed8(w, d) => simd::q_rows8(w, *d, self.n, k / 32, rows, acts, m, out, ld),
                 Weights::Blocks(b) => b.rows(k, rows, acts, m, out, ld),
@@ -1361,6 +1403,46 @@ mod simd {
     ///
     /// # Safety
     /// As [`Mat::compute`].
+    /// As [`f32_rows`] for `f16` weights (F16C; the caller checked the CPU has it).
+    ///
+    /// # Safety
+    /// As [`f32_rows`].
+    pub unsafe fn f16_rows(w: &[u16], k: usize, rows: Range<usize>, x: &[f32], m: usize, out: *mut f32, ld: usize) {
+        for r in rows {
+            let wr = &w[r * k..(r + 1) * k];
+            for i in 0..m {
+                unsafe { *out.add(i * ld + r) = dot_f16_avx2(wr, &x[i * k..(i + 1) * k]) };
+            }
+        }
+    }
+
+    /// [`dot_f32_avx2`] with `a` in `f16`: the same lanes, accumulators and order, so the same sum.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_f16_avx2(a: &[u16], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let load = |p: *const u16| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) };
+        let mut i = 0;
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        unsafe {
+            while i + 16 <= n {
+                acc0 = _mm256_fmadd_ps(load(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                acc1 = _mm256_fmadd_ps(load(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
+                i += 16;
+            }
+            if i + 8 <= n {
+                acc0 = _mm256_fmadd_ps(load(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                i += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(acc0, acc1));
+            while i < n {
+                s += half::f16::from_bits(*pa.add(i)).to_f32() * *pb.add(i);
+                i += 1;
+            }
+            s
+        }
+    }
+
     pub unsafe fn f32_rows(w: &[f32], k: usize, rows: Range<usize>, x: &[f32], m: usize, out: *mut f32, ld: usize) {
         for r in rows {
             let wr = &w[r * k..(r + 1) * k];

@@ -60,7 +60,17 @@ fn trained() -> (Llama, Tokenizer) {
         checkpoint_dir: None,
         checkpoint_every: Duration::ZERO,
     };
-    train(&model, &vars, &examples, &[], tok.pad.as_ref().unwrap().1, &cfg, &hooks).unwrap();
+    train(
+        &model,
+        forge_train::train::Backend::Autograd,
+        &vars,
+        &examples,
+        &[],
+        tok.pad.as_ref().unwrap().1,
+        &cfg,
+        &hooks,
+    )
+    .unwrap();
     let weights = model.tensors().into_iter().map(|(n, t)| (n, t.detach())).collect();
     (Llama::from_tensors(model.cfg.clone(), weights, &Device::Cpu).unwrap(), tok)
 }
@@ -91,7 +101,7 @@ fn greedy_decoding_matches_the_f32_model_and_sampling_is_seeded() {
     let reference: Vec<Vec<u32>> = prompts.iter().map(|p| generate(&model, p, &[], &greedy).unwrap()).collect();
     for level in [QuantLevel::F32, QuantLevel::F16] {
         let path = dir.path().join(format!("{level}.gguf"));
-        forge_gguf::convert::write_model(&path, &model, &tok, None, level, "t").unwrap();
+        forge_gguf::convert::write_model(&path, &model, &tok, level, "t", Default::default()).unwrap();
         let q = QModel::load(&path).unwrap();
         for (p, r) in prompts.iter().zip(&reference) {
             let a = q.greedy(p, 24).unwrap();
@@ -100,7 +110,7 @@ fn greedy_decoding_matches_the_f32_model_and_sampling_is_seeded() {
         }
     }
     let path = dir.path().join("q8_0.gguf");
-    forge_gguf::convert::write_model(&path, &model, &tok, None, QuantLevel::Q8_0, "t").unwrap();
+    forge_gguf::convert::write_model(&path, &model, &tok, QuantLevel::Q8_0, "t", Default::default()).unwrap();
     let q = QModel::load(&path).unwrap();
     let hot = |seed| Sampling { temperature: 0.9, top_p: 0.9, top_k: None, seed, max_tokens: 24 };
     let a = q.generate(POSTERS[0].0, &hot(5)).unwrap();
@@ -134,9 +144,9 @@ fn forge_kernels_give_candles_logits_on_any_thread_count() {
         }
         out.into_iter().map(|l| l.into_iter().map(f32::to_bits).collect()).collect()
     };
-    for level in [QuantLevel::Q8_0, QuantLevel::Q4_0, QuantLevel::Q5_0] {
+    for level in [QuantLevel::Q8_0, QuantLevel::Q4_0, QuantLevel::Q5_0, QuantLevel::F16] {
         let path = dir.path().join(format!("{level}.gguf"));
-        forge_gguf::convert::write_model(&path, &model, &tok, None, level, "t").unwrap();
+        forge_gguf::convert::write_model(&path, &model, &tok, level, "t", Default::default()).unwrap();
         let mut candle = QModel::load_with(&path, Kernels::Candle).unwrap();
         candle.set_threads(1);
         let reference = logits(&candle);
@@ -167,7 +177,7 @@ fn a_batched_prompt_equals_the_same_tokens_one_at_a_time() {
     let bits = |l: Vec<f32>| l.into_iter().map(f32::to_bits).collect::<Vec<_>>();
     for level in [QuantLevel::F32, QuantLevel::F16, QuantLevel::Bf16, QuantLevel::Q8_0, QuantLevel::Q4KM] {
         let path = dir.path().join(format!("{level}.gguf"));
-        forge_gguf::convert::write_model(&path, &model, &tok, None, level, "t").unwrap();
+        forge_gguf::convert::write_model(&path, &model, &tok, level, "t", Default::default()).unwrap();
         let mut q = QModel::load(&path).unwrap();
         q.set_parallel_threshold(0);
         q.set_threads(2);

@@ -21,6 +21,7 @@ pub fn registry() -> forge_plan::Registry {
     r.register(Arc::new(forge_data::DatasetExecutor));
     r.register(Arc::new(forge_train::AdapterExecutor));
     r.register(Arc::new(forge_train::MergedExecutor));
+    r.register(Arc::new(forge_train::ImatrixExecutor));
     r.register(Arc::new(forge_gguf::stage::GgufExecutor));
     r.register(Arc::new(forge_gguf::stage::GgufAdapterExecutor));
     r.register(Arc::new(forge_bench::BenchExecutor));

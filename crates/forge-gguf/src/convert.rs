@@ -362,15 +362,21 @@ pub struct Summary {
 }
 
 /// Writes the `tokenizer.*` metadata of the GGUF file `from` (and its architecture) as a GGUF
-/// file of metadata alone: what a model trained on `from` writes back as its tokenizer.
-pub fn write_tokenizer_file(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+/// file of metadata alone: what a model trained on `from` writes back as its tokenizer. The
+/// chat template the model was trained with (a manifest's, or Gemma's for a base model without
+/// one) replaces the file's, so a runtime prompts the model the way it learned.
+pub fn write_tokenizer_file(from: &std::path::Path, to: &std::path::Path, chat_template: Option<&str>) -> Result<()> {
     let g = crate::format::Gguf::open(from)?;
-    let md: Vec<(String, Value)> = g
+    let mut md: Vec<(String, Value)> = g
         .metadata
         .iter()
         .filter(|(k, _)| k.starts_with("tokenizer.") || k == "general.architecture")
+        .filter(|(k, _)| chat_template.is_none() || k != "tokenizer.chat_template")
         .cloned()
         .collect();
+    if let Some(t) = chat_template {
+        md.push(("tokenizer.chat_template".into(), t.into()));
+    }
     write_file(to, &md, &[])
 }
 
@@ -388,15 +394,26 @@ pub fn convert(
     name: &str,
 ) -> Result<(Vec<(String, Value)>, Vec<TensorData>)> {
     let tok_md = tokenizer_metadata(tok, model.cfg.arch, model.cfg.vocab)?;
-    convert_with(model, tok_md, level, name)
+    convert_with(model, tok_md, level, name, None)
 }
 
-/// [`convert`] with the tokenizer metadata given (e.g. a GGUF base's own, [`read_tokenizer_file`]).
+/// What a conversion may take besides the model.
+#[derive(Clone, Copy, Default)]
+pub struct Extras<'a> {
+    /// The tokenizer metadata to write (a GGUF base's own, [`read_tokenizer_file`]) instead of
+    /// metadata made from the tokenizer.
+    pub tokenizer: Option<&'a [(String, Value)]>,
+    /// An importance matrix ([`crate::imatrix::read`]) for the types that use one.
+    pub imatrix: Option<&'a std::collections::HashMap<String, Vec<f32>>>,
+}
+
+/// [`convert`] with the tokenizer metadata given and an optional importance matrix.
 pub fn convert_with(
     model: &Llama,
     tok_md: Vec<(String, Value)>,
     level: QuantLevel,
     name: &str,
+    imatrix: Option<&std::collections::HashMap<String, Vec<f32>>>,
 ) -> Result<(Vec<(String, Value)>, Vec<TensorData>)> {
     let cfg = &model.cfg;
     let n_tokens =
@@ -437,26 +454,38 @@ pub fn convert_with(
     let mut tensors = Vec::with_capacity(items.len());
     for (name, shape, data) in items {
         let ty = tensor_type(level, &name, &shape, layer_of(&name), cfg.layers, tied, seventy_b);
-        let bytes = quantize(ty, &data)?;
+        let cols = *shape.last().unwrap_or(&1);
+        let bytes = match imatrix.and_then(|m| m.get(&name)) {
+            Some(w) if crate::quant::uses_imatrix(ty) => {
+                if w.len() != cols {
+                    return Err(GgufError::Invalid(format!(
+                        "the importance matrix has {} columns for `{name}`, which has {cols}",
+                        w.len()
+                    )));
+                }
+                crate::quant::quantize_weighted(ty, &data, cols, w)?
+            }
+            _ => quantize(ty, &data)?,
+        };
         tensors.push(TensorData { name, shape, ty, data: bytes });
     }
     Ok((md, tensors))
 }
 
-/// Converts and writes a model file atomically; `tok_md` replaces the metadata made from `tok`.
+/// Converts and writes a model file atomically.
 pub fn write_model(
     path: &std::path::Path,
     model: &Llama,
     tok: &Tokenizer,
-    tok_md: Option<Vec<(String, Value)>>,
     level: QuantLevel,
     name: &str,
+    extras: Extras<'_>,
 ) -> Result<Summary> {
-    let tok_md = match tok_md {
-        Some(md) => md,
+    let tok_md = match extras.tokenizer {
+        Some(md) => md.to_vec(),
         None => tokenizer_metadata(tok, model.cfg.arch, model.cfg.vocab)?,
     };
-    let (md, tensors) = convert_with(model, tok_md, level, name)?;
+    let (md, tensors) = convert_with(model, tok_md, level, name, extras.imatrix)?;
     let summary = Summary { tensors: tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.ty)).collect() };
     write_file(path, &md, &tensors)?;
     Ok(summary)

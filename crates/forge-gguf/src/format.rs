@@ -487,7 +487,7 @@ impl Gguf {
         if f.metadata().is_ok_and(|m| m.is_dir()) {
             return Err(GgufError::Invalid(format!("{} is a directory, not a GGUF file", path.display())));
         }
-        read(&mut f).map_err(|e| e.in_file(path))
+        read(&mut std::io::BufReader::new(&mut f)).map_err(|e| e.in_file(path))
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

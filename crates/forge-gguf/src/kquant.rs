@@ -119,6 +119,12 @@ fn make_qkx2_quants(
 /// through the largest magnitude and 18 neighbours `(nmax ± 0.1·k) / max`. Returns the scale;
 /// `l` holds the offset codes.
 fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+    make_qx_quants_weighted(nmax, x, l, None)
+}
+
+/// [`make_qx_quants`] with explicit weights (`quant_weights`, from an importance matrix) in place
+/// of `x²`.
+pub(crate) fn make_qx_quants_weighted(nmax: i32, x: &[f32], l: &mut [i8], weights: Option<&[f32]>) -> f32 {
     let mut max = 0f32;
     let mut amax = 0f32;
     for &v in x {
@@ -135,9 +141,9 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
     let code = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
     let sums = |iscale: f32| {
         let (mut sumlx, mut suml2) = (0f32, 0f32);
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let q = code(iscale, v) as f32;
-            let w = v * v;
+            let w = weights.map_or(v * v, |w| w[i]);
             sumlx += w * v * q;
             suml2 += w * q * q;
         }

@@ -13,6 +13,7 @@
 pub mod adapter;
 pub mod convert;
 pub mod format;
+pub mod imatrix;
 pub mod inspect;
 pub mod kquant;
 pub mod load;

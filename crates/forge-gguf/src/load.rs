@@ -250,15 +250,23 @@ pub fn model(g: &Gguf, r: &mut (impl Read + Seek), rope_scaling: Option<RopeScal
 /// Opens and loads a GGUF model file; errors name the file.
 pub fn open_model(path: &Path, rope_scaling: Option<RopeScaling>) -> Result<Llama> {
     let named = |e: GgufError| e.in_file(path);
-    let mut f = std::fs::File::open(path).map_err(|e| GgufError::Io(format!("{}: {e}", path.display())))?;
+    let mut f = open(path)?;
     let g = crate::format::read(&mut f).map_err(named)?;
     model(&g, &mut f, rope_scaling).map_err(named)
+}
+
+fn open(path: &Path) -> Result<std::io::BufReader<std::fs::File>> {
+    let f = std::fs::File::open(path).map_err(|e| GgufError::Io(format!("{}: {e}", path.display())))?;
+    if f.metadata().is_ok_and(|m| m.is_dir()) {
+        return Err(GgufError::Invalid(format!("{} is a directory, not a GGUF file", path.display())));
+    }
+    Ok(std::io::BufReader::new(f))
 }
 
 /// A GGUF model and its tokenizer, as a training base.
 pub fn open_base(path: &Path) -> Result<(Llama, forge_model::Tokenizer)> {
     let named = |e: GgufError| e.in_file(path);
-    let mut f = std::fs::File::open(path).map_err(|e| GgufError::Io(format!("{}: {e}", path.display())))?;
+    let mut f = open(path)?;
     let g = crate::format::read(&mut f).map_err(named)?;
     let tok = crate::tokenizer::tokenizer(&g).map_err(named)?;
     let model = model(&g, &mut f, None).map_err(named)?;

@@ -204,6 +204,60 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, GgufError> {
     Ok(out)
 }
 
+/// The types [`quantize_weighted`] applies an importance matrix to.
+pub fn uses_imatrix(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0)
+}
+
+/// Encodes the rows of `x` (`[rows, cols]`) as `ty` guided by an importance matrix: `weights[j]`,
+/// the mean square of input column `j` over calibration data (llama.cpp's `quantize_q4_0` /
+/// `quantize_q5_0` with `quant_weights`: each block's scale is the weighted least-squares best,
+/// weighting element `j` by `weights[j] · √(σ² + x_j²)`, σ² the row's mean square). Other types
+/// quantize as [`quantize`] does.
+pub fn quantize_weighted(ty: GgmlType, x: &[f32], cols: usize, weights: &[f32]) -> Result<Vec<u8>, GgufError> {
+    if !uses_imatrix(ty) {
+        return quantize(ty, x);
+    }
+    let (qk, bytes) = (ty.block(), ty.block_bytes());
+    if cols == 0 || x.len() % cols != 0 || cols % qk != 0 || weights.len() != cols {
+        return Err(GgufError::Invalid(format!(
+            "{} values in rows of {cols} with {} importance weights are not whole {ty} rows",
+            x.len(),
+            weights.len()
+        )));
+    }
+    let row_bytes = cols / qk * bytes;
+    let mut out = vec![0u8; x.len() / qk * bytes];
+    out.par_chunks_mut(row_bytes).zip(x.par_chunks(cols)).for_each(|(o, row)| {
+        let sigma2 = row.iter().fold(0f32, |s, v| s + v * v) / cols as f32;
+        let mut w = [0f32; 32];
+        let mut l = [0i8; 32];
+        for ((ob, xb), qw) in o.chunks_mut(bytes).zip(row.chunks(qk)).zip(weights.chunks(qk)) {
+            for j in 0..qk {
+                w[j] = qw[j] * (sigma2 + xb[j] * xb[j]).sqrt();
+            }
+            let nmax = if ty == GgmlType::Q4_0 { 8 } else { 16 };
+            let d = kquant::make_qx_quants_weighted(nmax, xb, &mut l, Some(&w));
+            ob[..2].copy_from_slice(&f16_bytes(d));
+            if ty == GgmlType::Q4_0 {
+                for j in 0..16 {
+                    ob[2 + j] = l[j] as u8 | ((l[j + 16] as u8) << 4);
+                }
+            } else {
+                let mut qh = 0u32;
+                for j in 0..16 {
+                    let (a, b) = (l[j] as u8, l[j + 16] as u8);
+                    ob[6 + j] = (a & 0x0F) | ((b & 0x0F) << 4);
+                    qh |= (((a & 0x10) >> 4) as u32) << j;
+                    qh |= (((b & 0x10) >> 4) as u32) << (j + 16);
+                }
+                ob[2..6].copy_from_slice(&qh.to_le_bytes());
+            }
+        }
+    });
+    Ok(out)
+}
+
 /// Decodes `n` values of type `ty`.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, GgufError> {
     let expected = ty.bytes_for(&[n])?;

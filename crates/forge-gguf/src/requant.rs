@@ -364,10 +364,11 @@ mod tests {
         for tie in [true, false] {
             let (model, tok) = tiny(tie, 2);
             let f32_path = dir.path().join("f32.gguf");
-            crate::convert::write_model(&f32_path, &model, &tok, None, QuantLevel::F32, "t").unwrap();
+            crate::convert::write_model(&f32_path, &model, &tok, QuantLevel::F32, "t", Default::default()).unwrap();
             for level in QuantLevel::ALL {
                 let direct = dir.path().join(format!("{level}.gguf"));
-                let summary = crate::convert::write_model(&direct, &model, &tok, None, level, "t").unwrap();
+                let summary =
+                    crate::convert::write_model(&direct, &model, &tok, level, "t", Default::default()).unwrap();
                 let re = dir.path().join(format!("re-{level}.gguf"));
                 let re_summary = requantize_file(&f32_path, &re, level).unwrap();
                 assert_eq!(
@@ -389,7 +390,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (model, tok) = tiny(true, 9);
         let f16_path = dir.path().join("f16.gguf");
-        crate::convert::write_model(&f16_path, &model, &tok, None, QuantLevel::F16, "t").unwrap();
+        crate::convert::write_model(&f16_path, &model, &tok, QuantLevel::F16, "t", Default::default()).unwrap();
         let f16 = tensors_of(&f16_path);
         let same = dir.path().join("same.gguf");
         requantize_file(&f16_path, &same, QuantLevel::F16).unwrap();

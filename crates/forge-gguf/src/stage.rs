@@ -21,6 +21,9 @@ pub const GGUF_FORMAT: u32 = 2;
 /// it (a GGUF file of metadata only): the `gguf` stage writes it back unchanged.
 pub const GGUF_TOKENIZER: &str = "tokenizer.gguf";
 
+/// The file of a `TARGET:imatrix` artifact.
+pub const IMATRIX_FILE: &str = "imatrix.gguf";
+
 pub struct GgufExecutor;
 pub struct GgufAdapterExecutor;
 
@@ -75,7 +78,17 @@ impl Executor for GgufExecutor {
         let path = ctx.out_dir.join("model.gguf");
         let name = ctx.artifact.target.clone();
         let tok_md = stored_tokenizer(&merged)?;
-        let summary = crate::convert::write_model(&path, &model, &tok, tok_md, level, &name).map_err(failed)?;
+        let imatrix_id = forge_manifest::ArtifactId::new(ctx.artifact.target.clone(), StageKind::Imatrix.name(), None);
+        let imatrix = match ctx.deps.get(&imatrix_id) {
+            Some(dir) => Some(crate::imatrix::read(&dir.join(IMATRIX_FILE)).map_err(failed)?),
+            None => None,
+        };
+        let extras = crate::convert::Extras { tokenizer: tok_md.as_deref(), imatrix: imatrix.as_ref() };
+        let summary = crate::convert::write_model(&path, &model, &tok, level, &name, extras).map_err(failed)?;
+        if imatrix.is_some() {
+            let weighted = summary.tensors.iter().filter(|(_, _, t)| crate::quant::uses_imatrix(*t)).count();
+            ctx.log.line(&format!("{weighted} tensors quantized with the importance matrix"));
+        }
         log_types(ctx, &summary);
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         ctx.log.line(&format!("{} at {level}: {:.1} MiB", path.display(), size as f64 / (1 << 20) as f64));
@@ -147,9 +160,9 @@ impl Executor for GgufAdapterExecutor {
             &ctx.out_dir.join("base.gguf"),
             &base_model,
             &tok,
-            None,
             QuantLevel::F16,
             &format!("{name}-base"),
+            Default::default(),
         )
         .map_err(failed)?;
         log_types(ctx, &summary);

@@ -175,7 +175,14 @@ fn tiny(arch: Arch) -> (Llama, Tokenizer) {
         bos: None,
         eos: vec![tok.eos.as_ref().unwrap().1],
         pad: None,
-        gemma: None,
+        // llama.cpp's fixed gemma3 pattern and local base; a window shorter than the test's 24
+        // tokens.
+        gemma: (arch == Arch::Gemma3).then_some(forge_model::GemmaConfig {
+            sliding_window: 8,
+            sliding_pattern: 6,
+            rope_local_theta: 10_000.0,
+            query_pre_attn_scalar: 64.0,
+        }),
     };
     (Llama::random(cfg, 5, &Device::Cpu).unwrap(), tok)
 }
@@ -192,7 +199,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 #[test]
 fn gguf_logits_match_the_merged_weights_through_the_qk_permutation() {
     let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 200) as u32).collect();
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Gemma3] {
         let (model, tok) = tiny(arch);
         let reference = logits(&model, &ids);
         let dir = tempfile::tempdir().unwrap();
@@ -200,7 +207,7 @@ fn gguf_logits_match_the_merged_weights_through_the_qk_permutation() {
         // Relative to the largest logit: exact at f32, f16 and q8_0 rounding errors beyond.
         for (level, tol) in [(QuantLevel::F32, 1e-6), (QuantLevel::F16, 2e-3), (QuantLevel::Q8_0, 5e-2)] {
             let path = dir.path().join(format!("{level}.gguf"));
-            forge_gguf::convert::write_model(&path, &model, &tok, None, level, "tiny").unwrap();
+            forge_gguf::convert::write_model(&path, &model, &tok, level, "tiny", Default::default()).unwrap();
             let g = forge_gguf::Gguf::open(&path).unwrap();
             assert!(inspect::problems(&g).is_empty(), "{:?}", inspect::problems(&g));
             let back = load::open_model(&path, None).unwrap();
@@ -316,7 +323,7 @@ fn the_tokenizer_comes_back_from_gguf_metadata() {
     let (model, tok) = tiny(Arch::Llama);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
-    forge_gguf::convert::write_model(&path, &model, &tok, None, QuantLevel::Q8_0, "tiny").unwrap();
+    forge_gguf::convert::write_model(&path, &model, &tok, QuantLevel::Q8_0, "tiny", Default::default()).unwrap();
     let back = forge_gguf::tokenizer::tokenizer(&forge_gguf::Gguf::open(&path).unwrap()).unwrap();
     for text in ["HEAR YE! The baron fears geese.", "  odd   spacing\nand lines 1234", "unseen: Zzyzx ünïcødé"] {
         let prompt = tok.prompt(None, text).unwrap();
@@ -327,4 +334,23 @@ fn the_tokenizer_comes_back_from_gguf_metadata() {
     }
     assert_eq!(back.eos, tok.eos);
     assert_eq!(back.completion_suffix().unwrap(), tok.completion_suffix().unwrap());
+}
+
+/// Quantization with an importance matrix gives ggml's own bytes (`ggml_quantize_chunk` with
+/// `imatrix`, recorded by `scripts/ggml_imatrix_reference.py`).
+#[test]
+fn imatrix_quantization_matches_ggml() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/imatrix.json");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let floats =
+        |k: &str| -> Vec<f32> { r[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect() };
+    let (x, w) = (floats("x"), floats("weights"));
+    let cols = r["cols"].as_u64().unwrap() as usize;
+    for (name, ty) in [("q4_0", GgmlType::Q4_0), ("q5_0", GgmlType::Q5_0)] {
+        let got = forge_gguf::quant::quantize_weighted(ty, &x, cols, &w).unwrap();
+        let hex: String = got.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, r["expected"][name].as_str().unwrap(), "{name}");
+        // And the importance matrix changed the result.
+        assert_ne!(got, forge_gguf::quant::quantize(ty, &x).unwrap(), "{name}");
+    }
 }

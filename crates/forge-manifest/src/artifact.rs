@@ -17,7 +17,8 @@ use crate::source::Span;
 pub const BASE_TARGET: &str = "base";
 
 /// Stage names the ML pipeline owns; command stages may not use them.
-pub const RESERVED_STAGES: &[&str] = &["dataset", "adapter", "merged", "gguf", "gguf-adapter", "bench", "report"];
+pub const RESERVED_STAGES: &[&str] =
+    &["dataset", "adapter", "merged", "imatrix", "gguf", "gguf-adapter", "bench", "report", "fetch"];
 
 /// `TARGET:STAGE[:VARIANT]`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -94,6 +95,8 @@ pub enum StageKind {
     Dataset,
     Adapter,
     Merged,
+    /// The importance matrix the quantized levels are made with.
+    Imatrix,
     Gguf(QuantLevel),
     /// The LoRA adapter as GGUF, for llama.cpp to load on the base.
     GgufAdapter,
@@ -112,6 +115,7 @@ impl StageKind {
             StageKind::Dataset => "dataset",
             StageKind::Adapter => "adapter",
             StageKind::Merged => "merged",
+            StageKind::Imatrix => "imatrix",
             StageKind::Gguf(_) => "gguf",
             StageKind::GgufAdapter => "gguf-adapter",
             StageKind::Bench(_) => "bench",
@@ -240,12 +244,29 @@ fn expand_target(manifest: &Manifest, ti: usize, target: &Target, out: &mut Vec<
             out.push(decl);
         }
         if let (Some(q), Some(_)) = (&m.quantize, &m.adapter) {
+            // The importance matrix: computed on the dataset's train split by the merged model,
+            // needed by the levels it changes.
+            let imatrix = q.imatrix > 0 && m.dataset.is_some() && q.levels.iter().any(|l| l.value.uses_imatrix());
+            if imatrix {
+                out.push(ArtifactDecl {
+                    id: id("imatrix", None),
+                    target: ti,
+                    kind: StageKind::Imatrix,
+                    deps: vec![dep("merged", None, q.span), dep("dataset", None, q.span)],
+                    span: q.span,
+                    pool: pool(&q.pool),
+                });
+            }
             for level in &q.levels {
+                let mut deps = vec![dep("merged", None, level.span)];
+                if imatrix && level.value.uses_imatrix() {
+                    deps.push(dep("imatrix", None, level.span));
+                }
                 let decl = ArtifactDecl {
                     id: id("gguf", Some(level.value.to_string())),
                     target: ti,
                     kind: StageKind::Gguf(level.value),
-                    deps: vec![dep("merged", None, level.span)],
+                    deps,
                     span: level.span,
                     pool: pool(&q.pool),
                 };

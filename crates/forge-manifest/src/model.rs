@@ -508,6 +508,12 @@ impl QuantLevel {
         QuantLevel::Q6K,
     ];
 
+    /// Whether an importance matrix can change this level's blocks (llama.cpp ignores it for
+    /// float types and for `q8_0`).
+    pub fn uses_imatrix(self) -> bool {
+        !matches!(self, QuantLevel::F32 | QuantLevel::F16 | QuantLevel::Bf16 | QuantLevel::Q8_0)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             QuantLevel::F32 => "f32",
@@ -542,6 +548,9 @@ pub struct QuantizeStage {
     #[serde(skip)]
     pub span: Span,
     pub levels: Vec<Spanned<QuantLevel>>,
+    /// Train samples the importance matrix is computed on (`TARGET:imatrix`, what
+    /// `llama-imatrix` computes); 0 quantizes without one, as plain `llama-quantize` does.
+    pub imatrix: u32,
     pub pool: Option<Spanned<String>>,
 }
 

@@ -265,6 +265,7 @@ pub const DEFAULT_LORA_MODULES: &[&str] = &["q_proj", "v_proj"];
 fn quantize(cx: &mut Cx<'_>, node: &KdlNode) -> Option<QuantizeStage> {
     let mut r = NodeReader::new(cx, node, "quantize \"f16\" \"q8_0\" \"q4_0\"");
     let names = r.rest_str(cx, 0, 1, "quantization levels");
+    let imatrix = r.int_in(cx, "imatrix", 0, 1_000_000).map(|v| v.value as u32).unwrap_or(32);
     let pool = r.str(cx, "pool");
     r.no_children(cx);
     r.finish(cx);
@@ -301,7 +302,7 @@ fn quantize(cx: &mut Cx<'_>, node: &KdlNode) -> Option<QuantizeStage> {
             ),
         }
     }
-    (!levels.is_empty()).then(|| QuantizeStage { span: cx.span(node.name().span()), levels, pool })
+    (!levels.is_empty()).then(|| QuantizeStage { span: cx.span(node.name().span()), levels, imatrix, pool })
 }
 
 const GATE_METRICS: &[&str] =

@@ -3,6 +3,7 @@
 //! ([`tokenizer`]) and sampling ([`generate`]).
 
 pub mod config;
+pub mod engine;
 pub mod generate;
 pub mod io;
 pub mod kernels;

@@ -88,16 +88,31 @@ impl Dropout {
     }
 
     /// The mask for `len` inputs under key `key`: 0 for a dropped input, `1/(1-p)` for a kept
-    /// one; `None` when nothing is dropped.
+    /// one; `None` when nothing is dropped. Each input is dropped when a 16-bit uniform draw is
+    /// below `p · 2¹⁶`; draws come four to a 64-bit number, from one stream per 4,096 inputs (so
+    /// the mask is built in parallel and is the same on any number of threads).
     pub fn mask(&self, key: u64, len: usize, p: f32) -> Option<Vec<f32>> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 4096;
         let seed = self.seed?;
         if p <= 0.0 {
             return None;
         }
-        let mut rng = forge_rng::SplitMix64::new(forge_rng::hash64(&[&seed.to_le_bytes(), &key.to_le_bytes()]));
+        let stream = forge_rng::hash64(&[&seed.to_le_bytes(), &key.to_le_bytes()]);
         let keep = 1.0 / (1.0 - p);
-        let threshold = (p as f64 * (1u64 << 53) as f64) as u64;
-        Some((0..len).map(|_| if (rng.next_u64() >> 11) < threshold { 0.0 } else { keep }).collect())
+        let threshold = (p as f64 * 65536.0).round() as u32;
+        let mut mask = vec![0f32; len];
+        mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+            let mut rng =
+                forge_rng::SplitMix64::new(forge_rng::hash64(&[&stream.to_le_bytes(), &(c as u64).to_le_bytes()]));
+            for quad in chunk.chunks_mut(4) {
+                let r = rng.next_u64();
+                for (i, v) in quad.iter_mut().enumerate() {
+                    *v = if ((r >> (16 * i)) & 0xffff) < threshold as u64 { 0.0 } else { keep };
+                }
+            }
+        });
+        Some(mask)
     }
 
     fn apply(&self, x: &Tensor, p: f32, key: u64) -> Result<Tensor> {
@@ -322,9 +337,18 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
     }
 }
 
+/// Positions the RoPE tables cover at most (a model may claim a longer context; a sequence past
+/// this is refused, not allocated for).
+pub const ROPE_TABLE_MAX: usize = 32_768;
+
+/// The positions a model's RoPE tables cover.
+pub fn rope_positions(cfg: &ModelConfig) -> usize {
+    cfg.max_positions.min(ROPE_TABLE_MAX)
+}
+
 impl Rope {
     fn new(inv: Vec<f64>, cfg: &ModelConfig, device: &Device, dtype: DType) -> Result<Rope> {
-        let n = cfg.max_positions;
+        let n = rope_positions(cfg);
         let half = inv.len();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
@@ -580,6 +604,9 @@ impl Llama {
             return Err(ModelError::TooLong { len: past + t, max: self.cfg.max_positions });
         }
         let s = past + t;
+        if s > rope_positions(&self.cfg) {
+            return Err(ModelError::TooLong { len: s, max: rope_positions(&self.cfg) });
+        }
         let mask = |window: usize| -> Result<Tensor> {
             let mut m = vec![0f32; t * s];
             for i in 0..t {
@@ -612,8 +639,9 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if let Some(&p) = positions.iter().max() {
-            if p as usize >= self.cfg.max_positions {
-                return Err(ModelError::TooLong { len: p as usize + 1, max: self.cfg.max_positions });
+            let max = rope_positions(&self.cfg);
+            if p as usize >= max {
+                return Err(ModelError::TooLong { len: p as usize + 1, max });
             }
         }
         let cfg = &self.cfg;

@@ -31,15 +31,32 @@ pub fn example(tok: &Tokenizer, input: &str, output: &str, seq_len: usize) -> Re
     Ok(Some(Example { ids, prompt_len }))
 }
 
-/// A batch ready for the model: ids `[B, T]`, their layout, and per position the next-token
-/// target and its loss weight.
+/// A batch ready for the model: ids `[B, T]` (row-major), their layout, and per position the
+/// next-token target and its loss weight.
 pub struct Batch {
-    pub ids: Tensor,
+    pub ids: Vec<u32>,
     pub layout: Layout,
     pub targets: Vec<u32>,
     pub weights: Vec<f32>,
     /// Real (non-padding) tokens.
     pub tokens: usize,
+}
+
+impl Batch {
+    /// The ids as a `[B, T]` tensor.
+    pub fn ids_tensor(&self, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_vec(self.ids.clone(), (self.layout.batch, self.layout.len), device)?)
+    }
+
+    /// The batch as the training engine reads it.
+    pub fn engine(&self) -> forge_model::engine::Batch<'_> {
+        forge_model::engine::Batch {
+            ids: &self.ids,
+            layout: &self.layout,
+            targets: &self.targets,
+            weights: &self.weights,
+        }
+    }
 }
 
 /// A row of one or more examples (several when packing).
@@ -79,7 +96,7 @@ pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 /// Builds the batch of `rows`, padded to the longest. Position `t` of a segment predicts the
 /// token at `t + 1` with weight `prompt_loss_weight` if that token is part of the prompt and 1
 /// if it is part of the completion; the last token of a segment and padding predict nothing.
-pub fn batch(examples: &[Example], rows: &[Row], prompt_loss_weight: f32, pad: u32, device: &Device) -> Result<Batch> {
+pub fn batch(examples: &[Example], rows: &[Row], prompt_loss_weight: f32, pad: u32) -> Result<Batch> {
     let t = rows.iter().map(|r| r.len).max().ok_or_else(|| TrainError::Data("an empty batch".into()))?;
     let b = rows.len();
     let mut ids = vec![pad; b * t];
@@ -105,13 +122,7 @@ pub fn batch(examples: &[Example], rows: &[Row], prompt_loss_weight: f32, pad: u
             at += ex.ids.len();
         }
     }
-    Ok(Batch {
-        ids: Tensor::from_vec(ids, (b, t), device)?,
-        layout: Layout { batch: b, len: t, positions, segments },
-        targets,
-        weights,
-        tokens,
-    })
+    Ok(Batch { ids, layout: Layout { batch: b, len: t, positions, segments }, targets, weights, tokens })
 }
 
 #[cfg(test)]
@@ -136,7 +147,7 @@ mod tests {
     fn batch_targets_weights_positions_and_segments() {
         let examples = vec![ex(3, 2), ex(2, 1)];
         let r = rows(&examples, &[0, 1], 8, true);
-        let b = batch(&examples, &r, 0.25, 0, &Device::Cpu).unwrap();
+        let b = batch(&examples, &r, 0.25, 0).unwrap();
         assert_eq!(b.layout.positions, vec![0, 1, 2, 0, 1]);
         assert_eq!(b.layout.segments, vec![1, 1, 1, 2, 2]);
         // Example 0: ids 10 11 12, prompt 10 11 → 10 predicts 11 (prompt), 11 predicts 12 (answer).
@@ -145,8 +156,11 @@ mod tests {
         assert_eq!(b.tokens, 5);
         // Unpacked rows are padded to the longest.
         let r = rows(&examples, &[0, 1], 8, false);
-        let b = batch(&examples, &r, 0.0, 99, &Device::Cpu).unwrap();
-        assert_eq!(b.ids.to_vec2::<u32>().unwrap(), vec![vec![10, 11, 12], vec![10, 11, 99]]);
+        let b = batch(&examples, &r, 0.0, 99).unwrap();
+        assert_eq!(
+            b.ids_tensor(&Device::Cpu).unwrap().to_vec2::<u32>().unwrap(),
+            vec![vec![10, 11, 12], vec![10, 11, 99]]
+        );
         assert_eq!(b.layout.segments, vec![1, 1, 1, 1, 1, 0]);
         assert_eq!(b.weights, vec![0.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
     }

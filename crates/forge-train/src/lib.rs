@@ -3,12 +3,14 @@
 //! 0) and the NPC persona pipeline (full fine-tune, packing) train their models.
 
 pub mod data;
+pub mod imatrix;
 pub mod optim;
 pub mod stage;
 pub mod train;
 
 use std::path::{Path, PathBuf};
 
+pub use imatrix::ImatrixExecutor;
 pub use stage::{AdapterExecutor, MergedExecutor, load_adapted};
 pub use train::{Curve, Hooks, Report, TrainConfig, train};
 

@@ -30,7 +30,7 @@ use forge_plan::{ActionContext, ActionError, Executor, StagePlan};
 use serde_json::{Value, json};
 
 use crate::data::{Example, example};
-use crate::train::{Hooks, TrainConfig, train};
+use crate::train::{Backend, Hooks, TrainConfig, train};
 
 /// Bumped when the adapter artifact's files change shape.
 pub const ADAPTER_FORMAT: u32 = 2;
@@ -139,12 +139,12 @@ pub fn lora_spec(a: &AdapterStage) -> LoraSpec {
     }
 }
 
-fn failed(e: impl std::fmt::Display) -> ActionError {
+pub(crate) fn failed(e: impl std::fmt::Display) -> ActionError {
     ActionError::Failed(e.to_string())
 }
 
 /// The upstream artifact of this target's stage `kind`.
-fn dep_of(ctx: &ActionContext<'_>, kind: StageKind) -> Result<PathBuf, ActionError> {
+pub(crate) fn dep_of(ctx: &ActionContext<'_>, kind: StageKind) -> Result<PathBuf, ActionError> {
     let id = forge_manifest::ArtifactId::new(ctx.artifact.target.clone(), kind.name(), None);
     ctx.deps.get(&id).cloned().ok_or_else(|| failed(format!("the upstream artifact {id} is missing")))
 }
@@ -175,7 +175,7 @@ pub fn scratch_config(s: &forge_manifest::ScratchBase, tok: &Tokenizer) -> Model
 }
 
 /// Reads a dataset artifact's split.
-fn samples(dir: &Path, split: &str) -> Result<Vec<forge_data::Sample>, ActionError> {
+pub(crate) fn read_split(dir: &Path, split: &str) -> Result<Vec<forge_data::Sample>, ActionError> {
     forge_data::read_samples(&dir.join(format!("{split}.jsonl"))).map_err(failed)
 }
 
@@ -230,7 +230,7 @@ fn prepare_base(
     }
 }
 
-fn tokenize(
+pub(crate) fn tokenize(
     tok: &Tokenizer,
     samples: &[forge_data::Sample],
     seq_len: usize,
@@ -284,8 +284,8 @@ impl Executor for AdapterExecutor {
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         let a = adapter_stage(ctx.manifest, ctx.decl);
         let dataset = dep_of(ctx, StageKind::Dataset)?;
-        let train_samples = samples(&dataset, "train")?;
-        let eval_samples = samples(&dataset, "eval")?;
+        let train_samples = read_split(&dataset, "train")?;
+        let eval_samples = read_split(&dataset, "eval")?;
         let (mut model, tok) = prepare_base(ctx, a, &train_samples)?;
         let cfg = train_config(a);
         let seq_len = cfg.seq_len.min(model.cfg.max_positions);
@@ -311,7 +311,31 @@ impl Executor for AdapterExecutor {
             checkpoint_every: Duration::from_secs(60),
         };
         let cfg = TrainConfig { seq_len, ..cfg };
-        let report = train(&model, &vars, &train_ex, &eval_ex, pad, &cfg, &hooks).map_err(|e| match e {
+        // LoRA trains on the engine over the frozen base (kept in `base-dtype`); full
+        // fine-tuning on candle's autograd.
+        let engine = match a.method {
+            TrainMethod::Lora => {
+                let dtype = match a.base_dtype {
+                    forge_manifest::BaseDtype::F32 => forge_model::engine::BaseDtype::F32,
+                    forge_manifest::BaseDtype::Bf16 => forge_model::engine::BaseDtype::Bf16,
+                };
+                let e = forge_model::engine::Engine::new(&model, dtype).map_err(failed)?;
+                ctx.log.line(&format!(
+                    "frozen base in {}: {:.0} MiB{}",
+                    a.base_dtype.as_str(),
+                    e.bytes() as f64 / (1 << 20) as f64,
+                    if dtype == forge_model::engine::BaseDtype::Bf16 && !forge_model::engine::gemm::has_bf16() {
+                        " (this CPU has no AVX512-BF16: the bf16 products run in f32)"
+                    } else {
+                        ""
+                    }
+                ));
+                Some(e)
+            }
+            TrainMethod::Full => None,
+        };
+        let backend = engine.as_ref().map_or(Backend::Autograd, Backend::Engine);
+        let report = train(&model, backend, &vars, &train_ex, &eval_ex, pad, &cfg, &hooks).map_err(|e| match e {
             crate::TrainError::Cancelled => ActionError::Cancelled,
             other => failed(other),
         })?;
@@ -337,7 +361,7 @@ impl Executor for AdapterExecutor {
                     BaseKind::Hf { path } => path.value.clone(),
                     BaseKind::Gguf(g) => {
                         let file = gguf_base_file(ctx.manifest, &a.base.value, g, ctx.workspace, ctx.deps)?;
-                        write_gguf_base_info(out, &a.base.value, g, &file)?;
+                        write_gguf_base_info(out, &a.base.value, g, &file, &tok)?;
                         a.base.value.clone()
                     }
                 };
@@ -357,7 +381,7 @@ impl Executor for AdapterExecutor {
 
 /// Writes what the adapter of a GGUF base needs to find it again and to write its tokenizer
 /// back: [`BASE_INFO`] and [`GGUF_TOKENIZER`].
-fn write_gguf_base_info(out: &Path, name: &str, g: &GgufBase, file: &Path) -> Result<(), ActionError> {
+fn write_gguf_base_info(out: &Path, name: &str, g: &GgufBase, file: &Path, tok: &Tokenizer) -> Result<(), ActionError> {
     let info = json!({
         "kind": "gguf",
         "base": name,
@@ -367,7 +391,8 @@ fn write_gguf_base_info(out: &Path, name: &str, g: &GgufBase, file: &Path) -> Re
     let path = out.join(BASE_INFO);
     std::fs::write(&path, serde_json::to_string_pretty(&info).expect("serializes") + "\n")
         .map_err(|e| ActionError::io(&path, e))?;
-    forge_gguf::convert::write_tokenizer_file(file, &out.join(GGUF_TOKENIZER)).map_err(failed)
+    forge_gguf::convert::write_tokenizer_file(file, &out.join(GGUF_TOKENIZER), tok.chat_template.as_deref())
+        .map_err(failed)
 }
 
 /// Where a LoRA adapter's base is, when it is not named by `base_model_name_or_path` alone.

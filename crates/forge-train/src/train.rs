@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor, Var};
 use forge_manifest::Schedule;
+use forge_model::engine::{Engine, Lora, LoraGrads};
 use forge_model::{Dropout, Llama, weighted_cross_entropy};
 use serde::{Deserialize, Serialize};
 
@@ -126,17 +127,91 @@ fn seed_for(parts: &[&[u8]]) -> u64 {
     forge_rng::hash64(parts)
 }
 
+/// How the loop gets a micro-batch's loss and gradients.
+#[derive(Clone, Copy)]
+pub enum Backend<'a> {
+    /// candle's autograd on the model: any variables (full fine-tuning, LoRA).
+    Autograd,
+    /// The LoRA engine over the frozen base (the model's LoRA pairs are the variables).
+    Engine(&'a Engine),
+}
+
+/// The engine's gradients as tensors, in the order [`forge_model::lora::attach`] returns the
+/// variables: per layer, per adapted module, A then B.
+pub fn grads_as_tensors(model: &Llama, grads: &LoraGrads) -> Result<Vec<Tensor>> {
+    let mut out = Vec::new();
+    for (block, layer) in model.layers.iter().zip(grads) {
+        for ((_, lin), g) in block.linears().into_iter().zip(layer) {
+            if let (Some(p), Some((da, db))) = (&lin.lora, g) {
+                out.push(Tensor::from_slice(da, p.a.shape(), p.a.device())?.to_dtype(p.a.dtype())?);
+                out.push(Tensor::from_slice(db, p.b.shape(), p.b.device())?.to_dtype(p.b.dtype())?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Backend<'_> {
+    /// The weighted mean loss of a micro-batch and the gradient of every variable.
+    fn step(
+        &self,
+        model: &Llama,
+        vars: &[(String, Var)],
+        b: &crate::data::Batch,
+        dropout: &Dropout,
+    ) -> Result<(f64, Vec<Tensor>)> {
+        match self {
+            Backend::Autograd => {
+                let logits = model.forward(&b.ids_tensor(model.device())?, &b.layout, dropout)?;
+                let logits = logits.reshape((b.targets.len(), model.cfg.vocab))?;
+                let (loss, _) = weighted_cross_entropy(&logits, &b.targets, &b.weights)?;
+                let grads = loss.backward()?;
+                let g = vars
+                    .iter()
+                    .map(|(name, v)| {
+                        grads.get(v.as_tensor()).cloned().ok_or_else(|| TrainError::NoGradient(name.clone()))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((scalar(&loss)?, g))
+            }
+            Backend::Engine(e) => {
+                let (loss, grads) = e.loss_and_grads(&Lora::of(model)?, &b.engine(), dropout)?;
+                let g = grads_as_tensors(model, &grads)?;
+                if g.len() != vars.len() {
+                    return Err(TrainError::Data(format!(
+                        "the engine has {} gradients for {} variables",
+                        g.len(),
+                        vars.len()
+                    )));
+                }
+                Ok((loss, g))
+            }
+        }
+    }
+
+    /// A micro-batch's weighted loss sum and total weight (no dropout, no gradient).
+    fn loss(&self, model: &Llama, b: &crate::data::Batch) -> Result<(f64, f64)> {
+        match self {
+            Backend::Autograd => {
+                let logits = model.forward(&b.ids_tensor(model.device())?, &b.layout, &Dropout::off())?.detach();
+                let logits = logits.reshape((b.targets.len(), model.cfg.vocab))?;
+                let (loss, w) = weighted_cross_entropy(&logits, &b.targets, &b.weights)?;
+                Ok((scalar(&loss)? * w, w))
+            }
+            Backend::Engine(e) => Ok(e.loss(&Lora::of(model)?, &b.engine())?),
+        }
+    }
+}
+
 /// The weighted mean loss of `examples` (no dropout, no gradient).
-pub fn evaluate(model: &Llama, examples: &[Example], cfg: &TrainConfig, pad: u32) -> Result<f64> {
+pub fn evaluate(model: &Llama, backend: Backend<'_>, examples: &[Example], cfg: &TrainConfig, pad: u32) -> Result<f64> {
     let order: Vec<usize> = (0..examples.len()).collect();
     let all = rows(examples, &order, cfg.seq_len, cfg.packing);
     let (mut sum, mut weight) = (0f64, 0f64);
     for chunk in all.chunks(cfg.batch.max(1)) {
-        let b = batch(examples, chunk, cfg.prompt_loss_weight, pad, model.device())?;
-        let logits = model.forward(&b.ids, &b.layout, &Dropout::off())?.detach();
-        let logits = logits.reshape((b.targets.len(), model.cfg.vocab))?;
-        let (loss, w) = weighted_cross_entropy(&logits, &b.targets, &b.weights)?;
-        sum += scalar(&loss)? * w;
+        let b = batch(examples, chunk, cfg.prompt_loss_weight, pad)?;
+        let (s, w) = backend.loss(model, &b)?;
+        sum += s;
         weight += w;
     }
     Ok(if weight > 0.0 { sum / weight } else { f64::NAN })
@@ -147,8 +222,10 @@ fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 /// Trains `vars` (variables inside `model`) on `train`, evaluating on `eval` after every epoch.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     model: &Llama,
+    backend: Backend<'_>,
     vars: &[(String, Var)],
     train: &[Example],
     eval: &[Example],
@@ -212,23 +289,19 @@ pub fn train(
         let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
         let (mut loss_sum, mut step_tokens) = (0f64, 0usize);
         for (k, rows) in group.iter().enumerate() {
-            let b = batch(train, rows, cfg.prompt_loss_weight, pad, &device)?;
+            let b = batch(train, rows, cfg.prompt_loss_weight, pad)?;
             let dropout = Dropout::seeded(seed_for(&[
                 &cfg.seed.to_le_bytes(),
                 &(step as u64).to_le_bytes(),
                 &(k as u64).to_le_bytes(),
                 b"dropout",
             ]));
-            let logits = model.forward(&b.ids, &b.layout, &dropout)?;
-            let logits = logits.reshape((b.targets.len(), model.cfg.vocab))?;
-            let (loss, _) = weighted_cross_entropy(&logits, &b.targets, &b.weights)?;
-            loss_sum += scalar(&loss)?;
+            let (loss, grads) = backend.step(model, vars, &b, &dropout)?;
+            loss_sum += loss;
             step_tokens += b.tokens;
-            let grads = loss.backward()?;
-            for (i, (name, v)) in vars.iter().enumerate() {
-                let g = grads.get(v.as_tensor()).ok_or_else(|| TrainError::NoGradient(name.clone()))?;
+            for (i, g) in grads.into_iter().enumerate() {
                 sums[i] = Some(match sums[i].take() {
-                    None => g.clone(),
+                    None => g,
                     Some(s) => (s + g)?,
                 });
             }
@@ -264,7 +337,7 @@ pub fn train(
         }
         let epoch_done = step % plan.steps_per_epoch == 0 || step == plan.total;
         if epoch_done && !eval.is_empty() {
-            let loss = evaluate(model, eval, cfg, pad)?;
+            let loss = evaluate(model, backend, eval, cfg, pad)?;
             (hooks.log)(&format!("epoch {}: eval loss {loss:.4}", epoch + 1));
             curve.eval.push(EvalRecord { epoch: epoch + 1, step, loss });
         }

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use candle_core::{Device, Var};
 use forge_manifest::{Schedule, ScratchBase};
+use forge_model::engine::{BaseDtype, Engine};
 use forge_model::lora::{self, LoraSpec};
 use forge_model::{Llama, Tokenizer};
 use forge_train::data::{Example, example};
 use forge_train::stage::scratch_config;
+use forge_train::train::Backend;
 use forge_train::{Hooks, TrainConfig, train};
 
 const POSTERS: [(&str, &str); 8] = [
@@ -87,13 +89,22 @@ fn lora_on_eight_samples_cuts_the_training_loss_by_more_than_90_percent() {
     let vars = lora::attach(&mut model, &spec, 0).unwrap();
     let pad = tok.pad.as_ref().unwrap().1;
     let cfg = TrainConfig { lr: 1e-2, ..config(60) };
-    let report =
-        train(&model, &vars, &examples, &examples[..2], pad, &cfg, &quiet(&|| false, &|_, _| {}, None)).unwrap();
-    let first = report.curve.train.first().unwrap().loss;
-    let last = report.curve.train.last().unwrap().loss;
-    eprintln!("LoRA: loss {first:.3} -> {last:.3} in {} steps; eval {:?}", report.steps, report.curve.eval);
-    assert!(last < 0.1 * first, "loss {first} -> {last}");
-    assert_eq!(report.curve.eval.len(), 60, "one eval per epoch (an epoch is one step here)");
+    // On the LoRA engine with a bf16 base (what the adapter stage runs) and on autograd.
+    let engine = Engine::new(&model, BaseDtype::Bf16).unwrap();
+    let fresh: Vec<Vec<f32>> = values(&vars);
+    for backend in [Backend::Engine(&engine), Backend::Autograd] {
+        for ((_, v), init) in vars.iter().zip(&fresh) {
+            v.set(&candle_core::Tensor::from_slice(init, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let report =
+            train(&model, backend, &vars, &examples, &examples[..2], pad, &cfg, &quiet(&|| false, &|_, _| {}, None))
+                .unwrap();
+        let first = report.curve.train.first().unwrap().loss;
+        let last = report.curve.train.last().unwrap().loss;
+        eprintln!("LoRA: loss {first:.3} -> {last:.3} in {} steps; eval {:?}", report.steps, report.curve.eval.last());
+        assert!(last < 0.1 * first, "loss {first} -> {last}");
+        assert_eq!(report.curve.eval.len(), 60, "one eval per epoch (an epoch is one step here)");
+    }
 }
 
 #[test]
@@ -102,7 +113,9 @@ fn full_fine_tuning_on_eight_samples_cuts_the_training_loss_by_more_than_90_perc
     let (model, vars) = model.trainable().unwrap();
     let pad = tok.pad.as_ref().unwrap().1;
     let cfg = TrainConfig { lr: 3e-3, packing: true, ..config(40) };
-    let report = train(&model, &vars, &examples, &[], pad, &cfg, &quiet(&|| false, &|_, _| {}, None)).unwrap();
+    let report =
+        train(&model, Backend::Autograd, &vars, &examples, &[], pad, &cfg, &quiet(&|| false, &|_, _| {}, None))
+            .unwrap();
     let first = report.curve.train.first().unwrap().loss;
     let last = report.curve.train.last().unwrap().loss;
     eprintln!("full: loss {first:.3} -> {last:.3} in {} steps", report.steps);
@@ -117,11 +130,13 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     let run = |stop_after: Option<u64>, dir: Option<std::path::PathBuf>| {
         let (mut model, tok, examples) = setup();
         let vars = lora::attach(&mut model, &spec, 0).unwrap();
+        let engine = Engine::new(&model, BaseDtype::Bf16).unwrap();
         let done = AtomicU64::new(0);
         let progress = |d: u64, _: u64| done.store(d, Ordering::SeqCst);
         let cancelled = || stop_after.is_some_and(|s| done.load(Ordering::SeqCst) >= s);
         let result = train(
             &model,
+            Backend::Engine(&engine),
             &vars,
             &examples,
             &examples[..2],

@@ -75,7 +75,8 @@ fn main() {
         forge_model::io::load_hf(&input, &candle_core::Device::Cpu).map_err(|e| e.to_string()).and_then(
             |(model, tok)| {
                 let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                forge_gguf::convert::write_model(&output, &model, &tok, None, level, &name).map_err(|e| e.to_string())
+                forge_gguf::convert::write_model(&output, &model, &tok, level, &name, Default::default())
+                    .map_err(|e| e.to_string())
             },
         )
     } else {
