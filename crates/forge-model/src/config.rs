@@ -296,7 +296,12 @@ impl ModelConfig {
                     .collect();
                 o.insert("layer_types".into(), json!(types));
                 o.insert("rope_local_base_freq".into(), json!(g.rope_local_theta));
-                o.insert("query_pre_attn_scalar".into(), json!(g.query_pre_attn_scalar));
+                // transformers declares it an integer.
+                let scalar = g.query_pre_attn_scalar;
+                o.insert(
+                    "query_pre_attn_scalar".into(),
+                    if scalar.fract() == 0.0 { json!(scalar as u64) } else { json!(scalar) },
+                );
                 o.insert("final_logit_softcapping".into(), Value::Null);
                 o.insert("attn_logit_softcapping".into(), Value::Null);
             }
@@ -358,6 +363,31 @@ mod tests {
         assert_eq!(c.eos, vec![2, 3]);
         assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 32.0));
         assert_eq!(ModelConfig::from_hf(&c.to_hf()).unwrap(), c);
+    }
+
+    #[test]
+    fn reads_gemma3_text_and_round_trips() {
+        let v = json!({
+            "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 640,
+            "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+            "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window": 512,
+            "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+            "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention",
+                            "sliding_attention", "full_attention"],
+            "final_logit_softcapping": null, "attn_logit_softcapping": null, "tie_word_embeddings": true,
+            "max_position_embeddings": 32768, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0
+        });
+        let c = ModelConfig::from_hf(&v).unwrap();
+        let g = c.gemma.as_ref().unwrap();
+        assert_eq!((g.sliding_window, g.sliding_pattern, g.query_pre_attn_scalar), (512, 6, 256.0));
+        assert!(g.is_sliding(0) && g.is_sliding(4) && !g.is_sliding(5) && !g.is_sliding(11));
+        let back = c.to_hf();
+        // transformers' Gemma3TextConfig declares the scalar an integer.
+        assert!(back["query_pre_attn_scalar"].is_u64(), "{back}");
+        assert_eq!(ModelConfig::from_hf(&back).unwrap(), c);
+        let soft = json!({"model_type": "gemma3_text", "final_logit_softcapping": 30.0});
+        assert!(ModelConfig::from_hf(&soft).unwrap_err().to_string().contains("final_logit_softcapping"));
     }
 
     #[test]

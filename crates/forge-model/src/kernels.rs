@@ -8,7 +8,7 @@
 //! - [`frozen_matmul`]: `x Wᵀ` with `W` frozen — backward computes `dx = dy W` only;
 //! - [`rms_norm`]: RMSNorm forward/backward in one pass per row;
 //! - [`masked_softmax`]: `softmax(scale·x + mask)` over the last dimension;
-//! - [`silu_mul`]: `silu(g) · u`, the SwiGLU gate; [`gelu_mul`]: `gelu_tanh(g) · u`, GeGLU's;
+//! - [`silu_mul`], [`gelu_mul`]: `act(g) · u`, the SwiGLU and GeGLU gates ([`Act`]);
 //! - [`rope`]: rotary embeddings (`x·cos + rotate_half(x)·sin`) and their transpose backward;
 //! - [`cross_entropy`]: the weighted next-token cross-entropy straight from logits.
 //!
@@ -272,17 +272,73 @@ pub fn masked_softmax(x: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
-// ---- SwiGLU -----------------------------------------------------------------------------
+// ---- gated activations (SwiGLU, GeGLU) --------------------------------------------------
 
-struct SiluMul;
-
-pub(crate) fn sigmoid(x: f32) -> f32 {
+fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-impl CustomOp2 for SiluMul {
+/// `√(2/π)`.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// The activation of a gated FFN, `act(g) · u`: SiLU (llama's SwiGLU) or GELU with the tanh
+/// approximation (`gelu_pytorch_tanh`, Gemma's GeGLU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Silu,
+    Gelu,
+}
+
+impl Act {
+    /// `act(g)` and its derivative.
+    #[inline]
+    pub fn value_and_slope(self, g: f32) -> (f32, f32) {
+        match self {
+            Act::Silu => {
+                let s = sigmoid(g);
+                (g * s, s * (1.0 + g * (1.0 - s)))
+            }
+            Act::Gelu => {
+                let inner = SQRT_2_OVER_PI * (g + 0.044715 * g * g * g);
+                let th = inner.tanh();
+                let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * g * g);
+                (0.5 * g * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * dinner)
+            }
+        }
+    }
+
+    /// `y = act(g) · u`, elementwise.
+    pub fn forward(self, g: &[f32], u: &[f32], y: &mut [f32]) {
+        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
+            for i in 0..y.len() {
+                y[i] = self.value_and_slope(g[i]).0 * u[i];
+            }
+        });
+    }
+
+    /// The gradients of `g` and `u` from that of `y`.
+    pub fn backward(self, g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(dy.par_chunks(4096)))
+            .for_each(|((dg, du), ((g, u), dy))| {
+                for i in 0..dg.len() {
+                    let (a, da) = self.value_and_slope(g[i]);
+                    du[i] = dy[i] * a;
+                    dg[i] = dy[i] * u[i] * da;
+                }
+            });
+    }
+}
+
+struct GatedMul(Act);
+
+impl CustomOp2 for GatedMul {
     fn name(&self) -> &'static str {
-        "silu-mul"
+        match self.0 {
+            Act::Silu => "silu-mul",
+            Act::Gelu => "gelu-mul",
+        }
     }
 
     fn cpu_fwd(
@@ -294,11 +350,7 @@ impl CustomOp2 for SiluMul {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (g, u) = (contiguous_f32(gs, gl)?, contiguous_f32(us, ul)?);
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
-            for i in 0..y.len() {
-                y[i] = g[i] * sigmoid(g[i]) * u[i];
-            }
-        });
+        self.0.forward(g, u, &mut y);
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
@@ -311,20 +363,9 @@ impl CustomOp2 for SiluMul {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let (gv, uv, dyv) = (view(g)?, view(u)?, view(&dy)?);
-        let (gv, uv, dyv) = (gv.slice(), uv.slice(), dyv.slice());
-        let mut dg = vec![0f32; gv.len()];
-        let mut du = vec![0f32; gv.len()];
-        dg.par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .zip(gv.par_chunks(4096).zip(uv.par_chunks(4096)).zip(dyv.par_chunks(4096)))
-            .for_each(|((dg, du), ((g, u), dy))| {
-                for i in 0..dg.len() {
-                    let s = sigmoid(g[i]);
-                    let silu = g[i] * s;
-                    du[i] = dy[i] * silu;
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                }
-            });
+        let mut dg = vec![0f32; gv.slice().len()];
+        let mut du = vec![0f32; gv.slice().len()];
+        self.0.backward(gv.slice(), uv.slice(), dyv.slice(), &mut dg, &mut du);
         Ok((Some(Tensor::from_vec(dg, g.shape(), g.device())?), Some(Tensor::from_vec(du, u.shape(), u.device())?)))
     }
 }
@@ -334,72 +375,7 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if !fused(g) {
         return Ok((g.silu()? * u)?);
     }
-    Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)?)
-}
-
-// ---- GeGLU ------------------------------------------------------------------------------
-
-struct GeluMul;
-
-/// `√(2/π)`.
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-
-/// GELU with the tanh approximation (`gelu_pytorch_tanh`) and its derivative.
-pub(crate) fn gelu_tanh(x: f32) -> (f32, f32) {
-    let inner = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-    let th = inner.tanh();
-    let y = 0.5 * x * (1.0 + th);
-    let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
-    let dy = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dinner;
-    (y, dy)
-}
-
-impl CustomOp2 for GeluMul {
-    fn name(&self) -> &'static str {
-        "gelu-mul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        gs: &CpuStorage,
-        gl: &Layout,
-        us: &CpuStorage,
-        ul: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, u) = (contiguous_f32(gs, gl)?, contiguous_f32(us, ul)?);
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
-            for i in 0..y.len() {
-                y[i] = gelu_tanh(g[i]).0 * u[i];
-            }
-        });
-        Ok((CpuStorage::F32(y), gl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        g: &Tensor,
-        u: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let (gv, uv, dyv) = (view(g)?, view(u)?, view(&dy)?);
-        let (gv, uv, dyv) = (gv.slice(), uv.slice(), dyv.slice());
-        let mut dg = vec![0f32; gv.len()];
-        let mut du = vec![0f32; gv.len()];
-        dg.par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .zip(gv.par_chunks(4096).zip(uv.par_chunks(4096)).zip(dyv.par_chunks(4096)))
-            .for_each(|((dg, du), ((g, u), dy))| {
-                for i in 0..dg.len() {
-                    let (a, da) = gelu_tanh(g[i]);
-                    du[i] = dy[i] * a;
-                    dg[i] = dy[i] * u[i] * da;
-                }
-            });
-        Ok((Some(Tensor::from_vec(dg, g.shape(), g.device())?), Some(Tensor::from_vec(du, u.shape(), u.device())?)))
-    }
+    Ok(g.contiguous()?.apply_op2(&u.contiguous()?, GatedMul(Act::Silu))?)
 }
 
 /// Reference GELU (tanh approximation) in plain ops: `0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`.
@@ -414,7 +390,7 @@ pub fn gelu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if !fused(g) {
         return Ok((gelu_tanh_reference(g)? * u)?);
     }
-    Ok(g.contiguous()?.apply_op2(&u.contiguous()?, GeluMul)?)
+    Ok(g.contiguous()?.apply_op2(&u.contiguous()?, GatedMul(Act::Gelu))?)
 }
 
 // ---- RoPE -------------------------------------------------------------------------------

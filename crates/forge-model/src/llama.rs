@@ -577,6 +577,40 @@ impl Llama {
         Ok((model, vars))
     }
 
+    /// Frees the frozen weights (every tensor but the LoRA pairs), once a training engine holds
+    /// its own copy: the model keeps its config and its LoRA pairs (what training reads and
+    /// saves) but can no longer run.
+    pub fn release_frozen(&mut self) -> Result<()> {
+        let empty = Tensor::zeros(0, self.dtype(), self.device())?;
+        let release = |t: &mut Tensor| {
+            if !t.track_op() {
+                *t = empty.clone();
+            }
+        };
+        release(&mut self.embed);
+        release(&mut self.norm);
+        if let Some(h) = self.lm_head.as_mut() {
+            release(h);
+        }
+        for b in &mut self.layers {
+            release(&mut b.input_norm);
+            release(&mut b.post_norm);
+            if let Some(g) = b.gemma.as_mut() {
+                for t in [&mut g.q_norm, &mut g.k_norm, &mut g.attn_out, &mut g.ffn_out] {
+                    release(t);
+                }
+            }
+            for (_, lin) in b.linears_mut() {
+                release(&mut lin.weight);
+                if let Some(bias) = lin.bias.as_mut() {
+                    release(bias);
+                }
+            }
+        }
+        self.rope = Ropes { global: Rope { cos: empty.clone(), sin: empty.clone() }, local: None };
+        Ok(())
+    }
+
     pub fn device(&self) -> &Device {
         self.embed.device()
     }

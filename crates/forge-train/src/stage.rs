@@ -34,7 +34,7 @@ use crate::train::{Backend, Hooks, TrainConfig, train};
 
 /// Bumped when the adapter artifact's files change shape.
 pub const ADAPTER_FORMAT: u32 = 2;
-pub const MERGED_FORMAT: u32 = 2;
+pub const MERGED_FORMAT: u32 = 3;
 
 pub use forge_gguf::stage::GGUF_TOKENIZER;
 /// Which base an adapter was trained on, when PEFT's `base_model_name_or_path` cannot say
@@ -320,6 +320,12 @@ impl Executor for AdapterExecutor {
                     forge_manifest::BaseDtype::Bf16 => forge_model::engine::BaseDtype::Bf16,
                 };
                 let e = forge_model::engine::Engine::new(&model, dtype).map_err(failed)?;
+                // The engine has its own copy of the frozen weights; a scratch base is written
+                // out first (it ships with the adapter), then the model keeps only its pairs.
+                if let BaseKind::Scratch(_) = &base_of(ctx.manifest, a).kind {
+                    save_scratch_base(ctx.out_dir, &model, &tok)?;
+                }
+                model.release_frozen().map_err(failed)?;
                 ctx.log.line(&format!(
                     "frozen base in {}: {:.0} MiB{}",
                     a.base_dtype.as_str(),
@@ -347,17 +353,8 @@ impl Executor for AdapterExecutor {
         match a.method {
             TrainMethod::Lora => {
                 let base_name = match &base_of(ctx.manifest, a).kind {
-                    BaseKind::Scratch(_) => {
-                        // The untrained base ships with the adapter (it exists nowhere else).
-                        let mut plain = model.clone();
-                        for b in plain.layers.iter_mut() {
-                            for (_, l) in b.linears_mut() {
-                                l.lora = None;
-                            }
-                        }
-                        forge_model::io::save_hf(&out.join("base"), &plain, &tok).map_err(failed)?;
-                        "base".to_string()
-                    }
+                    // Written before training (see above).
+                    BaseKind::Scratch(_) => "base".to_string(),
                     BaseKind::Hf { path } => path.value.clone(),
                     BaseKind::Gguf(g) => {
                         let file = gguf_base_file(ctx.manifest, &a.base.value, g, ctx.workspace, ctx.deps)?;
@@ -408,6 +405,17 @@ pub fn gguf_base_name(adapter_dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(adapter_dir.join(BASE_INFO)).ok()?;
     let v: Value = serde_json::from_str(&text).ok()?;
     v.get("base").and_then(Value::as_str).map(str::to_string)
+}
+
+/// Writes the untrained scratch base beside its adapter (it exists nowhere else).
+fn save_scratch_base(out: &Path, model: &Llama, tok: &Tokenizer) -> Result<(), ActionError> {
+    let mut plain = model.clone();
+    for b in plain.layers.iter_mut() {
+        for (_, l) in b.linears_mut() {
+            l.lora = None;
+        }
+    }
+    forge_model::io::save_hf(&out.join("base"), &plain, tok).map_err(failed)
 }
 
 /// Loads what an adapter artifact describes as one model: a LoRA adapter on its base, or a

@@ -95,6 +95,13 @@ impl Packed {
     fn panel(&self, p: usize) -> &[u32] {
         &self.data[p * self.k2 * NR..(p + 1) * self.k2 * NR]
     }
+
+    /// The bf16 bits of `B[kk][j]`.
+    #[inline]
+    fn at(&self, kk: usize, j: usize) -> u16 {
+        let word = self.data[((j / NR) * self.k2 + kk / 2) * NR + j % NR];
+        (word >> (16 * (kk % 2))) as u16
+    }
 }
 
 /// A frozen weight `[rows = out, cols = in]`.
@@ -108,10 +115,12 @@ pub struct Frozen {
 #[derive(Clone, Debug)]
 enum Repr {
     F32(Vec<f32>),
-    /// Packed for `X Wᵀ` (B = Wᵀ: k = in, n = out) and for `dY W` (B = W: k = out, n = in).
+    /// Packed for `X Wᵀ` (B = Wᵀ: k = in, n = out) and, when kept, for `dY W` (B = W: k = out,
+    /// n = in); otherwise that packing is made from the first for each product (a pass over the
+    /// weight, small beside the product, for half the memory).
     Bf16 {
         nt: Packed,
-        nn: Packed,
+        nn: Option<Packed>,
     },
     /// bf16 values in f32, for CPUs without AVX512-BF16.
     Bf16Emulated(Vec<f32>),
@@ -124,16 +133,22 @@ impl Frozen {
         Frozen { rows, cols, repr: Repr::F32(w) }
     }
 
-    /// `w` row-major `[rows, cols]`, rounded to bf16.
-    pub fn bf16(w: &[f32], rows: usize, cols: usize) -> Frozen {
+    /// `w` row-major `[rows, cols]`, rounded to bf16 (2 bytes a weight; 4 with `both`, which
+    /// keeps the backward packing too — for a matrix whose products come in many small calls, as
+    /// the LM head's do).
+    pub fn bf16(w: &[f32], rows: usize, cols: usize, both: bool) -> Frozen {
         assert_eq!(w.len(), rows * cols);
         if !has_bf16() {
             return Frozen { rows, cols, repr: Repr::Bf16Emulated(w.iter().map(|v| round_bf16(*v)).collect()) };
         }
-        let bits: Vec<u16> = w.par_iter().map(|v| bf16_bits(*v)).collect();
-        let nt = Packed::new(cols, rows, |kk, j| bits[j * cols + kk]);
-        let nn = Packed::new(rows, cols, |kk, j| bits[kk * cols + j]);
+        let nt = Packed::new(cols, rows, |kk, j| bf16_bits(w[j * cols + kk]));
+        let nn = both.then(|| Packed::new(rows, cols, |kk, j| bf16_bits(w[kk * cols + j])));
         Frozen { rows, cols, repr: Repr::Bf16 { nt, nn } }
+    }
+
+    /// The `dY W` packing made from the `X Wᵀ` one.
+    fn transposed(nt: &Packed, rows: usize, cols: usize) -> Packed {
+        Packed::new(rows, cols, |kk, j| nt.at(j, kk))
     }
 
     pub fn is_bf16(&self) -> bool {
@@ -144,7 +159,7 @@ impl Frozen {
     pub fn bytes(&self) -> usize {
         match &self.repr {
             Repr::F32(w) | Repr::Bf16Emulated(w) => w.len() * 4,
-            Repr::Bf16 { nt, nn } => (nt.data.len() + nn.data.len()) * 4,
+            Repr::Bf16 { nt, nn } => (nt.data.len() + nn.as_ref().map_or(0, |p| p.data.len())) * 4,
         }
     }
 
@@ -152,14 +167,8 @@ impl Frozen {
     pub fn row(&self, r: usize, out: &mut [f32]) {
         match &self.repr {
             Repr::F32(w) | Repr::Bf16Emulated(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
-            Repr::Bf16 { nn, .. } => {
-                // In the `dY W` packing, row r of W is K index r.
-                let (kp, hi) = (r / 2, r % 2);
-                for (c, o) in out.iter_mut().enumerate() {
-                    let word = nn.panel(c / NR)[kp * NR + c % NR];
-                    *o = bf16_value((word >> (16 * hi)) as u16);
-                }
-            }
+            // In the `X Wᵀ` packing, W[r][c] is B[c][r].
+            Repr::Bf16 { nt, .. } => out.iter_mut().enumerate().for_each(|(c, o)| *o = bf16_value(nt.at(c, r))),
         }
     }
 
@@ -187,7 +196,10 @@ impl Frozen {
                 let dr: Vec<f32> = dy.par_iter().map(|v| round_bf16(*v)).collect();
                 gemm_f32(m, self.cols, self.rows, &dr, self.rows, 1, w, self.cols, 1, dx, accumulate, true)
             }
-            Repr::Bf16 { nn, .. } => gemm_bf16(m, dy, self.rows, nn, dx, accumulate),
+            Repr::Bf16 { nn: Some(nn), .. } => gemm_bf16(m, dy, self.rows, nn, dx, accumulate),
+            Repr::Bf16 { nt, nn: None } => {
+                gemm_bf16(m, dy, self.rows, &Self::transposed(nt, self.rows, self.cols), dx, accumulate)
+            }
         }
     }
 }
@@ -446,25 +458,27 @@ mod tests {
             let x = data(m * inn, 1);
             let w = data(out * inn, 2);
             let dy = data(m * out, 3);
-            let f = Frozen::bf16(&w, out, inn);
-            let mut y = vec![0f32; m * out];
-            f.forward(&x, m, &mut y, false);
-            let want = reference(&x, &w, m, out, inn, true);
-            for (a, b) in y.iter().zip(&want) {
-                assert!((*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()), "forward {m}x{out}x{inn}: {a} vs {b}");
+            for both in [true, false] {
+                let f = Frozen::bf16(&w, out, inn, both);
+                let mut y = vec![0f32; m * out];
+                f.forward(&x, m, &mut y, false);
+                let want = reference(&x, &w, m, out, inn, true);
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()), "forward {m}x{out}x{inn}: {a} vs {b}");
+                }
+                let mut dx = vec![1f32; m * inn];
+                f.backward(&dy, m, &mut dx, true);
+                let want = reference(&dy, &w, m, out, inn, false);
+                for (a, b) in dx.iter().zip(&want) {
+                    assert!(
+                        (*a as f64 - (b + 1.0)).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "backward {m}x{out}x{inn}: {a} vs {b}"
+                    );
+                }
+                let mut row = vec![0f32; inn];
+                f.row(out - 1, &mut row);
+                assert_eq!(row, w[(out - 1) * inn..].iter().map(|v| round_bf16(*v)).collect::<Vec<_>>());
             }
-            let mut dx = vec![1f32; m * inn];
-            f.backward(&dy, m, &mut dx, true);
-            let want = reference(&dy, &w, m, out, inn, false);
-            for (a, b) in dx.iter().zip(&want) {
-                assert!(
-                    (*a as f64 - (b + 1.0)).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "backward {m}x{out}x{inn}: {a} vs {b}"
-                );
-            }
-            let mut row = vec![0f32; inn];
-            f.row(out - 1, &mut row);
-            assert_eq!(row, w[(out - 1) * inn..].iter().map(|v| round_bf16(*v)).collect::<Vec<_>>());
         }
     }
 

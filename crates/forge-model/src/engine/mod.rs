@@ -148,12 +148,14 @@ fn values(t: &candle_core::Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?)
 }
 
-fn frozen(t: &candle_core::Tensor, dtype: BaseDtype) -> Result<Frozen> {
+/// A frozen weight in `dtype`; `head`: the LM head, whose backward packing is kept (its products
+/// come a few rows at a time).
+fn frozen(t: &candle_core::Tensor, dtype: BaseDtype, head: bool) -> Result<Frozen> {
     let (rows, cols) = t.dims2()?;
     let v = values(t)?;
     Ok(match dtype {
         BaseDtype::F32 => Frozen::f32(v, rows, cols),
-        BaseDtype::Bf16 => Frozen::bf16(&v, rows, cols),
+        BaseDtype::Bf16 => Frozen::bf16(&v, rows, cols, head),
     })
 }
 
@@ -213,7 +215,7 @@ impl Engine {
         let mut layers = Vec::with_capacity(cfg.layers);
         for (l, b) in model.layers.iter().enumerate() {
             let lin = |x: &crate::llama::Linear| -> Result<Lin> {
-                Ok(Lin { w: frozen(&x.weight, dtype)?, bias: x.bias.as_ref().map(values).transpose()? })
+                Ok(Lin { w: frozen(&x.weight, dtype, false)?, bias: x.bias.as_ref().map(values).transpose()? })
             };
             layers.push(Layer {
                 input_norm: values(&b.input_norm)?,
@@ -244,8 +246,8 @@ impl Engine {
         };
         Ok(Engine {
             act: if cfg.arch == Arch::Gemma3 { Act::Gelu } else { Act::Silu },
-            embed: frozen(&model.embed, dtype)?,
-            head: model.lm_head.as_ref().map(|h| frozen(h, dtype)).transpose()?,
+            embed: frozen(&model.embed, dtype, model.lm_head.is_none())?,
+            head: model.lm_head.as_ref().map(|h| frozen(h, dtype, true)).transpose()?,
             norm: values(&model.norm)?,
             layers,
             rope,
@@ -616,7 +618,23 @@ impl Engine {
         x
     }
 
-    /// The rows with a loss weight, their targets, and their weights over the total.
+    /// The logits of the final hidden states `hf` at `rows`, [`LOGIT_ROWS`] at a time: `f(rows of
+    /// the chunk, their hidden states, their logits)`.
+    fn head_chunks(&self, hf: &[f32], rows: &[usize], mut f: impl FnMut(&[usize], &mut [f32], &mut [f32])) {
+        let (h, v) = (self.cfg.hidden, self.cfg.vocab);
+        for chunk in rows.chunks(LOGIT_ROWS) {
+            let c = chunk.len();
+            let mut x = vec![0f32; c * h];
+            for (r, &i) in chunk.iter().enumerate() {
+                x[r * h..(r + 1) * h].copy_from_slice(&hf[i * h..(i + 1) * h]);
+            }
+            let mut logits = vec![0f32; c * v];
+            self.head().forward(&x, c, &mut logits, false);
+            f(chunk, &mut x, &mut logits);
+        }
+    }
+
+    /// The rows with a loss weight, and the total weight.
     fn weighted_rows(batch: &Batch<'_>) -> (Vec<usize>, f64) {
         let total: f64 = batch.weights.iter().map(|w| *w as f64).sum();
         let rows = (0..batch.weights.len()).filter(|&i| batch.weights[i] != 0.0).collect();
@@ -641,23 +659,15 @@ impl Engine {
         let mut dhf = vec![0f32; h.len()];
         let mut loss = 0f64;
         if total > 0.0 {
-            let v = self.cfg.vocab;
-            for chunk in rows.chunks(LOGIT_ROWS) {
-                let c = chunk.len();
-                let mut x = vec![0f32; c * hdim];
-                for (r, &i) in chunk.iter().enumerate() {
-                    x[r * hdim..(r + 1) * hdim].copy_from_slice(&hf[i * hdim..(i + 1) * hdim]);
-                }
-                let mut logits = vec![0f32; c * v];
-                self.head().forward(&x, c, &mut logits, false);
-                let targets: Vec<u32> = chunk.iter().map(|&i| batch.targets[i]).collect();
+            self.head_chunks(&hf, &rows, |chunk, x, logits| {
                 let weights: Vec<f32> = chunk.iter().map(|&i| (batch.weights[i] as f64 / total) as f32).collect();
-                loss += ops::cross_entropy_in_place(&mut logits, v, &targets, &weights);
-                self.head().backward(&logits, c, &mut x, false);
+                let targets: Vec<u32> = chunk.iter().map(|&i| batch.targets[i]).collect();
+                loss += ops::cross_entropy_in_place(logits, self.cfg.vocab, &targets, &weights);
+                self.head().backward(logits, chunk.len(), x, false);
                 for (r, &i) in chunk.iter().enumerate() {
                     dhf[i * hdim..(i + 1) * hdim].copy_from_slice(&x[r * hdim..(r + 1) * hdim]);
                 }
-            }
+            });
         }
         let mut dh = vec![0f32; h.len()];
         ops::rms_norm_backward(&h, &rf, &self.norm, &dhf, &mut dh, false);
@@ -714,7 +724,6 @@ impl Engine {
         self.check(lora, batch)?;
         let layout = batch.layout;
         let runs = ops::runs(&layout.segments, layout.batch, layout.len);
-        let hdim = self.cfg.hidden;
         let mut h = self.embed(batch.ids);
         for l in 0..self.layers.len() {
             drop(self.layer_forward(l, &lora.mods[l], &mut h, &layout.positions, &runs, &Dropout::off()));
@@ -723,19 +732,11 @@ impl Engine {
         ops::rms_norm(&h, &self.norm, self.cfg.rms_eps as f32, &mut hf);
         let (rows, total) = Self::weighted_rows(batch);
         let mut sum = 0f64;
-        let v = self.cfg.vocab;
-        for chunk in rows.chunks(LOGIT_ROWS) {
-            let c = chunk.len();
-            let mut x = vec![0f32; c * hdim];
-            for (r, &i) in chunk.iter().enumerate() {
-                x[r * hdim..(r + 1) * hdim].copy_from_slice(&hf[i * hdim..(i + 1) * hdim]);
-            }
-            let mut logits = vec![0f32; c * v];
-            self.head().forward(&x, c, &mut logits, false);
+        self.head_chunks(&hf, &rows, |chunk, _, logits| {
             let targets: Vec<u32> = chunk.iter().map(|&i| batch.targets[i]).collect();
             let weights: Vec<f32> = chunk.iter().map(|&i| batch.weights[i]).collect();
-            sum += ops::cross_entropy_loss(&logits, v, &targets, &weights);
-        }
+            sum += ops::cross_entropy_loss(logits, self.cfg.vocab, &targets, &weights);
+        });
         Ok((sum, total))
     }
 }

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::gemm::gemm_f32;
-use crate::kernels::{gelu_tanh, sigmoid};
+pub use crate::kernels::Act;
 
 /// Rows per parallel task of a row-wise pass.
 const ROWS: usize = 8;
@@ -45,49 +45,6 @@ pub fn rms_norm_backward(x: &[f32], r: &[f32], w: &[f32], dy: &[f32], dx: &mut [
                 }
             }
         });
-}
-
-/// The gated activation: SiLU for llama, GELU (tanh) for Gemma.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Act {
-    Silu,
-    Gelu,
-}
-
-impl Act {
-    #[inline]
-    fn value_and_slope(self, g: f32) -> (f32, f32) {
-        match self {
-            Act::Silu => {
-                let s = sigmoid(g);
-                (g * s, s * (1.0 + g * (1.0 - s)))
-            }
-            Act::Gelu => gelu_tanh(g),
-        }
-    }
-
-    /// `y = act(g) · u`.
-    pub fn forward(self, g: &[f32], u: &[f32], y: &mut [f32]) {
-        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(y, (g, u))| {
-            for i in 0..y.len() {
-                y[i] = self.value_and_slope(g[i]).0 * u[i];
-            }
-        });
-    }
-
-    /// `dg`, `du` from `dy` (written over `g` and `u`'s gradient buffers).
-    pub fn backward(self, g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
-        dg.par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(dy.par_chunks(4096)))
-            .for_each(|((dg, du), ((g, u), dy))| {
-                for i in 0..dg.len() {
-                    let (a, da) = self.value_and_slope(g[i]);
-                    du[i] = dy[i] * a;
-                    dg[i] = dy[i] * u[i] * da;
-                }
-            });
-    }
 }
 
 /// RoPE tables: `cos`/`sin` of `position · inv_freq`, `[positions, hd/2]`, computed as

@@ -107,6 +107,10 @@ fn main() {
     let mut model = Llama::random(cfg.clone(), 0, &Device::Cpu).expect("model");
     let vars = lora::attach(&mut model, &spec, 0).expect("lora");
     let engine = (!autograd).then(|| Engine::new(&model, dtype).expect("engine"));
+    if engine.is_some() {
+        // As the adapter stage does: the engine holds the frozen weights.
+        model.release_frozen().expect("release");
+    }
     let mut adam = AdamW::new(&vars, 0.0).expect("optimizer");
     let mut rng = forge_rng::SplitMix64::new(7);
     let layout = Layout::dense(batch, seq);
