@@ -31,10 +31,35 @@ fn failed(e: impl std::fmt::Display) -> ActionError {
     ActionError::Failed(e.to_string())
 }
 
-/// The upstream artifact of this target's stage `kind`.
-fn dep_of(ctx: &ActionContext<'_>, kind: StageKind) -> Result<PathBuf, ActionError> {
-    let id = forge_manifest::ArtifactId::new(ctx.artifact.target.clone(), kind.name(), None);
-    ctx.deps.get(&id).cloned().ok_or_else(|| failed(format!("the upstream artifact {id} is missing")))
+/// The file of a GGUF base: the fetched artifact's (`base:NAME`), or the workspace file
+/// (checked against its sha256 when the manifest gives one).
+pub fn gguf_base_file(
+    m: &Manifest,
+    base_name: &str,
+    g: &forge_manifest::GgufBase,
+    workspace: &std::path::Path,
+    deps: &BTreeMap<forge_manifest::ArtifactId, PathBuf>,
+) -> Result<PathBuf, ActionError> {
+    match &g.path {
+        Some(p) => {
+            let file = workspace.join(&p.value);
+            if let Some(want) = &g.sha256 {
+                let got = forge_plan::fetch::sha256_file(&file).map_err(|e| ActionError::io(&file, e))?;
+                if got != want.value {
+                    return Err(failed(format!(
+                        "base `{base_name}`: {} has sha256 {got}, but the manifest says {}",
+                        p.value, want.value
+                    )));
+                }
+            }
+            Ok(file)
+        }
+        None => {
+            let id = m.bases[base_name].fetch_artifact().expect("a base without a path is fetched");
+            let dir = deps.get(&id).ok_or_else(|| failed(format!("the fetched base {id} is missing")))?;
+            Ok(dir.join(forge_plan::fetch::FETCHED_FILE))
+        }
+    }
 }
 
 /// A GGUF base's own tokenizer metadata, kept beside a model trained on it.
@@ -73,7 +98,7 @@ impl Executor for GgufExecutor {
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         let StageKind::Gguf(level) = ctx.decl.kind else { unreachable!("planned as gguf") };
-        let merged = dep_of(ctx, StageKind::Merged)?;
+        let merged = ctx.dep_of(StageKind::Merged)?;
         let (model, tok) = forge_model::io::load_hf(&merged, &Device::Cpu).map_err(failed)?;
         let path = ctx.out_dir.join("model.gguf");
         let name = ctx.artifact.target.clone();
@@ -120,22 +145,13 @@ impl Executor for GgufAdapterExecutor {
     }
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
-        let adapter = dep_of(ctx, StageKind::Adapter)?;
+        let adapter = ctx.dep_of(StageKind::Adapter)?;
         let name = ctx.artifact.target.clone();
         let model = ctx.manifest.target_of(ctx.decl).model.as_ref().expect("gguf-adapter belongs to a model");
         let a = model.adapter.as_ref().expect("validated: an adapter");
         if let BaseKind::Gguf(g) = &ctx.manifest.bases[&a.base.value].kind {
             // The base is a GGUF file already: ship it as it is, the adapter on top.
-            let file = match &g.path {
-                Some(p) => ctx.workspace.join(&p.value),
-                None => {
-                    let id = ctx.manifest.bases[&a.base.value].fetch_artifact().expect("fetched");
-                    ctx.deps
-                        .get(&id)
-                        .ok_or_else(|| failed(format!("{id} is missing")))?
-                        .join(forge_plan::fetch::FETCHED_FILE)
-                }
-            };
+            let file = gguf_base_file(ctx.manifest, &a.base.value, g, ctx.workspace, ctx.deps)?;
             let g = crate::format::Gguf::open(&file).map_err(failed)?;
             let cfg = crate::load::config(&g).map_err(failed)?;
             let n = crate::adapter::write_adapter(&ctx.out_dir.join("adapter.gguf"), &cfg, &adapter, &name)

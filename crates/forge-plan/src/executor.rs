@@ -152,6 +152,12 @@ impl ActionContext<'_> {
     pub fn work_dir(&self) -> std::path::PathBuf {
         self.cache.bucket("work-v1").join(self.key.hex())
     }
+
+    /// The directory of this target's upstream `kind` stage (`TARGET:dataset`, ...).
+    pub fn dep_of(&self, kind: forge_manifest::StageKind) -> Result<PathBuf, ActionError> {
+        let id = ArtifactId::new(self.artifact.target.clone(), kind.name(), None);
+        self.deps.get(&id).cloned().ok_or_else(|| ActionError::Failed(format!("the upstream artifact {id} is missing")))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,7 @@ use forge_plan::{ActionContext, ActionError, Executor, StagePlan};
 use serde_json::json;
 
 use crate::data::{Row, batch, rows};
-use crate::stage::{dep_of, failed, read_split, tokenize};
+use crate::stage::{failed, read_split, tokenize};
 
 /// Bumped when what the stage writes changes.
 pub const IMATRIX_FORMAT: u32 = 1;
@@ -56,8 +56,8 @@ impl Executor for ImatrixExecutor {
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         let q = quantize_stage(ctx.manifest, ctx.decl);
         let a = ctx.manifest.target_of(ctx.decl).model.as_ref().and_then(|m| m.adapter.as_ref()).expect("an adapter");
-        let merged = dep_of(ctx, StageKind::Merged)?;
-        let dataset = dep_of(ctx, StageKind::Dataset)?;
+        let merged = ctx.dep_of(StageKind::Merged)?;
+        let dataset = ctx.dep_of(StageKind::Dataset)?;
         let (model, tok) = forge_model::io::load_hf(&merged, &candle_core::Device::Cpu).map_err(failed)?;
         let samples = read_split(&dataset, "train")?;
         let take = &samples[..samples.len().min(q.imatrix as usize)];

@@ -19,7 +19,7 @@
 //! retrained adapter that comes out bit-identical keeps everything downstream fresh.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use candle_core::{Device, Var};
@@ -80,36 +80,7 @@ fn base_params(m: &Manifest, a: &AdapterStage) -> (Value, Vec<String>) {
     }
 }
 
-/// The file of a GGUF base: the fetched artifact's, or the workspace file (checked against
-/// its sha256 when the manifest gives one).
-pub fn gguf_base_file(
-    m: &Manifest,
-    base_name: &str,
-    g: &GgufBase,
-    workspace: &Path,
-    deps: &BTreeMap<forge_manifest::ArtifactId, PathBuf>,
-) -> Result<PathBuf, ActionError> {
-    match &g.path {
-        Some(p) => {
-            let file = workspace.join(&p.value);
-            if let Some(want) = &g.sha256 {
-                let got = forge_plan::fetch::sha256_file(&file).map_err(|e| ActionError::io(&file, e))?;
-                if got != want.value {
-                    return Err(failed(format!(
-                        "base `{base_name}`: {} has sha256 {got}, but the manifest says {}",
-                        p.value, want.value
-                    )));
-                }
-            }
-            Ok(file)
-        }
-        None => {
-            let id = m.bases[base_name].fetch_artifact().expect("a base without a path is fetched");
-            let dir = deps.get(&id).ok_or_else(|| failed(format!("the fetched base {id} is missing")))?;
-            Ok(dir.join(forge_plan::fetch::FETCHED_FILE))
-        }
-    }
-}
+pub use forge_gguf::stage::gguf_base_file;
 
 pub fn train_config(a: &AdapterStage) -> TrainConfig {
     TrainConfig {
@@ -141,12 +112,6 @@ pub fn lora_spec(a: &AdapterStage) -> LoraSpec {
 
 pub(crate) fn failed(e: impl std::fmt::Display) -> ActionError {
     ActionError::Failed(e.to_string())
-}
-
-/// The upstream artifact of this target's stage `kind`.
-pub(crate) fn dep_of(ctx: &ActionContext<'_>, kind: StageKind) -> Result<PathBuf, ActionError> {
-    let id = forge_manifest::ArtifactId::new(ctx.artifact.target.clone(), kind.name(), None);
-    ctx.deps.get(&id).cloned().ok_or_else(|| failed(format!("the upstream artifact {id} is missing")))
 }
 
 /// The config of a scratch llama whose vocabulary is the trained tokenizer's.
@@ -283,7 +248,7 @@ impl Executor for AdapterExecutor {
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         let a = adapter_stage(ctx.manifest, ctx.decl);
-        let dataset = dep_of(ctx, StageKind::Dataset)?;
+        let dataset = ctx.dep_of(StageKind::Dataset)?;
         let train_samples = read_split(&dataset, "train")?;
         let eval_samples = read_split(&dataset, "eval")?;
         let (mut model, tok) = prepare_base(ctx, a, &train_samples)?;
@@ -469,7 +434,7 @@ impl Executor for MergedExecutor {
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         let a = adapter_stage(ctx.manifest, ctx.decl);
-        let adapter = dep_of(ctx, StageKind::Adapter)?;
+        let adapter = ctx.dep_of(StageKind::Adapter)?;
         let file = match &base_of(ctx.manifest, a).kind {
             BaseKind::Gguf(g) => Some(gguf_base_file(ctx.manifest, &a.base.value, g, ctx.workspace, ctx.deps)?),
             _ => None,

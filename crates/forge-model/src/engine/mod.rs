@@ -20,6 +20,7 @@
 //! every LoRA gradient with candle's autograd, itself checked against finite differences).
 
 pub mod gemm;
+mod lora;
 pub mod ops;
 
 use rayon::prelude::*;
@@ -27,7 +28,9 @@ use rayon::prelude::*;
 use crate::config::{Arch, ModelConfig};
 use crate::llama::{Dropout, Layout, Llama, dropout_key};
 use crate::{ModelError, Result};
-use gemm::{Frozen, gemm_f32};
+use gemm::Frozen;
+pub use lora::{Lora, LoraGrads, LoraMod};
+use lora::{linear, linear_backward};
 use ops::{Act, AttnShape, RopeTable, Run};
 
 /// How the engine keeps the frozen base.
@@ -72,50 +75,6 @@ pub struct Engine {
     rope_local: Option<RopeTable>,
     embed_scale: f32,
     attn_scale: f32,
-}
-
-/// One adapted module's pair, in f32.
-#[derive(Clone, Debug)]
-pub struct LoraMod {
-    /// `[r, in]`.
-    pub a: Vec<f32>,
-    /// `[out, r]`.
-    pub b: Vec<f32>,
-    pub rank: usize,
-    pub scale: f32,
-    pub dropout: f32,
-}
-
-/// Every layer's LoRA pairs: `mods[layer][module]`.
-#[derive(Clone, Debug)]
-pub struct Lora {
-    pub mods: Vec<[Option<LoraMod>; 7]>,
-}
-
-/// The gradients of a [`Lora`]: `(dA, dB)` per adapted module.
-pub type LoraGrads = Vec<[Option<(Vec<f32>, Vec<f32>)>; 7]>;
-
-impl Lora {
-    /// The current values of a model's LoRA pairs.
-    pub fn of(model: &Llama) -> Result<Lora> {
-        let mut mods = Vec::with_capacity(model.layers.len());
-        for block in &model.layers {
-            let mut m: [Option<LoraMod>; 7] = Default::default();
-            for (i, (_, lin)) in block.linears().into_iter().enumerate() {
-                if let Some(p) = &lin.lora {
-                    m[i] = Some(LoraMod {
-                        a: p.a.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?,
-                        b: p.b.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?,
-                        rank: p.a.dim(0)?,
-                        scale: p.scale as f32,
-                        dropout: p.dropout,
-                    });
-                }
-            }
-            mods.push(m);
-        }
-        Ok(Lora { mods })
-    }
 }
 
 /// Column sums of squares of the linear layers' inputs ([`Engine::input_sums`]): per layer, the
@@ -185,17 +144,6 @@ struct Saved {
     u: Vec<f32>,
     act: Vec<f32>,
     f_raw: Option<(Vec<f32>, Vec<f32>)>,
-}
-
-/// `x ⊙ mask`.
-fn masked(x: &[f32], mask: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(4096).zip(x.par_chunks(4096).zip(mask.par_chunks(4096))).for_each(|(o, (x, m))| {
-        for i in 0..o.len() {
-            o[i] = x[i] * m[i];
-        }
-    });
-    out
 }
 
 fn add_into(dst: &mut [f32], src: &[f32]) {
@@ -293,81 +241,6 @@ impl Engine {
         Ok(())
     }
 
-    /// `y = x Wᵀ (+ b) + s · dropout(x) Aᵀ Bᵀ`; returns the saved `s · dropout(x) Aᵀ`.
-    fn linear(
-        &self,
-        lin: &Lin,
-        lora: Option<&LoraMod>,
-        x: &[f32],
-        n: usize,
-        y: &mut [f32],
-        dropout: &Dropout,
-        key: u64,
-    ) -> Option<Vec<f32>> {
-        lin.w.forward(x, n, y, false);
-        if let Some(b) = &lin.bias {
-            y.par_chunks_mut(b.len()).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-        }
-        let m = lora?;
-        let (inn, out, r) = (lin.w.cols, lin.w.rows, m.rank);
-        let mask = dropout.mask(key, x.len(), m.dropout);
-        let dropped = mask.as_ref().map(|mask| masked(x, mask));
-        let xd = dropped.as_deref().unwrap_or(x);
-        let mut us = vec![0f32; n * r];
-        gemm_f32(n, r, inn, xd, inn, 1, &m.a, 1, inn, &mut us, false, true);
-        us.iter_mut().for_each(|v| *v *= m.scale);
-        gemm_f32(n, out, r, &us, r, 1, &m.b, 1, r, y, true, true);
-        Some(us)
-    }
-
-    /// The backward pass of [`Engine::linear`]: `dx (+)= dy W + (s · dy B A) ⊙ mask`, and the
-    /// pair's gradients.
-    #[allow(clippy::too_many_arguments)]
-    fn linear_backward(
-        &self,
-        lin: &Lin,
-        lora: Option<&LoraMod>,
-        x: &[f32],
-        us: Option<&Vec<f32>>,
-        dy: &[f32],
-        n: usize,
-        dx: &mut [f32],
-        accumulate: bool,
-        dropout: &Dropout,
-        key: u64,
-    ) -> Option<(Vec<f32>, Vec<f32>)> {
-        lin.w.backward(dy, n, dx, accumulate);
-        let (m, us) = (lora?, us?);
-        let (inn, out, r) = (lin.w.cols, lin.w.rows, m.rank);
-        // dB = dyᵀ · us.
-        let mut db = vec![0f32; out * r];
-        gemm_f32(out, r, n, dy, 1, out, us, r, 1, &mut db, false, true);
-        // gb = s · dy B.
-        let mut gb = vec![0f32; n * r];
-        gemm_f32(n, r, out, dy, out, 1, &m.b, r, 1, &mut gb, false, true);
-        gb.iter_mut().for_each(|v| *v *= m.scale);
-        // dA = gbᵀ · dropout(x).
-        let mask = dropout.mask(key, x.len(), m.dropout);
-        let dropped = mask.as_ref().map(|mask| masked(x, mask));
-        let xd = dropped.as_deref().unwrap_or(x);
-        let mut da = vec![0f32; r * inn];
-        gemm_f32(r, inn, n, &gb, 1, r, xd, inn, 1, &mut da, false, true);
-        // dx += (gb · A) ⊙ mask.
-        match &mask {
-            None => gemm_f32(n, inn, r, &gb, r, 1, &m.a, inn, 1, dx, true, true),
-            Some(mask) => {
-                let mut t = vec![0f32; n * inn];
-                gemm_f32(n, inn, r, &gb, r, 1, &m.a, inn, 1, &mut t, false, true);
-                dx.par_chunks_mut(4096).zip(t.par_chunks(4096).zip(mask.par_chunks(4096))).for_each(|(d, (t, k))| {
-                    for i in 0..d.len() {
-                        d[i] += t[i] * k[i];
-                    }
-                });
-            }
-        }
-        Some((da, db))
-    }
-
     fn attn_shape(&self, layer: &Layer) -> AttnShape {
         let window = match (&self.cfg.gemma, layer.sliding) {
             (Some(g), true) => g.sliding_window,
@@ -409,9 +282,9 @@ impl Engine {
         let r1 = ops::rms_norm(&h_in, &layer.input_norm, eps, &mut xn1);
         let mut us: [Option<Vec<f32>>; 7] = Default::default();
         let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
-        us[0] = self.linear(&layer.lin[0], lora[0].as_ref(), &xn1, n, &mut q, dropout, key(0));
-        us[1] = self.linear(&layer.lin[1], lora[1].as_ref(), &xn1, n, &mut k, dropout, key(1));
-        us[2] = self.linear(&layer.lin[2], lora[2].as_ref(), &xn1, n, &mut v, dropout, key(2));
+        us[0] = linear(&layer.lin[0], lora[0].as_ref(), &xn1, n, &mut q, dropout, key(0));
+        us[1] = linear(&layer.lin[1], lora[1].as_ref(), &xn1, n, &mut k, dropout, key(1));
+        us[2] = linear(&layer.lin[2], lora[2].as_ref(), &xn1, n, &mut v, dropout, key(2));
         let qk_raw = layer.gemma.as_ref().map(|g| {
             let (q_raw, k_raw) = (q.clone(), k.clone());
             let rq = ops::rms_norm(&q_raw, &g.q, eps, &mut q);
@@ -425,7 +298,7 @@ impl Engine {
         let mut o = vec![0f32; n * qd];
         let lse = ops::attention(&shape, &q, &k, &v, runs, &mut o);
         let mut a = vec![0f32; n * cfg.hidden];
-        us[3] = self.linear(&layer.lin[3], lora[3].as_ref(), &o, n, &mut a, dropout, key(3));
+        us[3] = linear(&layer.lin[3], lora[3].as_ref(), &o, n, &mut a, dropout, key(3));
         let a_raw = layer.gemma.as_ref().map(|g| {
             let raw = a.clone();
             let r = ops::rms_norm(&raw, &g.attn_out, eps, &mut a);
@@ -437,12 +310,12 @@ impl Engine {
         let r2 = ops::rms_norm(&h_mid, &layer.post_norm, eps, &mut xn2);
         let f = cfg.intermediate;
         let (mut g, mut u) = (vec![0f32; n * f], vec![0f32; n * f]);
-        us[4] = self.linear(&layer.lin[4], lora[4].as_ref(), &xn2, n, &mut g, dropout, key(4));
-        us[5] = self.linear(&layer.lin[5], lora[5].as_ref(), &xn2, n, &mut u, dropout, key(5));
+        us[4] = linear(&layer.lin[4], lora[4].as_ref(), &xn2, n, &mut g, dropout, key(4));
+        us[5] = linear(&layer.lin[5], lora[5].as_ref(), &xn2, n, &mut u, dropout, key(5));
         let mut act = vec![0f32; n * f];
         self.act.forward(&g, &u, &mut act);
         let mut down = a;
-        us[6] = self.linear(&layer.lin[6], lora[6].as_ref(), &act, n, &mut down, dropout, key(6));
+        us[6] = linear(&layer.lin[6], lora[6].as_ref(), &act, n, &mut down, dropout, key(6));
         let f_raw = layer.gemma.as_ref().map(|gn| {
             let raw = down.clone();
             let r = ops::rms_norm(&raw, &gn.ffn_out, eps, &mut down);
@@ -483,7 +356,7 @@ impl Engine {
             _ => &*dh,
         };
         let mut dact = vec![0f32; n * f];
-        grads[6] = self.linear_backward(
+        grads[6] = linear_backward(
             &layer.lin[6],
             lora[6].as_ref(),
             &s.act,
@@ -499,7 +372,7 @@ impl Engine {
         self.act.backward(&s.g, &s.u, &dact, &mut dg, &mut du);
         drop(dact);
         let mut dxn2 = vec![0f32; n * cfg.hidden];
-        grads[4] = self.linear_backward(
+        grads[4] = linear_backward(
             &layer.lin[4],
             lora[4].as_ref(),
             &s.xn2,
@@ -511,7 +384,7 @@ impl Engine {
             dropout,
             key(4),
         );
-        grads[5] = self.linear_backward(
+        grads[5] = linear_backward(
             &layer.lin[5],
             lora[5].as_ref(),
             &s.xn2,
@@ -537,7 +410,7 @@ impl Engine {
             _ => &*dh,
         };
         let mut do_ = vec![0f32; n * qd];
-        grads[3] = self.linear_backward(
+        grads[3] = linear_backward(
             &layer.lin[3],
             lora[3].as_ref(),
             &s.o,
@@ -565,7 +438,7 @@ impl Engine {
             dk = t;
         }
         let mut dxn1 = vec![0f32; n * cfg.hidden];
-        grads[0] = self.linear_backward(
+        grads[0] = linear_backward(
             &layer.lin[0],
             lora[0].as_ref(),
             &s.xn1,
@@ -577,7 +450,7 @@ impl Engine {
             dropout,
             key(0),
         );
-        grads[1] = self.linear_backward(
+        grads[1] = linear_backward(
             &layer.lin[1],
             lora[1].as_ref(),
             &s.xn1,
@@ -589,7 +462,7 @@ impl Engine {
             dropout,
             key(1),
         );
-        grads[2] = self.linear_backward(
+        grads[2] = linear_backward(
             &layer.lin[2],
             lora[2].as_ref(),
             &s.xn1,
