@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--target", default="tiny")
     args = ap.parse_args()
     sh(["cargo", "build", "--release", "-q", "--bin", "forge"], cwd=ROOT)
-    sh(["cargo", "build", "--release", "-q", "-p", "forge-train", "--bin", "forge-logits"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "-q", "-p", "forge-stages", "--bin", "forge-logits"], cwd=ROOT)
     forge, logits_bin = ROOT / "target/release/forge", ROOT / "target/release/forge-logits"
     ws = args.workspace
     if ws is None:

@@ -48,7 +48,7 @@ def random_models(tmp: Path):
 
 
 def main():
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "forge-train", "--bin", "forge-logits"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "forge-stages", "--bin", "forge-logits"], cwd=ROOT, check=True)
     dirs = [Path(a) for a in sys.argv[1:]] or random_models(Path(tempfile.mkdtemp(prefix="forge-tf-")))
     worst = 0.0
     for d in dirs:

@@ -12,43 +12,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use forge_model::{Dropout, Layout};
 use serde_json::Value;
-
-/// Fetches `base:NAME` with the repository's `bases/NAME.kdl` into a cache every test of this
-/// run shares (and a later run reuses: a second build is a no-op), and returns the file.
-fn fetch(name: &str) -> PathBuf {
-    static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    let root = ROOT.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bases");
-        std::fs::create_dir_all(dir.join("bases")).unwrap();
-        std::fs::write(dir.join("forge.kdl"), "forge 1\ninclude \"bases/*.kdl\"\n").unwrap();
-        for f in ["smollm2-135m.kdl", "gemma3-270m.kdl"] {
-            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("bases").join(f);
-            std::fs::copy(src, dir.join("bases").join(f)).unwrap();
-        }
-        dir
-    });
-    let forge = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_forge"))
-            .arg("-C")
-            .arg(root)
-            .args(args)
-            .env("CI", "1")
-            .output()
-            .unwrap();
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        assert!(out.status.success(), "forge {args:?}:\n{}\n{}", text(&out.stdout), text(&out.stderr));
-        text(&out.stdout)
-    };
-    let artifact = format!("base:{name}");
-    forge(&["build", &artifact]);
-    PathBuf::from(forge(&["artifact", "path", &artifact]).trim()).join("model.gguf")
-}
 
 fn reference(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bases").join(format!("{name}.json"));
@@ -60,7 +28,7 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn tokenizer_matches(name: &str) {
-    let file = fetch(name);
+    let file = common::fetch_base(name);
     let g = forge_gguf::Gguf::open(&file).unwrap();
     let tok = forge_gguf::tokenizer::tokenizer(&g).unwrap();
     let r = reference(name);
@@ -92,7 +60,7 @@ fn gemma3_tokenizer_encodes_as_llama_cpp() {
 /// same argmax at every position but `slack` in 10 (at the last too when `slack` is 0), and the
 /// last position's 64 largest and 256 probe logits within `tol`.
 fn logits_match(name: &str, key: &str, tol: f64, slack: usize) {
-    let file = fetch(name);
+    let file = common::fetch_base(name);
     let model = forge_gguf::load::open_model(&file, None).unwrap();
     let r = reference(name);
     for p in r[key].as_array().unwrap() {
@@ -147,7 +115,7 @@ fn lora_lowers_eval_loss(name: &str) {
     use forge_model::lora::{self, LoraSpec};
     use forge_train::train::{Backend, evaluate, train};
 
-    let file = fetch(name);
+    let file = common::fetch_base(name);
     let (mut model, mut tok) = forge_gguf::load::open_base(&file).unwrap();
     if tok.chat_template.is_none() {
         tok.chat_template = Some(forge_model::tokenizer::GEMMA_CHAT_TEMPLATE.to_string());

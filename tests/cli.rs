@@ -107,6 +107,27 @@ fn exit_codes() {
     assert!(help.stdout().contains("130  interrupted"), "exit codes are documented: {help:?}");
 }
 
+/// Hostile testing: "another build is running" exited 2, the status of a usage error, so a CI
+/// script could not tell a busy workspace from a broken manifest.
+#[test]
+fn another_build_running_is_busy_not_a_usage_error() {
+    let ws = TestWorkspace::with_manifest(
+        "forge 1\ntarget \"t\" {\n  command \"slow\" { run \"sh\" \"-c\" \"sleep 3\"; }\n}\n",
+    );
+    let mut build = ws.cmd(&["build"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // The action's staging directory exists once the build holds the lock and runs it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_dir(ws.file(".forge-cache/tmp")).map_or(true, |mut d| d.next().is_none()) {
+        assert!(std::time::Instant::now() < deadline, "the build never started its action");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let busy = ws.run(&["clean", "--all"]);
+    assert_eq!(busy.code(), 75, "{busy:?}");
+    assert!(busy.stderr().contains("a forge build is running in this workspace"), "{busy:?}");
+    assert!(build.wait().unwrap().success());
+    assert_eq!(ws.run(&["clean", "--all"]).code(), 0);
+}
+
 #[test]
 fn manifest_errors_are_diagnostics_with_codes() {
     let ws = TestWorkspace::with_manifest(

@@ -39,6 +39,39 @@ fn every_shipped_workspace_checks() {
     }
 }
 
+/// Each example is its own workspace (a workspace reads nothing outside itself, links
+/// included), so `examples/gemma-defame` and `examples/openai-teacher` carry copies of the root
+/// demo's lore, recipe and base: they must stay the root's, or the demos stop measuring the same
+/// task.
+#[test]
+fn the_examples_copies_of_the_root_demos_files_are_the_root_demos() {
+    let mut copies = Vec::new();
+    for example in ["examples/gemma-defame", "examples/openai-teacher"] {
+        for entry in walkdir::WalkDir::new(example).into_iter().filter_entry(|e| e.file_name() != ".forge-cache") {
+            let entry = entry.unwrap();
+            assert!(
+                !entry.path_is_symlink(),
+                "{} is a link: a workspace reads only its own files",
+                entry.path().display()
+            );
+            let rel = entry.path().strip_prefix(example).unwrap().to_path_buf();
+            if entry.file_type().is_file() && rel != Path::new("forge.kdl") {
+                copies.push((Path::new(example).join(&rel), rel));
+            }
+        }
+    }
+    assert!(copies.len() >= 9, "{copies:?}");
+    for (copy, rel) in copies {
+        let root = std::fs::read(&rel).unwrap_or_default();
+        assert!(
+            std::fs::read(&copy).unwrap() == root,
+            "{} differs from {}: copy the root's file",
+            copy.display(),
+            rel.display()
+        );
+    }
+}
+
 #[test]
 fn the_root_demo_builds_the_defame_dataset_offline() {
     let cache = tempfile::tempdir().unwrap();

@@ -44,7 +44,7 @@ fn sha256(data: &[u8]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("f");
     std::fs::write(&p, data).unwrap();
-    forge_plan::fetch::sha256_file(&p).unwrap()
+    forge_stages::fetch::sha256_file(&p).unwrap()
 }
 
 /// A workspace with a local index of two part wheels, and the whole file's digest.

@@ -1,6 +1,7 @@
 //! The training stages end to end with the `forge` binary: dataset → LoRA adapter (PEFT files)
-//! → merged Hugging Face folder → `forge gen`; a no-op rebuild; and a training killed with
-//! SIGKILL that resumes from its checkpoint to the same adapter.
+//! → merged Hugging Face folder → `forge gen`; a no-op rebuild; a training killed with SIGKILL
+//! that resumes from its checkpoint to the same adapter; and a benchmark killed with SIGKILL
+//! that resumes after its finished prompts to the same answers.
 
 mod common;
 
@@ -145,4 +146,94 @@ fn a_killed_training_resumes_from_its_checkpoint() {
     assert_eq!(clean.run(&["build", "tiny:adapter"]).code(), 0);
     let whole = std::fs::read(clean.artifact_path("tiny:adapter").join("adapter_model.safetensors")).unwrap();
     assert!(resumed == whole, "the resumed adapter is byte-identical to an uninterrupted run's");
+}
+
+/// The tiny model with a benchmark of its q8_0 file whose verifier takes a while, so a build
+/// can be killed in the middle of it.
+fn with_slow_benchmark(ws: &TestWorkspace) {
+    let m = ws.read("forge.kdl").replace(
+        "    quantize \"f16\" \"q8_0\" \"q4_k_m\"\n",
+        "    quantize \"q8_0\"\n    benchmark prompts=8 samples=2 attempts=2 max-tokens=24 seed=3\n",
+    );
+    let m = m.replace(
+        "    grammar \"poster\" start=\"poster\" {",
+        "    judge { command \"sh\" \"-c\" \"sleep 0.15; cat > /dev/null; echo pass\" name=\"slow\" }\n    grammar \"poster\" start=\"poster\" {",
+    );
+    assert!(m.contains("benchmark") && m.contains("judge"), "{m}");
+    ws.write("forge.kdl", &m);
+}
+
+/// The answers of a benchmark: what was generated and how it was graded (timings differ).
+fn answers(ws: &TestWorkspace) -> Vec<(String, Vec<(String, bool)>)> {
+    let bench = json_file(ws.artifact_path("tiny:bench:q8_0").join("bench.json"));
+    bench["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let samples = p["samples"].as_array().unwrap();
+            let graded =
+                samples.iter().map(|s| (s["text"].as_str().unwrap().to_string(), s["pass"].as_bool().unwrap()));
+            (p["id"].as_str().unwrap().to_string(), graded.collect())
+        })
+        .collect()
+}
+
+/// Hostile testing: a killed benchmark's resume was untested.
+#[test]
+fn a_killed_benchmark_resumes_after_its_finished_prompts() {
+    let ws = TestWorkspace::copy_of("tiny-model");
+    with_slow_benchmark(&ws);
+    assert_eq!(ws.run(&["build", "tiny:gguf:q8_0"]).code(), 0);
+    let mut child = ws.cmd(&["build", "tiny:bench:q8_0"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    let finished_prompts = || {
+        walkdir::WalkDir::new(ws.file(".forge-cache/work-v1"))
+            .into_iter()
+            .filter_map(Result::ok)
+            .find(|e| e.file_name() == "prompts.jsonl")
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())
+            .map_or(0, |t| t.lines().count())
+    };
+    while finished_prompts() < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no prompt finished");
+        assert!(child.try_wait().unwrap().is_none(), "the benchmark ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let done = finished_prompts();
+    assert!(done < 8, "killed after all prompts: nothing left to resume");
+
+    let r = ws.run(&["build", "tiny:bench:q8_0"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let log = ws.read(".forge-cache/logs-v1/tiny--bench--q8_0.log");
+    assert!(log.contains(&format!("resuming after {done} finished prompts")), "{log}");
+    let resumed = answers(&ws);
+    assert_eq!(resumed.len(), 8);
+
+    let clean = TestWorkspace::copy_of("tiny-model");
+    with_slow_benchmark(&clean);
+    assert_eq!(clean.run(&["build", "tiny:bench:q8_0"]).code(), 0);
+    assert_eq!(resumed, answers(&clean), "the resumed benchmark answers as an uninterrupted one does");
+}
+
+/// Hostile testing: a context shorter than the benchmark's prompts failed only after training.
+/// Now the adapter stage measures the prompts with the base's tokenizer before it trains.
+#[test]
+fn a_prompt_longer_than_the_context_fails_before_training() {
+    let ws = TestWorkspace::copy_of("tiny-model");
+    let long = "Hear the long decree of the realm, read aloud in every square. ".repeat(12);
+    let m = ws.read("forge.kdl").replace("input \"Target:", &format!("input \"{long}Target:")).replace(
+        "    quantize \"f16\" \"q8_0\" \"q4_k_m\"\n",
+        "    quantize \"q8_0\"\n    benchmark prompts=2 samples=1 max-tokens=32\n",
+    );
+    ws.write("forge.kdl", &m);
+    assert_eq!(ws.run(&["check"]).code(), 0, "the prompt's length in tokens is not known before the tokenizer is");
+    let r = ws.run(&["build", "tiny:adapter"]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr().contains("but the base's context holds 128"), "{r:?}");
+    let log = ws.read(".forge-cache/logs-v1/tiny--adapter.log");
+    assert!(!log.contains(" steps on "), "it trained first: {log}");
 }

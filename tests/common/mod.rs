@@ -124,3 +124,35 @@ pub fn with_event(events: &[serde_json::Value], kind: &str) -> Vec<String> {
 pub fn done(events: &[serde_json::Value]) -> &serde_json::Value {
     events.iter().find(|e| e["event"] == "done").expect("a done event")
 }
+
+/// Fetches `base:NAME` with the repository's `bases/NAME.kdl` into a cache every test of this
+/// run shares, `tests/bases.rs` and `tests/gguf_fuzz_real.rs` alike (and a later run reuses: a
+/// second build is a no-op), and returns the file.
+pub fn fetch_base(name: &str) -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let root = ROOT.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bases");
+        std::fs::create_dir_all(dir.join("bases")).unwrap();
+        std::fs::write(dir.join("forge.kdl"), "forge 1\ninclude \"bases/*.kdl\"\n").unwrap();
+        for f in ["smollm2-135m.kdl", "gemma3-270m.kdl"] {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("bases").join(f);
+            std::fs::copy(src, dir.join("bases").join(f)).unwrap();
+        }
+        dir
+    });
+    let forge = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_forge"))
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .env("CI", "1")
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        assert!(out.status.success(), "forge {args:?}:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+        text(&out.stdout)
+    };
+    let artifact = format!("base:{name}");
+    forge(&["build", &artifact]);
+    PathBuf::from(forge(&["artifact", "path", &artifact]).trim()).join("model.gguf")
+}

@@ -15,13 +15,13 @@
 //! are cached by (judge model, endpoint, criterion text, input, output) in the teacher-call
 //! cache, so re-grading the same outputs costs nothing.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use forge_data::validate::{Checks, normalize};
 use forge_manifest::{Check, Criterion, Validation};
+use forge_process::Ended;
 use forge_teacher::{CallCache, ChatRequest, Message, OpenAiClient};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -63,6 +63,8 @@ impl Outcome {
     }
 }
 
+// One per criterion of a recipe: a handful, so the large variant is not boxed.
+#[allow(clippy::large_enum_variant)]
 enum Compiled {
     Contains(String),
     Checks(Checks),
@@ -189,53 +191,27 @@ fn run_command(run: &[String], timeout: Duration, cwd: &Path, name: &str, s: &Su
         "values": s.values,
     });
     let mut cmd = Command::new(&run[0]);
-    cmd.args(&run[1..]).current_dir(cwd).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0); // a timeout kills the verifier and anything it started
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    cmd.args(&run[1..]).current_dir(cwd);
+    // Contained like a command stage: a timeout kills the verifier and anything it started,
+    // and it dies with forge.
+    let opts = forge_process::Options {
+        timeout: Some(timeout),
+        stdin: Some(serde_json::to_vec(&payload).expect("samples serialize")),
+        capture: Some(1 << 20),
+        ..Default::default()
+    };
+    let finished = match forge_process::run(&mut cmd, opts) {
+        Ok(f) => f,
         Err(e) => return Outcome::error(format!("cannot run `{}`: {e}", run[0])),
     };
-    // Write stdin and read the pipes on threads so a verifier that ignores its input or fills
-    // a pipe cannot deadlock us.
-    let mut stdin = child.stdin.take().expect("piped");
-    let body = serde_json::to_vec(&payload).expect("samples serialize");
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&body); // a verifier may exit without reading
-    });
-    let read = |mut p: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = p.by_ref().take(1 << 20).read_to_end(&mut buf);
-            buf
-        })
-    };
-    let out = read(Box::new(child.stdout.take().expect("piped")));
-    let err = read(Box::new(child.stderr.take().expect("piped")));
-    let start = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break Some(st),
-            Ok(None) if start.elapsed() >= timeout => break None,
-            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Outcome::error(format!("waiting for `{}`: {e}", run[0])),
+    let status = match finished.ended {
+        Ended::Exited(status) => status,
+        Ended::TimedOut(_) | Ended::Cancelled => {
+            return Outcome::error(format!("`{}` timed out after {:.1}s", run[0], timeout.as_secs_f64()));
         }
     };
-    let Some(status) = status else {
-        #[cfg(unix)]
-        unsafe {
-            libc::kill(-(child.id() as i32), libc::SIGKILL);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        return Outcome::error(format!("`{}` timed out after {:.1}s", run[0], timeout.as_secs_f64()));
-    };
-    let _ = writer.join();
-    let stdout = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+    let stdout = String::from_utf8_lossy(&finished.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&finished.stderr).into_owned();
     if !status.success() {
         let tail: Vec<&str> = stderr.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
         return Outcome::error(format!("`{}` exited with {status}: {}", run[0], tail.join(" | ")));

@@ -1,16 +1,12 @@
-//! Benchmarking the student as DefameLM does (§4): generate several answers per eval prompt with
-//! forge's quantized decoder, grade each with the recipe's judge suite (all criteria must pass),
-//! estimate every prompt's success probability, run retry-until-success, and compare levels.
+//! What benchmarking the student as DefameLM does (§4) is made of: forge's quantized decoder
+//! ([`infer`]), the recipe's judge suite ([`judge`]: all criteria must pass), the statistics that
+//! compare levels ([`stats`]) and the plots ([`plot`]). The `bench` and `report` stages that run
+//! them are in `forge-stages`.
 
-pub mod bench;
 pub mod infer;
 pub mod judge;
 pub mod plot;
-pub mod report;
 pub mod stats;
-
-pub use bench::BenchExecutor;
-pub use report::ReportExecutor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

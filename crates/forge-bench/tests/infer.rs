@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use candle_core::Device;
 use forge_bench::infer::QModel;
-use forge_manifest::{QuantLevel, Schedule, ScratchBase};
+use forge_manifest::{QuantLevel, Schedule};
 use forge_model::generate::{Sampling, generate};
-use forge_model::{Llama, Tokenizer};
+use forge_model::{Llama, ModelConfig, ScratchShape, Tokenizer};
 use forge_train::data::example;
 use forge_train::{Hooks, TrainConfig, train};
 
@@ -24,18 +24,9 @@ const POSTERS: [(&str, &str); 6] = [
 fn trained() -> (Llama, Tokenizer) {
     let texts = POSTERS.iter().flat_map(|(i, o)| [i.to_string(), o.to_string()]);
     let tok = Tokenizer::train_bpe(texts, 400).unwrap();
-    let base = ScratchBase {
-        layers: 2,
-        hidden: 256,
-        heads: 4,
-        kv_heads: 2,
-        ffn: 512,
-        vocab: 400,
-        context: 96,
-        rope_theta: 10_000.0,
-        seed: 3,
-    };
-    let model = Llama::random(forge_train::stage::scratch_config(&base, &tok), 3, &Device::Cpu).unwrap();
+    let base =
+        ScratchShape { layers: 2, hidden: 256, heads: 4, kv_heads: 2, ffn: 512, context: 96, rope_theta: 10_000.0 };
+    let model = Llama::random(ModelConfig::scratch(&base, &tok), 3, &Device::Cpu).unwrap();
     let (model, vars) = model.trainable().unwrap();
     let examples: Vec<_> = POSTERS.iter().map(|(i, o)| example(&tok, i, o, 96).unwrap().unwrap()).collect();
     let cfg = TrainConfig {
@@ -77,12 +68,11 @@ fn trained() -> (Llama, Tokenizer) {
 
 /// An untrained 2-layer model (vocabulary 300, context 64) of the given width, with a tokenizer
 /// learned from the posters.
-fn random(hidden: u32, heads: u32, kv_heads: u32, ffn: u32, seed: u64) -> (Llama, Tokenizer) {
+fn random(hidden: usize, heads: usize, kv_heads: usize, ffn: usize, seed: u64) -> (Llama, Tokenizer) {
     let texts = POSTERS.iter().flat_map(|(i, o)| [i.to_string(), o.to_string()]);
     let tok = Tokenizer::train_bpe(texts, 300).unwrap();
-    let base =
-        ScratchBase { layers: 2, hidden, heads, kv_heads, ffn, vocab: 300, context: 64, rope_theta: 10_000.0, seed };
-    let model = Llama::random(forge_train::stage::scratch_config(&base, &tok), seed, &Device::Cpu).unwrap();
+    let base = ScratchShape { layers: 2, hidden, heads, kv_heads, ffn, context: 64, rope_theta: 10_000.0 };
+    let model = Llama::random(ModelConfig::scratch(&base, &tok), seed, &Device::Cpu).unwrap();
     (model, tok)
 }
 
@@ -152,6 +142,13 @@ fn forge_kernels_give_candles_logits_on_any_thread_count() {
         let reference = logits(&candle);
         for kernels in [Kernels::Avx2, Kernels::Vnni] {
             let mut q = QModel::load_with(&path, kernels).unwrap();
+            // `load_with` falls back to what the CPU runs; then this would compare candle
+            // with candle and prove nothing.
+            assert_eq!(
+                q.kernels(),
+                kernels,
+                "this CPU lacks the instructions of the {kernels:?} kernels, which this test exists to check"
+            );
             q.set_parallel_threshold(0);
             for threads in [1, 3] {
                 q.set_threads(threads);

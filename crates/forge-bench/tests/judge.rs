@@ -139,7 +139,7 @@ fn the_command_verifier_passes_fails_and_reports_broken_scripts() {
     assert!(!hang.pass && hang.error.as_deref().unwrap().contains("timed out after 0.5s"), "{hang:?}");
     let garbage = &good[4];
     assert!(!garbage.pass && garbage.error.as_deref().unwrap().contains("\"banana\""), "{garbage:?}");
-    assert_eq!(good[5].pass, false);
+    assert!(!good[5].pass);
     assert!(good[5].error.is_none(), "a verifier may answer without reading its input");
     assert!(good[6].error.as_deref().unwrap().contains("cannot run"), "{:?}", good[6]);
 

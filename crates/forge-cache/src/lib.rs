@@ -38,9 +38,54 @@ pub use stat::StatCache;
 pub use state::{BuildState, StateEntry};
 pub use tree::{Tree, TreeEntry, hash_tree};
 
-/// Directories this forge keeps in the cache; anything else is pruned by gc.
-pub const BUCKETS: &[&str] =
-    &["cas-v1", "ac-v1", "logs-v1", "teacher-v1", "work-v1", "manifest-v1", "reports-v1", "tmp"];
+/// The directories of the cache, each with its format version in its name: the one list of
+/// them (a format change bumps a suffix here; `forge cache gc` prunes every other directory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Bucket {
+    /// Content store: one read-only directory per artifact content digest.
+    Cas,
+    /// Action cache: action key → fingerprint and content.
+    Ac,
+    /// The last log of each artifact's action.
+    Logs,
+    /// Teacher-call cache (forge-teacher); kept by `forge clean` unless `--all`.
+    Teacher,
+    /// Progress of resumable actions, by action key.
+    Work,
+    /// The validated manifest, reused while its files are unchanged.
+    Manifest,
+    /// The latest report of each target.
+    Reports,
+    /// Staging directories of running actions.
+    Tmp,
+}
+
+impl Bucket {
+    pub const ALL: [Bucket; 8] = [
+        Bucket::Cas,
+        Bucket::Ac,
+        Bucket::Logs,
+        Bucket::Teacher,
+        Bucket::Work,
+        Bucket::Manifest,
+        Bucket::Reports,
+        Bucket::Tmp,
+    ];
+
+    /// The directory's name under the cache root.
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Bucket::Cas => "cas-v1",
+            Bucket::Ac => "ac-v1",
+            Bucket::Logs => "logs-v1",
+            Bucket::Teacher => "teacher-v1",
+            Bucket::Work => "work-v1",
+            Bucket::Manifest => "manifest-v1",
+            Bucket::Reports => "reports-v1",
+            Bucket::Tmp => "tmp",
+        }
+    }
+}
 /// Files this forge keeps at the cache root.
 pub const ROOT_FILES: &[&str] = &["CACHEDIR.TAG", "lock", "state-v1.bin", "stat-v1.bin"];
 
@@ -73,6 +118,8 @@ pub enum ContentProblem {
     Missing { path: PathBuf },
     /// A file's bytes no longer match their digest.
     Corrupt { path: PathBuf, expected: Digest, actual: Digest },
+    /// A file (or link, or directory) that is not part of the artifact was added to it.
+    Extra { path: PathBuf },
 }
 
 impl std::fmt::Display for ContentProblem {
@@ -82,6 +129,7 @@ impl std::fmt::Display for ContentProblem {
             ContentProblem::Corrupt { path, expected, actual } => {
                 write!(f, "{} has digest {} but {} was stored", path.display(), actual.short(), expected.short())
             }
+            ContentProblem::Extra { path } => write!(f, "{} is not part of the stored artifact", path.display()),
         }
     }
 }
@@ -106,8 +154,8 @@ impl Cache {
         if !tag.exists() {
             fsutil::write_atomic(&tag, CACHEDIR_TAG.as_bytes())?;
         }
-        for b in BUCKETS {
-            let dir = root.join(b);
+        for b in Bucket::ALL {
+            let dir = root.join(b.dir_name());
             if !dir.is_dir() {
                 fs::create_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
             }
@@ -119,8 +167,8 @@ impl Cache {
         &self.root
     }
 
-    pub fn bucket(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+    pub fn bucket(&self, b: Bucket) -> PathBuf {
+        self.root.join(b.dir_name())
     }
 
     /// Takes the build lock, waiting for another build to finish when `wait` is set.
@@ -154,29 +202,29 @@ impl Cache {
     /// Where the content with this digest lives.
     pub fn cas_dir(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.root.join("cas-v1").join(&hex[..2]).join(hex)
+        self.bucket(Bucket::Cas).join(&hex[..2]).join(hex)
     }
 
     fn ac_path(&self, key: &Digest) -> PathBuf {
         let hex = key.hex();
-        self.root.join("ac-v1").join(&hex[..2]).join(format!("{hex}.json"))
+        self.bucket(Bucket::Ac).join(&hex[..2]).join(format!("{hex}.json"))
     }
 
     /// The log file of an artifact's most recent action.
     pub fn log_path(&self, artifact_stem: &str) -> PathBuf {
-        self.root.join("logs-v1").join(format!("{artifact_stem}.log"))
+        self.bucket(Bucket::Logs).join(format!("{artifact_stem}.log"))
     }
 
     /// A fresh, empty staging directory for an action's output.
     pub fn staging_dir(&self) -> Result<PathBuf, CacheError> {
-        let dir = self.root.join("tmp").join(format!("{}-{:x}", std::process::id(), fsutil::unique()));
+        let dir = self.bucket(Bucket::Tmp).join(format!("{}-{:x}", std::process::id(), fsutil::unique()));
         fs::create_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
         Ok(dir)
     }
 
     /// Removes staging directories left by killed builds. Call with the lock held.
     pub fn clean_staging(&self) -> Result<(), CacheError> {
-        let tmp = self.root.join("tmp");
+        let tmp = self.bucket(Bucket::Tmp);
         let Ok(entries) = fs::read_dir(&tmp) else { return Ok(()) };
         for entry in entries.flatten() {
             fsutil::remove_tree(&entry.path()).map_err(|e| CacheError::io(&entry.path(), e))?;
@@ -237,7 +285,7 @@ impl Cache {
                 return Err(ContentProblem::Corrupt { path, expected: entry.digest, actual });
             }
         }
-        Ok(())
+        exact_file_set(&dir, tree)
     }
 
     /// Re-hashes every file of `tree` from its bytes, ignoring the stat cache.
@@ -253,7 +301,7 @@ impl Cache {
                 Ok(_) => {}
             }
         }
-        Ok(())
+        exact_file_set(&dir, tree)
     }
 
     /// Removes stored content (after it was found damaged).
@@ -283,6 +331,26 @@ impl Cache {
         fsutil::write_atomic(&self.ac_path(&entry.key), &entry.encode())
     }
 
+    /// Checks that the action entry for `key` is present and intact: by `stat` where the stat
+    /// cache vouches for the file (a no-op build reads no entry), by reading and decoding it
+    /// where not, after which `stat` vouches for it.
+    pub fn check_action(&self, key: &Digest, stat: &StatCache) -> Result<(), CacheError> {
+        let path = self.ac_path(key);
+        let meta = fs::metadata(&path).map_err(|e| CacheError::io(&path, e))?;
+        if stat.vouches(&path, &meta).is_some() {
+            return Ok(());
+        }
+        let data = fs::read(&path).map_err(|e| CacheError::io(&path, e))?;
+        match ActionEntry::decode(&data) {
+            Ok(entry) if entry.key == *key => {
+                stat.record(&path, Digest::of(&data)).map_err(|e| CacheError::io(&path, e))?;
+                Ok(())
+            }
+            Ok(entry) => Err(CacheError::Corrupt { path, reason: format!("it holds key {}", entry.key.short()) }),
+            Err(reason) => Err(CacheError::Corrupt { path, reason }),
+        }
+    }
+
     pub fn remove_action(&self, key: &Digest) -> Result<(), CacheError> {
         let path = self.ac_path(key);
         match fs::remove_file(&path) {
@@ -294,7 +362,7 @@ impl Cache {
     /// Every action-cache entry's key, in no particular order.
     pub fn action_keys(&self) -> Vec<Digest> {
         let mut keys = Vec::new();
-        for shard in fs::read_dir(self.root.join("ac-v1")).into_iter().flatten().flatten() {
+        for shard in fs::read_dir(self.bucket(Bucket::Ac)).into_iter().flatten().flatten() {
             for file in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
                 let name = file.file_name();
                 let name = name.to_string_lossy();
@@ -313,6 +381,31 @@ impl Cache {
     pub fn save_state(&self, state: &BuildState) -> Result<(), CacheError> {
         state.save(&self.state_path())
     }
+}
+
+/// The stored directory holds exactly the tree's files: nothing added beside them.
+fn exact_file_set(dir: &Path, tree: &Tree) -> Result<(), ContentProblem> {
+    let expected: std::collections::HashSet<&str> = tree.entries.iter().map(|e| e.path.as_str()).collect();
+    let mut files = 0usize;
+    for entry in walkdir::WalkDir::new(dir).min_depth(1).follow_links(false) {
+        let Ok(entry) = entry else {
+            return Err(ContentProblem::Missing { path: dir.to_path_buf() });
+        };
+        let rel = entry.path().strip_prefix(dir).map(tree::slash_path).unwrap_or_default();
+        let kind = entry.file_type();
+        if kind.is_dir() {
+            // Directories are implied by the files below them; an empty one is harmless.
+            continue;
+        }
+        if !kind.is_file() || !expected.contains(rel.as_str()) {
+            return Err(ContentProblem::Extra { path: entry.path().to_path_buf() });
+        }
+        files += 1;
+    }
+    if files < expected.len() {
+        return Err(ContentProblem::Missing { path: dir.to_path_buf() });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -342,8 +435,9 @@ mod tests {
     fn layout_has_tag_and_buckets() {
         let (_d, cache, _) = cache();
         assert!(fs::read_to_string(cache.root().join("CACHEDIR.TAG")).unwrap().starts_with("Signature: 8a477f59"));
-        for b in BUCKETS {
+        for b in Bucket::ALL {
             assert!(cache.bucket(b).is_dir());
+            assert_eq!(Bucket::ALL.iter().filter(|o| o.dir_name() == b.dir_name()).count(), 1);
         }
     }
 
@@ -380,6 +474,65 @@ mod tests {
         assert!(matches!(cache.verify_tree(&tree), Err(ContentProblem::Corrupt { .. })));
         cache.discard_content(&tree.digest()).unwrap();
         assert!(matches!(cache.check_tree(&tree, &stat), Err(ContentProblem::Missing { .. })));
+    }
+
+    fn writable(dir: &Path) {
+        for e in walkdir::WalkDir::new(dir) {
+            let e = e.unwrap();
+            let mut perm = fs::metadata(e.path()).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(false);
+            fs::set_permissions(e.path(), perm).unwrap();
+        }
+    }
+
+    /// Hostile testing: a file added to a stored artifact was never detected (`cache verify`
+    /// found 0 problems) and the build used the artifact with it.
+    #[test]
+    fn an_extra_file_in_a_stored_artifact_is_detected() {
+        let (_d, cache, stat) = cache();
+        let s = cache.staging_dir().unwrap();
+        fs::create_dir(s.join("sub")).unwrap();
+        fs::write(s.join("sub/a.txt"), "hello").unwrap();
+        let tree = cache.publish(&s, &stat).unwrap();
+        let dir = cache.cas_dir(&tree.digest());
+        writable(&dir);
+        // An empty directory changes nothing the digest covers.
+        fs::create_dir(dir.join("empty")).unwrap();
+        assert!(cache.check_tree(&tree, &stat).is_ok());
+        for extra in ["extra.bin", "sub/extra.bin"] {
+            fs::write(dir.join(extra), "x").unwrap();
+            assert_eq!(cache.check_tree(&tree, &stat), Err(ContentProblem::Extra { path: dir.join(extra) }));
+            assert_eq!(cache.verify_tree(&tree), Err(ContentProblem::Extra { path: dir.join(extra) }));
+            fs::remove_file(dir.join(extra)).unwrap();
+        }
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink("sub/a.txt", dir.join("link")).unwrap();
+            assert!(matches!(cache.check_tree(&tree, &stat), Err(ContentProblem::Extra { .. })));
+        }
+    }
+
+    /// Hostile testing: a damaged action entry for the current key went unnoticed by `build`
+    /// (the fresh path trusted the state file), so a successful build left a cache that failed
+    /// `verify`.
+    #[test]
+    fn check_action_notices_a_damaged_or_missing_entry_and_trusts_an_intact_one() {
+        let (_d, cache, stat) = cache();
+        let key = Digest::of(b"key");
+        assert!(matches!(cache.check_action(&key, &stat), Err(CacheError::Io { .. })));
+        cache.write_action(&entry(key, Tree::default())).unwrap();
+        cache.check_action(&key, &stat).unwrap();
+        let path = cache.ac_path(&key);
+        let mut data = fs::read(&path).unwrap();
+        data[10] ^= 0x01;
+        fs::write(&path, &data).unwrap();
+        assert!(matches!(cache.check_action(&key, &stat), Err(CacheError::Corrupt { .. })));
+        // An entry stored under another key's name is damage too.
+        let other = Digest::of(b"other");
+        cache.write_action(&entry(other, Tree::default())).unwrap();
+        fs::copy(cache.ac_path(&other), &path).unwrap();
+        assert!(matches!(cache.check_action(&key, &stat), Err(CacheError::Corrupt { .. })));
     }
 
     #[test]

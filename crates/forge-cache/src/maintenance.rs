@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::{BUCKETS, Cache, CacheError, ContentProblem, Digest, ROOT_FILES, fsutil};
+use crate::{Bucket, Cache, CacheError, ContentProblem, Digest, ROOT_FILES, fsutil};
 
 #[derive(Clone, Debug)]
 pub struct GcOptions {
@@ -98,8 +98,9 @@ impl Cache {
         let mut report = GcReport::default();
         for entry in fs::read_dir(self.root()).map_err(|e| CacheError::io(self.root(), e))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let known =
-                BUCKETS.contains(&name.as_str()) || ROOT_FILES.contains(&name.as_str()) || name.starts_with('.');
+            let known = Bucket::ALL.iter().any(|b| b.dir_name() == name)
+                || ROOT_FILES.contains(&name.as_str())
+                || name.starts_with('.');
             if !known {
                 report.bytes_freed += fsutil::tree_size(&entry.path());
                 report.unknown_removed.push(name);
@@ -131,7 +132,7 @@ impl Cache {
                 }
             }
         }
-        for shard in fs::read_dir(self.bucket("cas-v1")).into_iter().flatten().flatten() {
+        for shard in fs::read_dir(self.bucket(Bucket::Cas)).into_iter().flatten().flatten() {
             for object in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
                 let digest: Option<Digest> = object.file_name().to_string_lossy().parse().ok();
                 if digest.is_some_and(|d| live_content.contains(&d)) {
@@ -170,6 +171,7 @@ impl Cache {
                 let problem = match &p {
                     ContentProblem::Missing { .. } => format!("content missing: {p}"),
                     ContentProblem::Corrupt { .. } => format!("content corrupt: {p}"),
+                    ContentProblem::Extra { .. } => format!("content altered: {p}"),
                 };
                 report.problems.push(VerifyProblem { artifact: Some(entry.artifact.clone()), key: Some(key), problem });
                 if repair {

@@ -97,14 +97,21 @@ impl StatCache {
         self.digest_with(path, &meta)
     }
 
+    /// The digest recorded for `path` if its metadata still matches `meta` (outside the racy
+    /// window), without reading the file.
+    pub fn vouches(&self, path: &Path, meta: &std::fs::Metadata) -> Option<Digest> {
+        let s = stamp(meta);
+        let inner = self.lock();
+        let e = inner.entries.get(path)?;
+        (e.stamp == s && e.hashed_at_ns - s.mtime_ns >= RACY_WINDOW_NS).then_some(e.digest)
+    }
+
     /// Like [`digest`](Self::digest) with metadata the caller already has.
     pub fn digest_with(&self, path: &Path, meta: &std::fs::Metadata) -> std::io::Result<Digest> {
-        let s = stamp(meta);
-        if let Some(e) = self.lock().entries.get(path) {
-            if e.stamp == s && e.hashed_at_ns - s.mtime_ns >= RACY_WINDOW_NS {
-                return Ok(e.digest);
-            }
+        if let Some(d) = self.vouches(path, meta) {
+            return Ok(d);
         }
+        let s = stamp(meta);
         let hashed_at_ns = now_ns();
         let digest = hash_file(path)?;
         let mut inner = self.lock();

@@ -83,6 +83,11 @@ fn is_executable(_: &std::fs::Metadata) -> bool {
     false
 }
 
+/// A relative path as a tree names it: components joined by `/`.
+pub(crate) fn slash_path(rel: &Path) -> String {
+    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+}
+
 /// Hashes every file below `dir`. Symbolic links are refused: an artifact must hold its bytes.
 pub fn hash_tree(dir: &Path) -> Result<Tree, CacheError> {
     let mut entries = Vec::new();
@@ -92,8 +97,7 @@ pub fn hash_tree(dir: &Path) -> Result<Tree, CacheError> {
         if ft.is_dir() {
             continue;
         }
-        let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
-        let rel = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+        let rel = slash_path(entry.path().strip_prefix(dir).unwrap_or(entry.path()));
         if !ft.is_file() {
             return Err(CacheError::Invalid {
                 path: entry.path().to_path_buf(),

@@ -10,7 +10,9 @@ Exit status:
   1    a build, check or verification failed (an action failed, an artifact is not built,
        the cache has damaged entries)
   2    invalid arguments or an invalid manifest
-  3    forge could not do its work (an unreadable cache, an I/O error)
+  3    forge could not do its work (an unreadable cache, an I/O error, a full disk)
+  75   busy: another forge process holds this workspace's lock (try again later;
+       `forge build` waits for it)
   130  interrupted (Ctrl-C)";
 
 #[derive(Parser, Debug)]

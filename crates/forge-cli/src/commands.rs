@@ -17,16 +17,7 @@ use crate::render::{Renderer, reasons_line};
 
 /// Every stage this forge can build.
 pub fn registry() -> forge_plan::Registry {
-    let mut r = forge_plan::Registry::with_builtin();
-    r.register(Arc::new(forge_data::DatasetExecutor));
-    r.register(Arc::new(forge_train::AdapterExecutor));
-    r.register(Arc::new(forge_train::MergedExecutor));
-    r.register(Arc::new(forge_train::ImatrixExecutor));
-    r.register(Arc::new(forge_gguf::stage::GgufExecutor));
-    r.register(Arc::new(forge_gguf::stage::GgufAdapterExecutor));
-    r.register(Arc::new(forge_bench::BenchExecutor));
-    r.register(Arc::new(forge_bench::ReportExecutor));
-    r
+    forge_stages::registry()
 }
 
 pub(crate) fn load(g: &Global, out: &Output, json: bool) -> Result<Workspace, Failure> {
@@ -99,7 +90,14 @@ pub fn build(g: &Global, out: &Output, a: BuildArgs) -> Result<(), Failure> {
     if summary.interrupted {
         return Err(Failure::Interrupted);
     }
-    if a.dry_run || summary.ok() { Ok(()) } else { Err(Failure::Failed) }
+    if a.dry_run || summary.ok() {
+        Ok(())
+    } else if summary.io_failed > 0 {
+        // The details were printed with each failure.
+        Err(Failure::Internal(String::new()))
+    } else {
+        Err(Failure::Failed)
+    }
 }
 
 fn status_word(s: &Status) -> &'static str {
@@ -315,7 +313,7 @@ fn ungraded_criteria(m: &forge_manifest::Manifest) -> Vec<String> {
 fn take_lock(ws: &Workspace) -> Result<forge_cache::CacheLock, Failure> {
     ws.cache
         .lock(false)?
-        .ok_or_else(|| Failure::Usage("a forge build is running in this workspace; try again when it is done".into()))
+        .ok_or_else(|| Failure::Busy("a forge build is running in this workspace; try again when it is done".into()))
 }
 
 pub fn clean(g: &Global, out: &Output, a: CleanArgs) -> Result<(), Failure> {
@@ -323,8 +321,8 @@ pub fn clean(g: &Global, out: &Output, a: CleanArgs) -> Result<(), Failure> {
     let _lock = take_lock(&ws)?;
     if a.artifacts.is_empty() {
         let mut removed = 0u64;
-        for bucket in forge_cache::BUCKETS {
-            if *bucket == "teacher-v1" && !a.all {
+        for bucket in forge_cache::Bucket::ALL {
+            if bucket == forge_cache::Bucket::Teacher && !a.all {
                 continue;
             }
             let dir = ws.cache.bucket(bucket);
@@ -359,11 +357,11 @@ pub fn clean(g: &Global, out: &Output, a: CleanArgs) -> Result<(), Failure> {
     let mut state = ws.cache.load_state(&mut |_| {});
     let mut removed = 0;
     for key in ws.cache.action_keys() {
-        if let Ok(Some(entry)) = ws.cache.read_action(&key) {
-            if names.contains(&entry.artifact) {
-                ws.cache.remove_action(&key)?;
-                removed += 1;
-            }
+        if let Ok(Some(entry)) = ws.cache.read_action(&key)
+            && names.contains(&entry.artifact)
+        {
+            ws.cache.remove_action(&key)?;
+            removed += 1;
         }
     }
     state.artifacts.retain(|k, _| !names.contains(k));

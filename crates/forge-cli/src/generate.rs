@@ -57,10 +57,10 @@ pub fn generate(g: &Global, out: &Output, a: GenArgs) -> Result<(), Failure> {
         }
         GenStage::Adapter => {
             // A GGUF base is the fetched artifact `base:NAME` (or a workspace file).
-            let base_dir = match forge_train::stage::gguf_base_name(&dir) {
+            let base_dir = match forge_stages::train::gguf_base_name(&dir) {
                 Some(name) => match ws.manifest.bases.get(&name).and_then(|b| b.fetch_artifact()) {
                     Some(id) => {
-                        Some(fresh_artifact_dir(&ws, out, &id.to_string())?.join(forge_plan::fetch::FETCHED_FILE))
+                        Some(fresh_artifact_dir(&ws, out, &id.to_string())?.join(forge_stages::fetch::FETCHED_FILE))
                     }
                     None => match ws.manifest.bases.get(&name).map(|b| &b.kind) {
                         Some(forge_manifest::BaseKind::Gguf(g)) => g.path.as_ref().map(|p| ws.root.join(&p.value)),
@@ -70,8 +70,8 @@ pub fn generate(g: &Global, out: &Output, a: GenArgs) -> Result<(), Failure> {
                 None => None,
             };
             let base =
-                base_dir.as_deref().map_or(forge_train::stage::BaseFile::None, forge_train::stage::BaseFile::Gguf);
-            forge_train::load_adapted(&dir, &ws.root, base).map_err(Failure::Internal)?
+                base_dir.as_deref().map_or(forge_stages::train::BaseFile::None, forge_stages::train::BaseFile::Gguf);
+            forge_stages::train::load_adapted(&dir, &ws.root, base).map_err(Failure::Internal)?
         }
     };
     let load_s = t0.elapsed().as_secs_f64();

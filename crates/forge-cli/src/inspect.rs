@@ -19,7 +19,8 @@ fn human(bytes: u64) -> String {
 
 pub fn inspect(out: &Output, a: InspectArgs) -> Result<(), Failure> {
     let g = forge_gguf::Gguf::open(&a.file).map_err(|e| {
-        eprintln!("{}: {}: {e}", out.paint("error", Color::Red), a.file.display());
+        // The error names the file.
+        eprintln!("{}: {e}", out.paint("error", Color::Red));
         Failure::Failed
     })?;
     let report = forge_gguf::inspect::report(&g);
@@ -43,7 +44,8 @@ pub fn inspect(out: &Output, a: InspectArgs) -> Result<(), Failure> {
                 _ => {
                     let s = v.to_json(true).to_string();
                     if s.len() > 100 {
-                        format!("{}… ({} chars)", &s[..s.floor_char_boundary(97)], s.len())
+                        let cut = (0..=97).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+                        format!("{}… ({} chars)", &s[..cut], s.len())
                     } else {
                         s
                     }

@@ -22,6 +22,8 @@ pub enum Failure {
     Usage(String),
     /// forge could not do its work.
     Internal(String),
+    /// Another forge process holds the workspace's lock; trying again later will do.
+    Busy(String),
     Interrupted,
 }
 
@@ -31,6 +33,7 @@ impl Failure {
             Failure::Failed => 1,
             Failure::Usage(_) => 2,
             Failure::Internal(_) => 3,
+            Failure::Busy(_) => 75,
             Failure::Interrupted => 130,
         }
     }
@@ -76,7 +79,7 @@ pub fn run() -> i32 {
         Ok(()) => 0,
         Err(f) => {
             match &f {
-                Failure::Usage(m) | Failure::Internal(m) if !m.is_empty() => {
+                Failure::Usage(m) | Failure::Internal(m) | Failure::Busy(m) if !m.is_empty() => {
                     eprintln!("{}: {m}", out.paint("error", output::Color::Red))
                 }
                 _ => {}

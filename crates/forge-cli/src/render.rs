@@ -144,7 +144,7 @@ impl EventSink for Renderer {
                     ));
                 }
             }
-            Event::Fail { artifact, error, log } => {
+            Event::Fail { artifact, error, log, .. } => {
                 self.set_running(&artifact, None);
                 if let Some(bar) = self.bar.get() {
                     bar.inc(1);

@@ -53,6 +53,9 @@ pub struct Meta {
     pub abandoned: u64,
     /// Tokens used per node, rejected attempts included.
     pub usage: BTreeMap<String, Usage>,
+    /// Of `usage`, the tokens of candidates that were rejected (paid for and thrown away).
+    #[serde(default)]
+    pub wasted: BTreeMap<String, Usage>,
     /// Eval samples per stratum, when split by a node.
     pub strata: BTreeMap<String, (u32, u32)>,
 }

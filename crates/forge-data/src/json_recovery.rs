@@ -18,12 +18,11 @@ pub fn recover_all(text: &str) -> Vec<Value> {
     if !lines.is_empty() && lines.len() == text.lines().filter(|l| l.trim().starts_with(['{', '['])).count() {
         return lines;
     }
-    if let Some(array) = balanced(text, '[', ']').into_iter().find_map(parse_lenient) {
-        if let Value::Array(items) = array {
-            if !items.is_empty() && items.iter().all(Value::is_object) {
-                return items;
-            }
-        }
+    if let Some(Value::Array(items)) = balanced(text, '[', ']').into_iter().find_map(parse_lenient)
+        && !items.is_empty()
+        && items.iter().all(Value::is_object)
+    {
+        return items;
     }
     balanced(text, '{', '}').into_iter().filter_map(parse_lenient).collect()
 }

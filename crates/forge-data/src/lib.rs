@@ -1,12 +1,12 @@
-//! The `dataset` stage: lore lists and a recipe's DAG, sampled stably; teachers; validation,
-//! deduplication, exact-N top-up, resume and a deterministic split.
+//! Datasets: lore lists and a recipe's DAG, sampled stably ([`sampler`]); validation and
+//! deduplication ([`validate`]); the sample files ([`dataset`]) and a deterministic split
+//! ([`split`]). The `dataset` stage that asks the teachers, tops up to exactly N samples and
+//! resumes from its journal is in `forge-stages`.
 
 pub mod dataset;
 pub mod json_recovery;
 pub mod sampler;
 pub mod split;
-mod stage;
 pub mod validate;
 
 pub use dataset::{Meta, Sample, read_meta, read_samples};
-pub use stage::DatasetExecutor;

@@ -13,16 +13,32 @@ use crate::json_recovery;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Rejection {
     Empty,
-    TooFewWords { min: u32, got: usize },
-    TooManyWords { max: u32, got: usize },
-    TooFewChars { min: u32, got: usize },
-    TooManyChars { max: u32, got: usize },
+    TooFewWords {
+        min: u32,
+        got: usize,
+    },
+    TooManyWords {
+        max: u32,
+        got: usize,
+    },
+    TooFewChars {
+        min: u32,
+        got: usize,
+    },
+    TooManyChars {
+        max: u32,
+        got: usize,
+    },
     Banned(String),
     Regex(String),
     NotJson,
     Schema(String),
     Duplicate,
     NearDuplicate(f64),
+    /// The server stopped at the `max_tokens` the checks set.
+    Truncated {
+        max_tokens: u32,
+    },
 }
 
 impl Rejection {
@@ -39,6 +55,7 @@ impl Rejection {
             Rejection::Schema(_) => "schema",
             Rejection::Duplicate => "dedup",
             Rejection::NearDuplicate(_) => "near-dup",
+            Rejection::Truncated { .. } => "truncated",
         }
     }
 }
@@ -57,6 +74,9 @@ impl std::fmt::Display for Rejection {
             Rejection::Schema(e) => write!(f, "the JSON does not match the schema: {e}"),
             Rejection::Duplicate => write!(f, "duplicates an accepted answer"),
             Rejection::NearDuplicate(j) => write!(f, "near-duplicates an accepted answer (Jaccard {j:.2})"),
+            Rejection::Truncated { max_tokens } => {
+                write!(f, "cut off at max_tokens {max_tokens} (the bound its length checks allow)")
+            }
         }
     }
 }
@@ -134,10 +154,10 @@ impl Checks {
             return Ok(None);
         }
         let value = json_recovery::recover(text).ok_or(Rejection::NotJson)?;
-        if let Some(schema) = &self.schema {
-            if let Some(e) = schema.iter_errors(&value).next() {
-                return Err(Rejection::Schema(e.to_string()));
-            }
+        if let Some(schema) = &self.schema
+            && let Some(e) = schema.iter_errors(&value).next()
+        {
+            return Err(Rejection::Schema(e.to_string()));
         }
         Ok(Some(value))
     }

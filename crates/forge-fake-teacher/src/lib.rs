@@ -5,6 +5,13 @@
 //! every Nth request can be answered with 429 + `Retry-After`, a 500, a hang past the client's
 //! timeout, or a body that is not JSON; every response can be delayed. Answers are a pure
 //! function of the request (or of a closure the test supplies), so runs are repeatable.
+//!
+//! [`Serving`] makes it behave like a small local server: at most `slots` requests are served at
+//! once and the rest wait in a FIFO queue (llama.cpp's server with `--parallel 1` answers one
+//! request at a time), optionally advertised at `GET /props` and `GET /slots` as llama.cpp does;
+//! a request whose client hangs up (a client timeout) is dropped, queued or not, and counted as
+//! [`FakeTeacher::cancelled`]. It can also echo the `Authorization` header back in an error body,
+//! as a careless server might.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +21,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
@@ -29,8 +36,22 @@ pub struct Faults {
     /// How long a hanging request waits before answering (longer than the client's timeout).
     pub hang: Duration,
     pub every_malformed: Option<u64>,
-    /// Added to every response.
+    /// Added to every response (with `slots`, the time a request holds its slot: its
+    /// "generation").
     pub latency: Duration,
+}
+
+/// How the server serves, beyond faults.
+#[derive(Clone, Debug, Default)]
+pub struct Serving {
+    /// At most this many requests are served at once; the others wait in a first-come,
+    /// first-served queue. `None`: no limit.
+    pub slots: Option<usize>,
+    /// Say `slots` at `GET /props` (`total_slots`) and `GET /slots`, as llama.cpp's server does.
+    pub advertise_slots: bool,
+    /// Answer every chat request with this status and an error body that repeats the request's
+    /// `Authorization` header (as is, percent-encoded and in base64).
+    pub echo_authorization: Option<u16>,
 }
 
 pub type Responder = Arc<dyn Fn(&Value) -> String + Send + Sync>;
@@ -47,8 +68,11 @@ pub struct Seen {
 
 struct Shared {
     faults: Faults,
+    serving: Serving,
     responder: Responder,
     counter: AtomicU64,
+    cancelled: AtomicU64,
+    slots: Option<tokio::sync::Semaphore>,
     seen: Mutex<Vec<Seen>>,
 }
 
@@ -81,8 +105,31 @@ impl FakeTeacher {
         Self::bind("127.0.0.1:0", faults, responder).expect("bind 127.0.0.1")
     }
 
+    /// A server on 127.0.0.1 that serves as `serving` says.
+    pub fn serving(faults: Faults, serving: Serving, responder: Responder) -> FakeTeacher {
+        Self::bind_with("127.0.0.1:0", faults, serving, responder).expect("bind 127.0.0.1")
+    }
+
     pub fn bind(addr: &str, faults: Faults, responder: Responder) -> std::io::Result<FakeTeacher> {
-        let shared = Arc::new(Shared { faults, responder, counter: AtomicU64::new(0), seen: Mutex::default() });
+        Self::bind_with(addr, faults, Serving::default(), responder)
+    }
+
+    pub fn bind_with(
+        addr: &str,
+        faults: Faults,
+        serving: Serving,
+        responder: Responder,
+    ) -> std::io::Result<FakeTeacher> {
+        let slots = serving.slots.map(|n| tokio::sync::Semaphore::new(n.max(1)));
+        let shared = Arc::new(Shared {
+            faults,
+            serving,
+            responder,
+            counter: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            slots,
+            seen: Mutex::default(),
+        });
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -93,10 +140,12 @@ impl FakeTeacher {
                 tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                let app = Router::new()
-                    .route("/v1/chat/completions", post(handle))
-                    .route("/chat/completions", post(handle))
-                    .with_state(state);
+                let mut app =
+                    Router::new().route("/v1/chat/completions", post(handle)).route("/chat/completions", post(handle));
+                if state.serving.advertise_slots && state.serving.slots.is_some() {
+                    app = app.route("/props", get(props_handler)).route("/slots", get(slots_handler));
+                }
+                let app = app.with_state(state);
                 let _ = axum::serve(listener, app)
                     .with_graceful_shutdown(async {
                         let _ = rx.await;
@@ -112,6 +161,7 @@ impl FakeTeacher {
         format!("http://{}/v1", self.addr)
     }
 
+    /// The requests answered (or hanging), in the order they were answered.
     pub fn requests(&self) -> Vec<Seen> {
         self.shared.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -119,6 +169,17 @@ impl FakeTeacher {
     /// Requests answered successfully.
     pub fn answered(&self) -> usize {
         self.requests().iter().filter(|s| s.status == 200).count()
+    }
+
+    /// Every chat request that arrived, whatever became of it.
+    pub fn received(&self) -> u64 {
+        self.shared.counter.load(Ordering::SeqCst)
+    }
+
+    /// Chat requests whose client hung up before the answer was ready (waiting for a slot or
+    /// being "generated"): the server stopped working on them.
+    pub fn cancelled(&self) -> u64 {
+        self.shared.cancelled.load(Ordering::SeqCst)
     }
 }
 
@@ -134,11 +195,64 @@ impl Drop for FakeTeacher {
 }
 
 fn hits(every: Option<u64>, n: u64) -> bool {
-    every.is_some_and(|e| e > 0 && n % e == 0)
+    every.is_some_and(|e| e > 0 && n.is_multiple_of(e))
+}
+
+async fn props_handler(State(s): State<Arc<Shared>>) -> Json<Value> {
+    let n = s.serving.slots.unwrap_or(1);
+    Json(
+        json!({ "total_slots": n, "default_generation_settings": { "n_ctx": 4096 }, "build_info": "forge-fake-teacher" }),
+    )
+}
+
+async fn slots_handler(State(s): State<Arc<Shared>>) -> Json<Value> {
+    let n = s.serving.slots.unwrap_or(1);
+    Json(Value::Array((0..n).map(|id| json!({ "id": id, "is_processing": false })).collect()))
+}
+
+/// Counts a request as cancelled if its handler is dropped (the client hung up) before it
+/// answered.
+struct Pending<'a> {
+    shared: &'a Shared,
+    answered: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.shared.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for k in 0..4 {
+            out.push(if k <= chunk.len() { A[(n >> (18 - 6 * k) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
 }
 
 async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
     let n = s.counter.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut pending = Pending { shared: &s, answered: false };
     let f = &s.faults;
     let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
     let record = |status: u16| {
@@ -149,11 +263,38 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, Json(body): Js
             status,
         })
     };
+    if let Some(code) = s.serving.echo_authorization {
+        let auth = authorization.clone().unwrap_or_default();
+        let key = auth.strip_prefix("Bearer ").unwrap_or(&auth).to_string();
+        record(code);
+        pending.answered = true;
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::UNAUTHORIZED);
+        return (
+            status,
+            Json(json!({
+                "error": {
+                    "message": format!(
+                        "Incorrect API key provided: {auth}. Received authorization={} (base64 {}); key {} (base64 {}).",
+                        percent_encode(&auth), base64(auth.as_bytes()), key, base64(key.as_bytes())
+                    ),
+                    "type": "invalid_request_error",
+                },
+                "headers": { "authorization": auth },
+            })),
+        )
+            .into_response();
+    }
+    // Wait for a slot; a client that hangs up meanwhile drops this future, and its place.
+    let _slot = match &s.slots {
+        Some(sem) => Some(sem.acquire().await.expect("the semaphore is never closed")),
+        None => None,
+    };
     if !f.latency.is_zero() {
         tokio::time::sleep(f.latency).await;
     }
     if hits(f.every_rate_limit, n) {
         record(429);
+        pending.answered = true;
         let mut resp =
             (StatusCode::TOO_MANY_REQUESTS, Json(json!({"error": {"message": "rate limited"}}))).into_response();
         if let Some(ra) = &f.retry_after {
@@ -163,6 +304,7 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, Json(body): Js
     }
     if hits(f.every_server_error, n) {
         record(500);
+        pending.answered = true;
         return (StatusCode::INTERNAL_SERVER_ERROR, "upstream exploded").into_response();
     }
     if hits(f.every_hang, n) {
@@ -171,6 +313,7 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, Json(body): Js
     }
     if hits(f.every_malformed, n) {
         record(2000);
+        pending.answered = true;
         return (StatusCode::OK, "{\"choices\": [ {\"message\": oops").into_response();
     }
     let content = (s.responder)(&body);
@@ -178,6 +321,7 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, Json(body): Js
     if !hits(f.every_hang, n) {
         record(200);
     }
+    pending.answered = true;
     Json(json!({
         "id": format!("chatcmpl-{n}"),
         "object": "chat.completion",

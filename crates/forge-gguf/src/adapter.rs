@@ -30,7 +30,7 @@ pub fn convert(
     spec: &LoraSpec,
     tensors: &std::collections::HashMap<String, candle_core::Tensor>,
     name: &str,
-) -> Result<(Vec<(String, Value)>, Vec<TensorData>)> {
+) -> Result<crate::convert::Converted> {
     let md = vec![
         ("general.architecture".to_string(), Value::from(cfg.arch.gguf_name())),
         ("general.type".to_string(), "adapter".into()),

@@ -3,8 +3,8 @@
 //! permutation, Llama 3's `rope_freqs`) and `llama-quantize` (per-tensor type mixing for the
 //! `_M` levels and its fallbacks when a row is not a multiple of the block).
 
-use forge_manifest::QuantLevel;
 use forge_model::{Arch, Llama, ModelConfig, RopeScaling, Tokenizer};
+use forge_quant::QuantLevel;
 use serde_json::Value as Json;
 
 use crate::format::{TensorData, Value};
@@ -107,7 +107,7 @@ pub fn use_more_bits(i: usize, n: usize) -> bool {
 
 /// When a row (`ne[0]`) is not whole blocks of `ty`: the type llama-quantize falls back to.
 fn fallback(ty: GgmlType, row: usize) -> GgmlType {
-    if row % ty.block() == 0 {
+    if row.is_multiple_of(ty.block()) {
         return ty;
     }
     let next = match ty {
@@ -117,7 +117,7 @@ fn fallback(ty: GgmlType, row: usize) -> GgmlType {
         GgmlType::Q2K | GgmlType::Q3K => GgmlType::Q4_0,
         _ => GgmlType::F16,
     };
-    if row % next.block() == 0 { next } else { GgmlType::F16 }
+    if row.is_multiple_of(next.block()) { next } else { GgmlType::F16 }
 }
 
 /// The type of one tensor at `level` (llama-quantize's `llama_tensor_get_type` for dense llama
@@ -141,7 +141,7 @@ pub fn tensor_type(
     }
     let is_output = name == "output.weight" || (tied && name == "token_embd.weight");
     let ty = if is_output {
-        if row % default.block() != 0 {
+        if !row.is_multiple_of(default.block()) {
             GgmlType::Q8_0
         } else if default != GgmlType::Q8_0 {
             GgmlType::Q6K
@@ -355,6 +355,9 @@ pub fn model_metadata(cfg: &ModelConfig) -> Vec<(String, Value)> {
     md
 }
 
+/// A GGUF file to write: its metadata, in order, and its tensors.
+pub type Converted = (Vec<(String, Value)>, Vec<TensorData>);
+
 /// What a conversion made, per tensor type, for logs and reports.
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
@@ -387,12 +390,7 @@ pub fn read_tokenizer_file(path: &std::path::Path) -> Result<Vec<(String, Value)
 }
 
 /// Builds the metadata and tensors of a GGUF model file.
-pub fn convert(
-    model: &Llama,
-    tok: &Tokenizer,
-    level: QuantLevel,
-    name: &str,
-) -> Result<(Vec<(String, Value)>, Vec<TensorData>)> {
+pub fn convert(model: &Llama, tok: &Tokenizer, level: QuantLevel, name: &str) -> Result<Converted> {
     let tok_md = tokenizer_metadata(tok, model.cfg.arch, model.cfg.vocab)?;
     convert_with(model, tok_md, level, name, None)
 }
@@ -414,7 +412,7 @@ pub fn convert_with(
     level: QuantLevel,
     name: &str,
     imatrix: Option<&std::collections::HashMap<String, Vec<f32>>>,
-) -> Result<(Vec<(String, Value)>, Vec<TensorData>)> {
+) -> Result<Converted> {
     let cfg = &model.cfg;
     let n_tokens =
         tok_md.iter().find(|(k, _)| k == "tokenizer.ggml.tokens").and_then(|(_, v)| v.as_array()).map(|a| a.len());
@@ -449,7 +447,7 @@ pub fn convert_with(
     if let Some(f) = rope_factors(cfg) {
         items.push(("rope_freqs.weight".into(), vec![f.len()], f));
     }
-    items.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)));
+    items.sort_by_cached_key(|a| order_key(&a.0));
     let tied = !items.iter().any(|(n, _, _)| n == "output.weight");
     let mut tensors = Vec::with_capacity(items.len());
     for (name, shape, data) in items {

@@ -19,7 +19,6 @@ pub mod kquant;
 pub mod load;
 pub mod quant;
 pub mod requant;
-pub mod stage;
 pub mod tokenizer;
 pub mod types;
 
@@ -47,6 +46,16 @@ impl From<std::io::Error> for GgufError {
 }
 
 impl GgufError {
+    /// The error with what it happened in (a key, a tensor) named first.
+    pub fn context(self, what: &str) -> GgufError {
+        match self {
+            GgufError::Invalid(m) => GgufError::Invalid(format!("{what}: {m}")),
+            GgufError::Unsupported(m) => GgufError::Unsupported(format!("{what}: {m}")),
+            GgufError::Io(m) => GgufError::Io(format!("{what}: {m}")),
+            other => other,
+        }
+    }
+
     /// The error with the file it is about named first.
     pub fn in_file(self, path: &std::path::Path) -> GgufError {
         let p = path.display();

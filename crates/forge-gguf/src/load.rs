@@ -224,7 +224,8 @@ pub fn model_as(
             )));
         }
     }
-    if let Some(missing) = expected.keys().filter(|n| g.tensor(n).is_none()).min() {
+    let present: std::collections::HashSet<&str> = g.tensors.iter().map(|t| t.name.as_str()).collect();
+    if let Some(missing) = expected.keys().filter(|n| !present.contains(n.as_str())).min() {
         return Err(invalid(format!("the file has no tensor `{missing}`")));
     }
     let mut tensors = HashMap::new();
@@ -256,11 +257,7 @@ pub fn open_model(path: &Path, rope_scaling: Option<RopeScaling>) -> Result<Llam
 }
 
 fn open(path: &Path) -> Result<std::io::BufReader<std::fs::File>> {
-    let f = std::fs::File::open(path).map_err(|e| GgufError::Io(format!("{}: {e}", path.display())))?;
-    if f.metadata().is_ok_and(|m| m.is_dir()) {
-        return Err(GgufError::Invalid(format!("{} is a directory, not a GGUF file", path.display())));
-    }
-    Ok(std::io::BufReader::new(f))
+    Ok(std::io::BufReader::with_capacity(1 << 16, crate::format::open_file(path)?))
 }
 
 /// A GGUF model and its tokenizer, as a training base.

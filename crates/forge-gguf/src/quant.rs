@@ -196,7 +196,7 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, GgufError> {
     }
     let (encode, _) = codec(ty).ok_or_else(|| GgufError::Unsupported(format!("writing {ty} tensors")))?;
     let (qk, bytes) = (ty.block(), ty.block_bytes());
-    if x.len() % qk != 0 {
+    if !x.len().is_multiple_of(qk) {
         return Err(GgufError::Invalid(format!("{} values are not whole {ty} blocks of {qk}", x.len())));
     }
     let mut out = vec![0u8; x.len() / qk * bytes];
@@ -219,7 +219,7 @@ pub fn quantize_weighted(ty: GgmlType, x: &[f32], cols: usize, weights: &[f32]) 
         return quantize(ty, x);
     }
     let (qk, bytes) = (ty.block(), ty.block_bytes());
-    if cols == 0 || x.len() % cols != 0 || cols % qk != 0 || weights.len() != cols {
+    if cols == 0 || !x.len().is_multiple_of(cols) || !cols.is_multiple_of(qk) || weights.len() != cols {
         return Err(GgufError::Invalid(format!(
             "{} values in rows of {cols} with {} importance weights are not whole {ty} rows",
             x.len(),

@@ -23,7 +23,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::mpsc;
 
-use forge_manifest::QuantLevel;
+use forge_quant::QuantLevel;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rayon::prelude::*;
 
@@ -251,10 +251,10 @@ fn write_tensors(
 /// converted, written by a second thread while the next one is converted; tensors that keep
 /// their type are copied file to file.
 pub fn requantize_file(input: &Path, output: &Path, level: QuantLevel) -> Result<Summary> {
-    let open = |p: &Path| std::fs::File::open(p).map_err(|e| GgufError::Io(format!("{}: {e}", p.display())));
+    let open = crate::format::open_file;
     // Buffered: the metadata is read a few bytes at a time (a 262k-token vocabulary is a million reads).
     let mut reader = std::io::BufReader::with_capacity(1 << 20, open(input)?);
-    let g = crate::format::read(&mut reader)?;
+    let g = crate::format::read(&mut reader).map_err(|e| e.in_file(input))?;
     let mut src = reader.into_inner();
     let plan = plan(&g, level);
     let descriptors: Vec<(&str, &[usize], GgmlType)> =

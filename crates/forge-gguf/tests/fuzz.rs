@@ -1,44 +1,22 @@
 //! Corrupt and truncated GGUF files get errors, never panics, hangs or huge allocations: a
 //! bounded property test over mutations of a real model file forge wrote (header counts, string
 //! and array lengths, dimensions, types and offsets overwritten with small, huge and boundary
-//! values; random bytes flipped; the file cut short), each read by the header reader and by the
-//! base loader (config, tokenizer, every tensor dequantized).
+//! values, at random places and at the header's own fields; random bytes flipped; the file cut
+//! short), each read by the header reader, inspected as `forge inspect` does, and loaded by the
+//! base loader (config, tokenizer, every tensor dequantized). A file that reads must satisfy
+//! llama.cpp's container rules. `tests/gguf_fuzz_real.rs` at the repository root does the same
+//! to a file forge did not write.
+
+mod common;
 
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
-use forge_gguf::{Gguf, load};
-use forge_manifest::QuantLevel;
-use forge_model::{Arch, Llama, ModelConfig, Tokenizer};
+use common::{assert_llama_cpp_layout, fields, peak_rss};
+use forge_gguf::{Gguf, inspect, load};
+use forge_quant::QuantLevel;
 
 fn model_file() -> Vec<u8> {
-    let texts = ["HEAR YE! The baron fears geese.", "BEWARE! The miller waters the ale."]
-        .iter()
-        .map(|s| s.to_string())
-        .cycle()
-        .take(20);
-    let tok = Tokenizer::train_bpe(texts, 280).unwrap();
-    let cfg = ModelConfig {
-        arch: Arch::Llama,
-        hidden: 64,
-        intermediate: 96,
-        layers: 2,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: 32,
-        vocab: tok.vocab_size(),
-        rms_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        max_positions: 32,
-        tie_embeddings: true,
-        qkv_bias: false,
-        bos: None,
-        eos: vec![tok.eos.as_ref().unwrap().1],
-        pad: None,
-        gemma: None,
-    };
-    let model = Llama::random(cfg, 1, &Device::Cpu).unwrap();
+    let (model, tok) = common::tiny_llama();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     forge_gguf::convert::write_model(&path, &model, &tok, QuantLevel::Q8_0, "fuzz", Default::default()).unwrap();
@@ -51,15 +29,18 @@ const NASTY: [u64; 9] = [0, 1, 7, 255, 65_535, 1 << 31, u32::MAX as u64, 1 << 40
 #[test]
 fn mutated_files_are_rejected_cleanly_in_bounded_time() {
     let original = model_file();
-    let header_end = forge_gguf::format::read(&mut std::io::Cursor::new(&original)).unwrap().data_start as usize;
+    let parsed = forge_gguf::format::read(&mut std::io::Cursor::new(&original)).unwrap();
+    assert!(inspect::problems(&parsed).is_empty(), "{:?}", inspect::problems(&parsed));
+    let header_end = parsed.data_start as usize;
+    let fields = fields(&original, &parsed);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mutant.gguf");
     let mut rng = forge_rng::SplitMix64::new(2024);
     let (mut rejected, mut loaded) = (0, 0);
     let started = Instant::now();
-    for case in 0..600 {
+    for case in 0..750 {
         let mut bytes = original.clone();
-        match case % 4 {
+        match case % 5 {
             // A u64 anywhere in the header (counts, string and array lengths, dims, offsets).
             0 => {
                 let at = rng.below(header_end - 8);
@@ -72,8 +53,23 @@ fn mutated_files_are_rejected_cleanly_in_bounded_time() {
                 let v = NASTY[rng.below(NASTY.len())] as u32;
                 bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
             }
-            // A few random bytes anywhere.
+            // One of the header's own fields, or one of its values nudged by one.
             2 => {
+                let (at, width) = fields[rng.below(fields.len())];
+                let old = if width == 8 {
+                    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+                } else {
+                    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as u64
+                };
+                let v = match rng.below(3) {
+                    0 => old.wrapping_add(1),
+                    1 => old.wrapping_sub(1),
+                    _ => NASTY[rng.below(NASTY.len())],
+                };
+                bytes[at..at + width].copy_from_slice(&v.to_le_bytes()[..width]);
+            }
+            // A few random bytes anywhere.
+            3 => {
                 for _ in 0..1 + rng.below(4) {
                     let at = rng.below(bytes.len());
                     bytes[at] = rng.next_u64() as u8;
@@ -86,11 +82,19 @@ fn mutated_files_are_rejected_cleanly_in_bounded_time() {
         let t = Instant::now();
         let outcome = std::panic::catch_unwind(|| {
             let header = Gguf::open(&path);
+            // What `forge inspect` does.
+            let inspected = header.as_ref().ok().map(|g| (inspect::report(g), inspect::problems(g)));
             let base = load::open_base(&path);
-            (header.is_ok(), base.map(|(m, _)| m.cfg.layers))
+            (header, inspected, base.map(|(m, _)| m.cfg.layers))
         });
-        let (header_ok, base) = outcome.unwrap_or_else(|_| panic!("case {case}: a panic (mutant written to {path:?})"));
+        let (header, inspected, base) =
+            outcome.unwrap_or_else(|_| panic!("case {case}: a panic (mutant written to {path:?})"));
         assert!(t.elapsed() < Duration::from_secs(5), "case {case}: {:?}", t.elapsed());
+        let header_ok = header.is_ok();
+        if let (Ok(g), Some((report, problems))) = (&header, inspected) {
+            assert_llama_cpp_layout(g, case);
+            assert_eq!(report["problems"].as_array().map(Vec::len), Some(problems.len()), "case {case}");
+        }
         match base {
             Ok(layers) => {
                 assert!(header_ok);
@@ -104,6 +108,12 @@ fn mutated_files_are_rejected_cleanly_in_bounded_time() {
             }
         }
     }
-    eprintln!("600 mutants: {rejected} rejected, {loaded} still loaded, in {:.1?}", started.elapsed());
-    assert!(rejected > 300, "most mutants are corrupt: {rejected}");
+    let rss = peak_rss();
+    eprintln!(
+        "750 mutants: {rejected} rejected, {loaded} still loaded, in {:.1?}, peak RSS {} MiB",
+        started.elapsed(),
+        rss >> 20
+    );
+    assert!(rejected > 375, "most mutants are corrupt: {rejected}");
+    assert!(rss < 1 << 30, "peak RSS {} MiB", rss >> 20);
 }

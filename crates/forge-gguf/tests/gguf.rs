@@ -7,8 +7,8 @@ use candle_core::{Device, Tensor};
 use forge_gguf::format::{self, TensorData, Value};
 use forge_gguf::quant::{dequantize, quantize};
 use forge_gguf::{GgmlType, inspect, load};
-use forge_manifest::QuantLevel;
 use forge_model::{Arch, Dropout, Layout, Llama, ModelConfig, Tokenizer};
+use forge_quant::QuantLevel;
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = forge_rng::SplitMix64::new(seed);

@@ -273,17 +273,17 @@ fn expand_target(manifest: &Manifest, ti: usize, target: &Target, out: &mut Vec<
                 out.push(decl);
             }
         }
-        if let (Some(q), Some(a)) = (&m.quantize, &m.adapter) {
-            if a.method == crate::model::TrainMethod::Lora {
-                out.push(ArtifactDecl {
-                    id: id("gguf-adapter", None),
-                    target: ti,
-                    kind: StageKind::GgufAdapter,
-                    deps: std::iter::once(dep("adapter", None, q.span)).chain(base_dep.clone()).collect(),
-                    span: q.span,
-                    pool: pool(&q.pool),
-                });
-            }
+        if let (Some(q), Some(a)) = (&m.quantize, &m.adapter)
+            && a.method == crate::model::TrainMethod::Lora
+        {
+            out.push(ArtifactDecl {
+                id: id("gguf-adapter", None),
+                target: ti,
+                kind: StageKind::GgufAdapter,
+                deps: std::iter::once(dep("adapter", None, q.span)).chain(base_dep.clone()).collect(),
+                span: q.span,
+                pool: pool(&q.pool),
+            });
         }
         if let (Some(b), Some(q), Some(_)) = (&m.benchmark, &m.quantize, &m.adapter) {
             for level in &q.levels {

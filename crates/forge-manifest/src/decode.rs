@@ -52,11 +52,12 @@ impl<'n> NodeReader<'n> {
     pub fn new(cx: &mut Cx<'_>, node: &'n KdlNode, usage: &'static str) -> Self {
         let mut args = Vec::new();
         let mut props: Vec<&KdlEntry> = Vec::new();
+        let mut seen: std::collections::HashMap<&str, &KdlEntry> = std::collections::HashMap::new();
         for entry in node.entries() {
             match entry.name() {
                 None => args.push(entry),
                 Some(name) => {
-                    if let Some(first) = props.iter().find(|p| p.name().map(|n| n.value()) == Some(name.value())) {
+                    if let Some(&first) = seen.get(name.value()) {
                         cx.push(
                             Diagnostic::new(
                                 Code::DuplicateProperty,
@@ -69,6 +70,7 @@ impl<'n> NodeReader<'n> {
                         );
                         continue;
                     }
+                    seen.insert(name.value(), entry);
                     props.push(entry);
                 }
             }
@@ -246,6 +248,21 @@ impl<'n> NodeReader<'n> {
                 v.span,
                 format!("`{key}` must be {range}, not {}", v.value),
                 format!("must be {range}"),
+            ));
+            return None;
+        }
+        Some(v)
+    }
+
+    /// A number property in `(0, max]`: a scale or a rate where zero would silently do nothing.
+    pub fn float_positive(&mut self, cx: &mut Cx<'_>, key: &'static str, max: f64) -> Option<Spanned<f64>> {
+        let v = self.float(cx, key)?;
+        if !(v.value > 0.0 && v.value <= max) {
+            cx.push(Diagnostic::new(
+                Code::InvalidValue,
+                v.span,
+                format!("`{key}` must be greater than 0 and at most {max}, not {}", v.value),
+                format!("must be in (0, {max}]"),
             ));
             return None;
         }

@@ -56,10 +56,12 @@ pub enum Code {
     RootOnly,
     /// A path that leaves the workspace or is otherwise unusable.
     InvalidPath,
+    /// A file beyond one of forge's bounds (nesting depth, size).
+    Limit,
 }
 
 impl Code {
-    pub const ALL: [Code; 19] = [
+    pub const ALL: [Code; 20] = [
         Code::Syntax,
         Code::Io,
         Code::Version,
@@ -79,6 +81,7 @@ impl Code {
         Code::Cycle,
         Code::RootOnly,
         Code::InvalidPath,
+        Code::Limit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,6 +105,7 @@ impl Code {
             Code::Cycle => "forge::manifest::cycle",
             Code::RootOnly => "forge::manifest::root-only",
             Code::InvalidPath => "forge::manifest::invalid-path",
+            Code::Limit => "forge::manifest::limit",
         }
     }
 }

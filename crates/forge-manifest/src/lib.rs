@@ -10,6 +10,7 @@ pub mod artifact;
 mod decode;
 pub mod diagnostic;
 pub mod glob;
+pub mod limits;
 mod lore;
 pub mod model;
 mod parse;

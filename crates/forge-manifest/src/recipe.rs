@@ -42,10 +42,10 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
                 let mut c =
                     NodeReader::new(cx, child, "prompt \"Write a poster about {{ target }}\" grammar=\"GRAMMAR_NODE\"");
                 let text = c.arg_str(cx, 0, "a template");
-                if kind == "prompt" {
-                    if let Some(g) = c.str(cx, "grammar") {
-                        prompt_grammar = Some(g);
-                    }
+                if kind == "prompt"
+                    && let Some(g) = c.str(cx, "grammar")
+                {
+                    prompt_grammar = Some(g);
                 }
                 c.no_children(cx);
                 c.finish(cx);
@@ -137,6 +137,7 @@ fn criteria(cx: &mut Cx<'_>, node: &KdlNode) -> Vec<Criterion> {
                 .map(|max| Criterion { name: named(&mut c, cx, kind.into()), check: Check::MaxWords { max } }),
             "regex" => c
                 .arg_str(cx, 0, "a regular expression")
+                .filter(|p| regex_ok(cx, p))
                 .map(|pattern| Criterion { name: named(&mut c, cx, kind.into()), check: Check::Regex { pattern } }),
             "banned" => {
                 let phrases: Vec<String> = c.rest_str(cx, 0, 1, "phrases").into_iter().map(|s| s.value).collect();
@@ -181,6 +182,10 @@ fn criteria(cx: &mut Cx<'_>, node: &KdlNode) -> Vec<Criterion> {
                 continue;
             }
         };
+        if criterion.is_none() {
+            // Its own error is reported; `name=` is not unknown on top of it.
+            let _ = c.str(cx, "name");
+        }
         c.no_children(cx);
         c.finish(cx);
         if let Some(cr) = criterion {
@@ -192,6 +197,29 @@ fn criteria(cx: &mut Cx<'_>, node: &KdlNode) -> Vec<Criterion> {
         }
     }
     out
+}
+
+/// A `regex` must compile (with the `regex` crate's syntax and size limit, as the build does).
+fn regex_ok(cx: &mut Cx<'_>, pattern: &Spanned<String>) -> bool {
+    match regex::Regex::new(&pattern.value) {
+        Ok(_) => true,
+        Err(e) => {
+            let detail = match &e {
+                regex::Error::Syntax(s) => s.lines().last().unwrap_or(s).trim_start_matches("error: ").to_string(),
+                other => other.to_string(),
+            };
+            cx.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    pattern.span,
+                    format!("invalid regular expression: {detail}"),
+                    "does not compile",
+                )
+                .with_help("the syntax is Rust's `regex` crate (no look-around or backreferences)"),
+            );
+            false
+        }
+    }
 }
 
 fn once(cx: &mut Cx<'_>, slot: &mut Option<Spanned<String>>, what: &str, value: Option<Spanned<String>>) {
@@ -376,7 +404,41 @@ fn grammar(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
         );
         return None;
     }
-    Some(NodeKind::Grammar(GrammarNode { start, rules }))
+    // A rule whose every alternative needs an unfinishable rule (itself, say) never finishes:
+    // find the rules that can, by a fixpoint, and report the rest.
+    let symbols = |alt: &str| -> Vec<String> {
+        alt.split('#').skip(1).step_by(2).map(|s| s.split('.').next().unwrap_or("").to_string()).collect()
+    };
+    let mut finishes: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    loop {
+        let before = finishes.len();
+        for (name, alts) in &rules {
+            if !finishes.contains(name.as_str())
+                && alts
+                    .iter()
+                    .any(|a| symbols(a).iter().all(|s| !rules.contains_key(s) || finishes.contains(s.as_str())))
+            {
+                finishes.insert(name);
+            }
+        }
+        if finishes.len() == before {
+            break;
+        }
+    }
+    let mut ok = true;
+    for name in rules.keys().filter(|n| !finishes.contains(n.as_str())) {
+        ok = false;
+        cx.push(
+            Diagnostic::new(
+                Code::Cycle,
+                spans[name],
+                format!("grammar rule `{name}` never finishes: each of its alternatives expands a rule that recurses forever"),
+                "recurses forever",
+            )
+            .with_help("give the rule an alternative without `#...#` recursion, e.g. `rule \"list\" \"#item#\" \"#item#, #list#\"`"),
+        );
+    }
+    ok.then_some(NodeKind::Grammar(GrammarNode { start, rules }))
 }
 
 fn generate(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
@@ -397,17 +459,16 @@ fn generate(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
                 let text = c.arg_str(cx, 0, "a text");
                 c.no_children(cx);
                 c.finish(cx);
-                if kind == "schema" {
-                    if let Some(t) = &text {
-                        if let Err(e) = serde_json::from_str::<serde_json::Value>(&t.value) {
-                            cx.push(Diagnostic::new(
-                                Code::InvalidValue,
-                                t.span,
-                                format!("the schema is not valid JSON: {e}"),
-                                "invalid JSON",
-                            ));
-                        }
-                    }
+                if kind == "schema"
+                    && let Some(t) = &text
+                    && let Err(e) = serde_json::from_str::<serde_json::Value>(&t.value)
+                {
+                    cx.push(Diagnostic::new(
+                        Code::InvalidValue,
+                        t.span,
+                        format!("the schema is not valid JSON: {e}"),
+                        "invalid JSON",
+                    ));
                 }
                 let slot = match kind {
                     "system" => &mut system,
@@ -473,7 +534,9 @@ fn validation(cx: &mut Cx<'_>, node: &KdlNode) -> Validation {
             "min-chars" => v.min_chars = count(cx, &mut c),
             "max-chars" => v.max_chars = count(cx, &mut c),
             "banned" => v.banned.extend(c.rest_str(cx, 0, 1, "phrases").into_iter().map(|s| s.value)),
-            "regex" => v.regex.extend(c.rest_str(cx, 0, 1, "a regular expression")),
+            "regex" => {
+                v.regex.extend(c.rest_str(cx, 0, 1, "a regular expression").into_iter().filter(|p| regex_ok(cx, p)))
+            }
             "json" => v.json = flag(cx, &mut c),
             "dedup" => {
                 v.dedup = flag(cx, &mut c);
@@ -533,25 +596,25 @@ fn validation(cx: &mut Cx<'_>, node: &KdlNode) -> Validation {
         c.no_children(cx);
         c.finish(cx);
     }
-    if let (Some(lo), Some(hi)) = (v.min_words, v.max_words) {
-        if lo > hi {
-            cx.push(Diagnostic::new(
-                Code::InvalidValue,
-                cx.span(node.name().span()),
-                format!("`min-words` ({lo}) is larger than `max-words` ({hi})"),
-                "no answer can pass",
-            ));
-        }
+    if let (Some(lo), Some(hi)) = (v.min_words, v.max_words)
+        && lo > hi
+    {
+        cx.push(Diagnostic::new(
+            Code::InvalidValue,
+            cx.span(node.name().span()),
+            format!("`min-words` ({lo}) is larger than `max-words` ({hi})"),
+            "no answer can pass",
+        ));
     }
-    if let (Some(lo), Some(hi)) = (v.min_chars, v.max_chars) {
-        if lo > hi {
-            cx.push(Diagnostic::new(
-                Code::InvalidValue,
-                cx.span(node.name().span()),
-                format!("`min-chars` ({lo}) is larger than `max-chars` ({hi})"),
-                "no answer can pass",
-            ));
-        }
+    if let (Some(lo), Some(hi)) = (v.min_chars, v.max_chars)
+        && lo > hi
+    {
+        cx.push(Diagnostic::new(
+            Code::InvalidValue,
+            cx.span(node.name().span()),
+            format!("`min-chars` ({lo}) is larger than `max-chars` ({hi})"),
+            "no answer can pass",
+        ));
     }
     v
 }

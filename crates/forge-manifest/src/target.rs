@@ -28,13 +28,15 @@ pub(crate) fn target(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Target> {
     let recipe = if is_model { r.str(cx, "recipe") } else { None };
     r.finish(cx);
     if let Some(n) = &name {
-        if n.value.contains(':') || !check_name(cx, "target", n) {
+        // `:` separates a target from its stage in artifact names (`defame:adapter`).
+        if !check_name(cx, if is_model { "model" } else { "target" }, n) {
             return None;
         }
     }
     let mut model = ModelStages { recipe, ..ModelStages::default() };
     let mut commands: Vec<CommandStage> = Vec::new();
     let mut seen: BTreeMap<&str, Span> = BTreeMap::new();
+    let mut prompts_given: Option<Spanned<u32>> = None;
     for child in r.child_nodes() {
         let kind = child.name().value();
         let span = cx.span(child.name().span());
@@ -57,7 +59,11 @@ pub(crate) fn target(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Target> {
             ("dataset", true) => model.dataset = dataset(cx, child),
             ("adapter", true) => model.adapter = adapter(cx, child),
             ("quantize", true) => model.quantize = quantize(cx, child),
-            ("benchmark", true) => model.benchmark = benchmark(cx, child),
+            ("benchmark", true) => {
+                let (stage, given) = benchmark(cx, child);
+                model.benchmark = stage;
+                prompts_given = given;
+            }
             ("command", _) => {
                 if let Some(c) = command(cx, child) {
                     if let Some(first) = commands.iter().find(|o| o.name.value == c.name.value) {
@@ -85,14 +91,33 @@ pub(crate) fn target(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Target> {
         }
     }
     if is_model {
-        check_pipeline(cx, &model);
+        check_pipeline(cx, &model, &seen);
+        if let (Some(b), Some(d)) = (&mut model.benchmark, &model.dataset) {
+            match prompts_given {
+                Some(p) if p.value > d.eval => cx.push(
+                    Diagnostic::new(
+                        Code::InvalidValue,
+                        p.span,
+                        format!("`prompts` ({}) is more than the dataset's eval split ({})", p.value, d.eval),
+                        "more prompts than eval samples",
+                    )
+                    .with_note(d.span, "the dataset is declared here")
+                    .with_help(format!("benchmark at most `prompts={}`, or raise the dataset's `eval`", d.eval)),
+                ),
+                Some(_) => {}
+                // Unsaid: up to 50, as many as there are.
+                None => b.prompts = b.prompts.min(d.eval),
+            }
+        }
     }
     Some(Target { name: name?, model: is_model.then_some(model), commands })
 }
 
-/// Each ML stage needs the one before it.
-fn check_pipeline(cx: &mut Cx<'_>, m: &ModelStages) {
+/// Each ML stage needs the one before it. A stage that is declared but invalid has its own
+/// diagnostic, so the stages after it are not told that it is missing.
+fn check_pipeline(cx: &mut Cx<'_>, m: &ModelStages, declared: &BTreeMap<&str, Span>) {
     let mut need = |present: bool, span: Option<Span>, what: &str, prior: &str| {
+        let present = present || declared.contains_key(prior);
         if let (Some(span), false) = (span, present) {
             cx.push(
                 Diagnostic::new(
@@ -117,7 +142,8 @@ fn seed(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> u64 {
 fn dataset(cx: &mut Cx<'_>, node: &KdlNode) -> Option<DatasetStage> {
     let mut r = NodeReader::new(cx, node, "dataset samples=1800 eval=360 seed=7 teacher=\"TEACHER\"");
     let samples = r.req_int_in(cx, "samples", 1, 10_000_000);
-    let eval = r.int_in(cx, "eval", 0, 10_000_000);
+    // The eval split is what the adapter's eval loss and the benchmark's prompts come from.
+    let eval = r.int_in(cx, "eval", 1, 10_000_000);
     let seed = seed(cx, &mut r);
     let teacher = r.req_str(cx, "teacher");
     let split_by = r.str(cx, "split-by");
@@ -126,7 +152,7 @@ fn dataset(cx: &mut Cx<'_>, node: &KdlNode) -> Option<DatasetStage> {
     r.no_children(cx);
     r.finish(cx);
     let samples = samples?;
-    let eval_v = eval.as_ref().map(|e| e.value).unwrap_or(samples.value / 5);
+    let eval_v = eval.as_ref().map(|e| e.value).unwrap_or((samples.value / 5).max(1));
     if eval_v >= samples.value {
         cx.push(Diagnostic::new(
             Code::InvalidValue,
@@ -160,10 +186,10 @@ fn adapter(cx: &mut Cx<'_>, node: &KdlNode) -> Option<AdapterStage> {
         _ => TrainMethod::Lora,
     };
     let rank = r.int_in(cx, "rank", 1, 65536).map(|v| v.value as u32).unwrap_or(16);
-    let alpha = r.float_in(cx, "alpha", 0.0, f64::INFINITY).map(|v| v.value).unwrap_or(2.0 * rank as f64);
+    let alpha = r.float_positive(cx, "alpha", 1e6).map(|v| v.value).unwrap_or(2.0 * rank as f64);
     let dropout = r.float_in(cx, "dropout", 0.0, 0.99).map(|v| v.value).unwrap_or(0.0);
     let rslora = r.bool(cx, "rslora").map(|v| v.value).unwrap_or(false);
-    let lr = r.float_in(cx, "lr", 0.0, 10.0).map(|v| v.value).unwrap_or(2e-4);
+    let lr = r.float_positive(cx, "lr", 10.0).map(|v| v.value).unwrap_or(2e-4);
     let epochs = r.int_in(cx, "epochs", 1, 100_000);
     let steps = r.int_in(cx, "steps", 1, 100_000_000);
     if let (Some(e), Some(_)) = (&epochs, &steps) {
@@ -308,13 +334,15 @@ fn quantize(cx: &mut Cx<'_>, node: &KdlNode) -> Option<QuantizeStage> {
 const GATE_METRICS: &[&str] =
     &["success", "p50-seconds", "p95-seconds", "max-seconds", "expected-attempts", "tokens-per-second"];
 
-fn benchmark(cx: &mut Cx<'_>, node: &KdlNode) -> Option<BenchmarkStage> {
+/// The stage, and `prompts` when the manifest gives it.
+fn benchmark(cx: &mut Cx<'_>, node: &KdlNode) -> (Option<BenchmarkStage>, Option<Spanned<u32>>) {
     let mut r = NodeReader::new(
         cx,
         node,
         "benchmark prompts=50 samples=8 attempts=8 temperature=0.75 top-p=0.9 { gate success=0.8 }",
     );
-    let prompts = r.int_in(cx, "prompts", 1, 1_000_000).map(|v| v.value as u32).unwrap_or(50);
+    let prompts_given = r.int_in(cx, "prompts", 1, 1_000_000).map(|v| v.map(|p| p as u32));
+    let prompts = prompts_given.as_ref().map(|p| p.value).unwrap_or(50);
     let samples = r.int_in(cx, "samples", 1, 100_000).map(|v| v.value as u32).unwrap_or(8);
     let attempts = r.int_in(cx, "attempts", 1, 100_000).map(|v| v.value as u32).unwrap_or(8);
     let temperature = r.float_in(cx, "temperature", 0.0, 5.0).map(|v| v.value).unwrap_or(0.75);
@@ -366,7 +394,7 @@ fn benchmark(cx: &mut Cx<'_>, node: &KdlNode) -> Option<BenchmarkStage> {
             _ => unknown_node(cx, child, "a `benchmark`", &["gate"]),
         }
     }
-    Some(BenchmarkStage {
+    let stage = BenchmarkStage {
         span: cx.span(node.name().span()),
         prompts,
         samples,
@@ -379,7 +407,8 @@ fn benchmark(cx: &mut Cx<'_>, node: &KdlNode) -> Option<BenchmarkStage> {
         judge,
         gates,
         pool,
-    })
+    };
+    (Some(stage), prompts_given)
 }
 
 fn command(cx: &mut Cx<'_>, node: &KdlNode) -> Option<CommandStage> {

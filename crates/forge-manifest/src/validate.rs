@@ -44,10 +44,10 @@ fn check_ref<T>(
     name: &Option<Spanned<String>>,
     map: &std::collections::BTreeMap<String, T>,
 ) {
-    if let Some(n) = name {
-        if !map.contains_key(&n.value) {
-            diags.push(unknown(what, n, map.keys().map(String::as_str)));
-        }
+    if let Some(n) = name
+        && !map.contains_key(&n.value)
+    {
+        diags.push(unknown(what, n, map.keys().map(String::as_str)));
     }
 }
 
@@ -73,15 +73,18 @@ fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
             if let Some(recipe) = recipe {
                 dataset_recipe(m, d, recipe, diags);
             }
-            if let (Some(split), Some(recipe)) = (&d.split_by, recipe) {
-                if recipe.node(&split.value).is_none() {
-                    diags.push(unknown("recipe node", split, recipe.nodes.iter().map(|n| n.name.value.as_str())));
-                }
+            if let (Some(split), Some(recipe)) = (&d.split_by, recipe)
+                && recipe.node(&split.value).is_none()
+            {
+                diags.push(unknown("recipe node", split, recipe.nodes.iter().map(|n| n.name.value.as_str())));
             }
         }
         if let Some(a) = &model.adapter {
             check_ref(diags, "base", &Some(a.base.clone()), &m.bases);
             check_ref(diags, "pool", &a.pool, pools);
+            if let Some(Base { kind: BaseKind::Scratch(sb), name, .. }) = m.bases.get(&a.base.value) {
+                context_fits(model, a, sb, name, diags);
+            }
         }
         if let Some(q) = &model.quantize {
             check_ref(diags, "pool", &q.pool, pools);
@@ -89,9 +92,10 @@ fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
         if let Some(b) = &model.benchmark {
             check_ref(diags, "teacher", &b.judge, &m.teachers);
             check_ref(diags, "pool", &b.pool, pools);
-            if let Some(j) = &b.judge {
-                if matches!(m.teachers.get(&j.value).map(|t| &t.kind), Some(TeacherKind::Grammar)) {
-                    diags.push(
+            if let Some(j) = &b.judge
+                && matches!(m.teachers.get(&j.value).map(|t| &t.kind), Some(TeacherKind::Grammar))
+            {
+                diags.push(
                         Diagnostic::new(
                             Code::InvalidValue,
                             j.span,
@@ -100,32 +104,72 @@ fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
                         )
                         .with_help("name an `openai` teacher, or leave `judge` out to grade with the recipe's verifier criteria only"),
                     );
-                }
             }
             let levels: Vec<QuantLevel> =
                 model.quantize.iter().flat_map(|q| q.levels.iter().map(|l| l.value)).collect();
             for g in &b.gates {
-                if let Some(l) = &g.level {
-                    if !levels.contains(&l.value) {
-                        diags.push(
-                            Diagnostic::new(
-                                Code::UnknownReference,
-                                l.span,
-                                format!("the model is not quantized to `{}`", l.value),
-                                "not a quantize level",
-                            )
-                            .with_help(format!(
-                                "gates can name the levels of `quantize`: {}",
-                                levels.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ")
-                            )),
-                        );
-                    }
+                if let Some(l) = &g.level
+                    && !levels.contains(&l.value)
+                {
+                    diags.push(
+                        Diagnostic::new(
+                            Code::UnknownReference,
+                            l.span,
+                            format!("the model is not quantized to `{}`", l.value),
+                            "not a quantize level",
+                        )
+                        .with_help(format!(
+                            "gates can name the levels of `quantize`: {}",
+                            levels.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ")
+                        )),
+                    );
                 }
             }
         }
     }
     for c in &t.commands {
         check_ref(diags, "pool", &c.pool, pools);
+    }
+}
+
+/// What a scratch base's `context` must hold: the training rows and, in the benchmark, a
+/// prompt and the answer (a GGUF base's context is in its file, checked when it is read).
+fn context_fits(
+    model: &ModelStages,
+    a: &AdapterStage,
+    sb: &ScratchBase,
+    base: &Spanned<String>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let too_long = |what: String, label: &str| {
+        Diagnostic::new(Code::InvalidValue, a.span, what, label.to_string())
+            .with_note(base.span, format!("base `{}` has context={}", base.value, sb.context))
+    };
+    if a.seq_len > sb.context {
+        diags.push(
+            too_long(
+                format!("`seq-len` ({}) is longer than the base's context ({})", a.seq_len, sb.context),
+                "rows longer than the context",
+            )
+            .with_help(format!("train at `seq-len={}` or less, or raise the base's `context`", sb.context)),
+        );
+    }
+    if let Some(b) = &model.benchmark
+        && b.max_tokens >= sb.context
+    {
+        diags.push(
+            Diagnostic::new(
+                Code::InvalidValue,
+                b.span,
+                format!(
+                    "the benchmark's `max-tokens` ({}) leaves no room for a prompt in the base's context ({})",
+                    b.max_tokens, sb.context
+                ),
+                "answers as long as the context",
+            )
+            .with_note(base.span, format!("base `{}` has context={}", base.value, sb.context))
+            .with_help("lower `max-tokens`, or raise the base's `context`"),
+        );
     }
 }
 
@@ -176,18 +220,19 @@ fn dataset_recipe(m: &Manifest, d: &DatasetStage, recipe: &Recipe, diags: &mut V
             d.teacher.value
         )
     };
-    if is_grammar_teacher(m, &d.teacher.value) && recipe.prompt_grammar.is_none() {
-        if let Some(p) = &recipe.prompt {
-            diags.push(
-                Diagnostic::new(
-                    Code::MissingProperty,
-                    p.span,
-                    format!("the dataset's teacher `{}` cannot read prompts", d.teacher.value),
-                    "`grammar=...` missing",
-                )
-                .with_help(grammar_help("the prompt")),
-            );
-        }
+    if is_grammar_teacher(m, &d.teacher.value)
+        && recipe.prompt_grammar.is_none()
+        && let Some(p) = &recipe.prompt
+    {
+        diags.push(
+            Diagnostic::new(
+                Code::MissingProperty,
+                p.span,
+                format!("the dataset's teacher `{}` cannot read prompts", d.teacher.value),
+                "`grammar=...` missing",
+            )
+            .with_help(grammar_help("the prompt")),
+        );
     }
     for node in &recipe.nodes {
         if let NodeKind::Generate(g) = &node.kind {
@@ -264,13 +309,14 @@ fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
                             edges.push((me, r.node(up).map(|n| n.name.value.as_str()).unwrap_or(up), c.from.span));
                             match r.node(up).map(|n| &n.kind) {
                                 Some(NodeKind::Choice(upc)) => {
-                                    if let Some(items) = list_items(m, r, &upc.from.value, 0) {
-                                        if !items.is_empty() && items.iter().all(|i| !i.lists.contains_key(sub)) {
-                                            let subs: HashSet<&str> =
-                                                items.iter().flat_map(|i| i.lists.keys().map(String::as_str)).collect();
-                                            let sub_ref = Spanned::new(sub.to_string(), c.from.span);
-                                            diags.push(unknown("sub-list", &sub_ref, subs));
-                                        }
+                                    if let Some(items) = list_items(m, r, &upc.from.value, 0)
+                                        && !items.is_empty()
+                                        && items.iter().all(|i| !i.lists.contains_key(sub))
+                                    {
+                                        let subs: HashSet<&str> =
+                                            items.iter().flat_map(|i| i.lists.keys().map(String::as_str)).collect();
+                                        let sub_ref = Spanned::new(sub.to_string(), c.from.span);
+                                        diags.push(unknown("sub-list", &sub_ref, subs));
                                     }
                                 }
                                 Some(_) => diags.push(
@@ -350,10 +396,13 @@ fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
                     edges.push((me, n.name.value.as_str(), text.span));
                 }
             }
+            attribute_refs(m, r, text, expr, diags);
         }
     }
     for text in [&r.input, &r.system, &r.prompt].into_iter().flatten() {
-        template_refs(text, false, &node_names, diags);
+        if !template_refs(text, false, &node_names, diags).is_empty() {
+            attribute_refs(m, r, text, false, diags);
+        }
     }
     if let Some(gr) = &r.prompt_grammar {
         grammar_ref(r, gr, diags);
@@ -420,6 +469,53 @@ fn template_refs(text: &Spanned<String>, expr: bool, nodes: &[&str], diags: &mut
     }
 }
 
+/// `{{ node.attr }}` on a choice that picks one entry: `attr` must be `name`, `weight` or an
+/// attribute that some entry the node can pick has (templates render strictly, so a misspelled
+/// attribute would fail every sample at build time).
+fn attribute_refs(m: &Manifest, r: &Recipe, text: &Spanned<String>, expr: bool, diags: &mut Vec<Diagnostic>) {
+    let env = minijinja::Environment::new();
+    let vars = if expr {
+        env.compile_expression(&text.value).map(|e| e.undeclared_variables(true))
+    } else {
+        env.template_from_str(&text.value).map(|t| t.undeclared_variables(true))
+    };
+    let Ok(vars) = vars else { return };
+    let mut vars: Vec<String> = vars.into_iter().collect();
+    vars.sort();
+    for var in vars {
+        let mut path = var.split('.');
+        let (Some(node), Some(attr)) = (path.next(), path.next()) else { continue };
+        let Some(NodeKind::Choice(c)) = r.node(node).map(|n| &n.kind) else { continue };
+        if c.max > 1 {
+            diags.push(
+                Diagnostic::new(
+                    Code::InvalidValue,
+                    text.span,
+                    format!("`{node}` picks up to {} entries, so `{node}.{attr}` has no single value", c.max),
+                    format!("`{node}` is a list"),
+                )
+                .with_help(format!("loop over the picks: {{% for x in {node} %}}{{{{ x.{attr} }}}}{{% endfor %}}")),
+            );
+            continue;
+        }
+        let Some(items) = list_items(m, r, &c.from.value, 0) else { continue };
+        if items.is_empty() || matches!(attr, "name" | "weight") || items.iter().any(|i| i.attrs.contains_key(attr)) {
+            continue;
+        }
+        let known: std::collections::BTreeSet<&str> =
+            items.iter().flat_map(|i| i.attrs.keys().map(String::as_str)).chain(["name", "weight"]).collect();
+        diags.push(
+            Diagnostic::new(
+                Code::UnknownReference,
+                text.span,
+                format!("no entry `{node}` can pick (from `{}`) has an attribute `{attr}`", c.from.value),
+                format!("unknown attribute `{node}.{attr}`"),
+            )
+            .with_optional_help(suggest::help(attr, "attribute", known.iter().copied())),
+        );
+    }
+}
+
 /// `grammar="NODE"` must name a grammar node.
 fn grammar_ref(r: &Recipe, name: &Spanned<String>, diags: &mut Vec<Diagnostic>) {
     match r.node(&name.value).map(|n| &n.kind) {
@@ -465,18 +561,18 @@ fn artifact_refs(m: &Manifest, artifacts: &[ArtifactDecl], diags: &mut Vec<Diagn
                 Err(e) => diags.push(Diagnostic::new(Code::InvalidValue, arg.span, e, "invalid placeholder")),
                 Ok(pieces) => {
                     for p in pieces {
-                        if let Piece::Dep(r) = p {
-                            if !stage.needs.iter().any(|n| n.value == r) {
-                                diags.push(
-                                    Diagnostic::new(
-                                        Code::UnknownReference,
-                                        arg.span,
-                                        format!("`{{dep:{r}}}` refers to `{r}`, which this stage does not need"),
-                                        "not in `needs`",
-                                    )
-                                    .with_help(format!("add `needs \"{r}\"` to the stage")),
-                                );
-                            }
+                        if let Piece::Dep(r) = p
+                            && !stage.needs.iter().any(|n| n.value == r)
+                        {
+                            diags.push(
+                                Diagnostic::new(
+                                    Code::UnknownReference,
+                                    arg.span,
+                                    format!("`{{dep:{r}}}` refers to `{r}`, which this stage does not need"),
+                                    "not in `needs`",
+                                )
+                                .with_help(format!("add `needs \"{r}\"` to the stage")),
+                            );
                         }
                     }
                 }
@@ -519,14 +615,11 @@ fn report_cycles<N: std::fmt::Display>(graph: &DiGraph<N, Span>, what: &str, dia
         let mut path = vec![start];
         let mut spans = Vec::new();
         let mut at = start;
-        loop {
-            let Some(edge) = graph
-                .edges(at)
-                .filter(|e| members.contains(&petgraph::visit::EdgeRef::target(e)))
-                .min_by_key(|e| petgraph::visit::EdgeRef::target(e))
-            else {
-                break;
-            };
+        while let Some(edge) = graph
+            .edges(at)
+            .filter(|e| members.contains(&petgraph::visit::EdgeRef::target(e)))
+            .min_by_key(petgraph::visit::EdgeRef::target)
+        {
             let next = petgraph::visit::EdgeRef::target(&edge);
             spans.push(*edge.weight());
             if let Some(pos) = path.iter().position(|n| *n == next) {

@@ -66,7 +66,7 @@ impl GemmaConfig {
     /// Whether layer `l` attends to a sliding window (transformers' `layer_types`, llama.cpp's
     /// `swa_pattern`).
     pub fn is_sliding(&self, l: usize) -> bool {
-        self.sliding_pattern == 0 || (l + 1) % self.sliding_pattern != 0
+        self.sliding_pattern == 0 || !(l + 1).is_multiple_of(self.sliding_pattern)
     }
 }
 
@@ -124,7 +124,44 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// The shape of a small llama created from a seed (a manifest's `scratch` base).
+#[derive(Clone, Debug)]
+pub struct ScratchShape {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+    pub context: usize,
+    pub rope_theta: f64,
+}
+
 impl ModelConfig {
+    /// The config of a scratch llama whose vocabulary is `tok`'s (tied embeddings, as small
+    /// models have them).
+    pub fn scratch(s: &ScratchShape, tok: &crate::Tokenizer) -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            hidden: s.hidden,
+            intermediate: s.ffn,
+            layers: s.layers,
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.hidden / s.heads,
+            vocab: tok.vocab_size(),
+            rms_eps: 1e-5,
+            rope_theta: s.rope_theta,
+            rope_scaling: None,
+            max_positions: s.context,
+            tie_embeddings: true,
+            qkv_bias: false,
+            bos: None,
+            eos: tok.eos.as_ref().map(|e| vec![e.1]).unwrap_or_default(),
+            pad: tok.pad.as_ref().map(|p| p.1),
+            gemma: None,
+        }
+    }
+
     /// Reads a Hugging Face `config.json`. Anything the decoder would compute differently from
     /// transformers (another activation, MLP biases, an unknown RoPE scaling) is an error, not a
     /// silently different model.

@@ -13,7 +13,7 @@ pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Arch, GemmaConfig, ModelConfig, RopeScaling};
+pub use config::{Arch, GemmaConfig, ModelConfig, RopeScaling, ScratchShape};
 pub use llama::{Dropout, KvCache, Layout, Llama, weighted_cross_entropy};
 pub use lora::LoraSpec;
 pub use tokenizer::{ChatMessage, Tokenizer};

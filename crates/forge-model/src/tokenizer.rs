@@ -188,10 +188,10 @@ impl Tokenizer {
     /// did not write it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = self.encode(text)?;
-        if let (true, Some((_, bos))) = (self.add_bos, &self.bos) {
-            if ids.first() != Some(bos) {
-                ids.insert(0, *bos);
-            }
+        if let (true, Some((_, bos))) = (self.add_bos, &self.bos)
+            && ids.first() != Some(bos)
+        {
+            ids.insert(0, *bos);
         }
         Ok(ids)
     }

@@ -2,15 +2,17 @@
 //!
 //! The program runs in the workspace root with `FORGE_OUT` (and `{out}`) naming an empty
 //! directory it must write its outputs to. Its stdout and stderr go to the artifact's log
-//! (stdout to a file in `{out}` with `stdout="..."`). It runs in its own process group, which
-//! forge kills on interrupt or timeout; on Linux it also dies with forge (`PR_SET_PDEATHSIG`),
-//! so a killed build leaves no writer behind. A non-zero exit or a missing declared output
+//! (stdout to a file in `{out}` with `stdout="..."`). It runs contained (`forge-process`): in its
+//! own process group, which forge kills on interrupt or timeout, and on Linux it also dies with
+//! forge (`PR_SET_PDEATHSIG`), so a killed build leaves no writer behind. A non-zero exit or a missing declared output
 //! fails the action, and nothing of it is recorded.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use forge_process::{Ended, how_it_ended};
 
 use forge_manifest::argv::{Piece, parse_arg};
 use forge_manifest::artifact::resolve_ref;
@@ -103,44 +105,26 @@ impl Executor for CommandExecutor {
     }
 }
 
-/// Runs `cmd` in its own process group (killed on cancel, on timeout, and with forge) and
+/// Runs `cmd` contained (killed on cancel, on timeout, and with forge; see `forge-process`) and
 /// waits for it.
-pub(crate) fn run_contained(
+pub fn run_contained(
     ctx: &ActionContext<'_>,
     cmd: &mut Command,
     program: &str,
     timeout: Option<Duration>,
 ) -> Result<std::process::ExitStatus, ActionError> {
-    contain(cmd);
-    let mut child = cmd.spawn().map_err(|e| ActionError::Failed(format!("cannot run `{program}`: {e}")))?;
-    let started = Instant::now();
-    loop {
-        if let Some(status) =
-            child.try_wait().map_err(|e| ActionError::Failed(format!("waiting for `{program}`: {e}")))?
-        {
-            return Ok(status);
-        }
-        if ctx.cancel.is_cancelled() {
-            kill_group(&mut child);
-            return Err(ActionError::Cancelled);
-        }
-        if let Some(t) = timeout.filter(|t| started.elapsed() > *t) {
-            kill_group(&mut child);
-            return Err(ActionError::Failed(format!(
-                "`{program}` timed out after {:.1}s (timeout={})",
-                started.elapsed().as_secs_f64(),
-                t.as_secs_f64()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5).max(started.elapsed().min(Duration::from_millis(50)) / 4));
-    }
-}
-
-/// How a process that did not succeed ended.
-pub(crate) fn how_it_ended(status: &std::process::ExitStatus) -> String {
-    match status.code() {
-        Some(code) => format!("exited with status {code}"),
-        None => signal_name(status),
+    let cancelled = || ctx.cancel.is_cancelled();
+    let finished =
+        forge_process::run(cmd, forge_process::Options { timeout, cancelled: Some(&cancelled), ..Default::default() })
+            .map_err(|e| ActionError::Failed(format!("cannot run `{program}`: {e}")))?;
+    match finished.ended {
+        Ended::Exited(status) => Ok(status),
+        Ended::Cancelled => Err(ActionError::Cancelled),
+        Ended::TimedOut(after) => Err(ActionError::Failed(format!(
+            "`{program}` timed out after {:.1}s (timeout={})",
+            after.as_secs_f64(),
+            timeout.unwrap_or_default().as_secs_f64()
+        ))),
     }
 }
 
@@ -174,46 +158,6 @@ fn expand_argv(
         argv.push(s);
     }
     Ok(argv)
-}
-
-#[cfg(unix)]
-fn contain(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    cmd.process_group(0);
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(unix))]
-fn contain(_: &mut Command) {}
-
-fn kill_group(child: &mut std::process::Child) {
-    #[cfg(unix)]
-    // SAFETY: kill(2) on the child's own process group, which `contain` created.
-    unsafe {
-        libc::kill(-(child.id() as i32), libc::SIGKILL);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn signal_name(status: &std::process::ExitStatus) -> String {
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::ExitStatusExt;
-        if let Some(sig) = status.signal() {
-            return format!("was killed by signal {sig}");
-        }
-    }
-    format!("failed ({status})")
 }
 
 #[cfg(test)]

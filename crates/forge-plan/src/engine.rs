@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use forge_cache::{ACTION_SCHEMA, ActionEntry, BuildState, ContentProblem, Digest, StateEntry, Tree};
+use forge_cache::{ACTION_SCHEMA, ActionEntry, BuildState, CacheError, ContentProblem, Digest, StateEntry, Tree};
 use forge_manifest::{ArtifactId, glob};
 use petgraph::graph::NodeIndex;
 use rayon::prelude::*;
@@ -148,6 +148,12 @@ impl<'w> Engine<'w> {
         DirtyReason::ContentDamaged { detail: problem.to_string() }
     }
 
+    fn entry_damaged(&self, id: &ArtifactId, key: &Digest, e: &CacheError) -> DirtyReason {
+        self.warn(format!("{e}; rebuilding {id}"));
+        let _ = self.ws.cache.remove_action(key);
+        DirtyReason::EntryCorrupt { detail: e.to_string() }
+    }
+
     fn set_state(&self, id: &ArtifactId, key: Digest, tree: Tree) {
         lock(&self.state).artifacts.insert(id.to_string(), StateEntry { key, tree });
         *lock(&self.state_dirty) = true;
@@ -182,7 +188,12 @@ impl<'w> Engine<'w> {
         let mut damage = None;
         match &recorded {
             Some(rec) if rec.key == key => match self.ws.cache.check_tree(&rec.tree, &self.ws.stat) {
-                Ok(()) => return Status::Fresh { key, tree: rec.tree.clone() },
+                // The state file says it is built; the entry that `verify`, `why` and the next
+                // machine rely on must be there and intact too.
+                Ok(()) => match self.ws.cache.check_action(&key, &self.ws.stat) {
+                    Ok(()) => return Status::Fresh { key, tree: rec.tree.clone() },
+                    Err(e) => damage = Some(self.entry_damaged(id, &key, &e)),
+                },
                 Err(p) => damage = Some(self.discard(id, &key, &rec.tree, &p)),
             },
             _ => match self.ws.cache.read_action(&key) {
@@ -195,11 +206,7 @@ impl<'w> Engine<'w> {
                     Err(p) => damage = Some(self.discard(id, &key, &entry.tree, &p)),
                 },
                 Ok(None) => {}
-                Err(e) => {
-                    self.warn(format!("{e}; rebuilding {id}"));
-                    let _ = self.ws.cache.remove_action(&key);
-                    damage = Some(DirtyReason::EntryCorrupt { detail: e.to_string() });
-                }
+                Err(e) => damage = Some(self.entry_damaged(id, &key, &e)),
             },
         }
         let reasons = match (damage, recorded) {
@@ -308,7 +315,7 @@ impl<'w> Engine<'w> {
                             sink.emit(Event::Skip { artifact, because: u.to_string() });
                         } else {
                             summary.failed += 1;
-                            sink.emit(Event::Fail { artifact, error: reason.clone(), log: None });
+                            sink.emit(Event::Fail { artifact, error: reason.clone(), io: false, log: None });
                         }
                     }
                 }
@@ -343,7 +350,7 @@ impl<'w> Engine<'w> {
                         outcome.insert(n, Outcome::Skipped);
                     } else {
                         summary.failed += 1;
-                        sink.emit(Event::Fail { artifact, error: reason, log: None });
+                        sink.emit(Event::Fail { artifact, error: reason, io: false, log: None });
                         outcome.insert(n, Outcome::Failed);
                     }
                     settled.push_back(n);
@@ -407,7 +414,7 @@ impl<'w> Engine<'w> {
                             }
                             Status::Blocked { reason, .. } => {
                                 summary.failed += 1;
-                                sink.emit(Event::Fail { artifact, error: reason, log: None });
+                                sink.emit(Event::Fail { artifact, error: reason, io: false, log: None });
                                 outcome.insert(d, Outcome::Failed);
                                 settled.push_back(d);
                                 stop |= !opts.keep_going;
@@ -471,10 +478,10 @@ impl<'w> Engine<'w> {
                 };
                 running -= 1;
                 let node = &plan.graph[n];
-                if let Some(p) = &node.decl.pool {
-                    if let Some(u) = pool_use.get_mut(p) {
-                        *u -= 1;
-                    }
+                if let Some(p) = &node.decl.pool
+                    && let Some(u) = pool_use.get_mut(p)
+                {
+                    *u -= 1;
                 }
                 let artifact = node.id.to_string();
                 match result {
@@ -496,6 +503,8 @@ impl<'w> Engine<'w> {
                             summary.interrupted = true;
                         }
                         summary.failed += 1;
+                        let io = err.is_io();
+                        summary.io_failed += io as usize;
                         let error = match (&err, &log) {
                             (ActionError::Cancelled, _) | (_, None) => err.to_string(),
                             (_, Some(log)) => {
@@ -503,7 +512,7 @@ impl<'w> Engine<'w> {
                                 if tail.is_empty() { err.to_string() } else { format!("{err}\n{}", tail.join("\n")) }
                             }
                         };
-                        sink.emit(Event::Fail { artifact, error, log: log.map(|l| l.display().to_string()) });
+                        sink.emit(Event::Fail { artifact, error, io, log: log.map(|l| l.display().to_string()) });
                         outcome.insert(n, Outcome::Failed);
                         stop |= !opts.keep_going;
                     }
@@ -538,7 +547,7 @@ impl<'w> Engine<'w> {
         let cache = &self.ws.cache;
         let node = &self.ws.plan.graph[job.node];
         let exec = node.executor.as_ref().expect("only nodes with an executor are run");
-        let staging = cache.staging_dir().map_err(|e| (ActionError::Failed(e.to_string()), None))?;
+        let staging = cache.staging_dir().map_err(|e| (ActionError::from(e), None))?;
         let log_path = cache.log_path(&node.id.file_stem());
         let log = Log::create(&log_path).map_err(|e| (ActionError::io(&log_path, e), None))?;
         let inputs: Vec<String> = job.fingerprint.inputs.keys().cloned().collect();
@@ -563,7 +572,7 @@ impl<'w> Engine<'w> {
             progress: &progress,
         };
         let result = exec.run(&ctx).and_then(|()| {
-            let tree = cache.publish(&staging, &self.ws.stat).map_err(|e| ActionError::Failed(e.to_string()))?;
+            let tree = cache.publish(&staging, &self.ws.stat)?;
             let entry = ActionEntry {
                 schema: ACTION_SCHEMA,
                 artifact: artifact.clone(),
@@ -576,7 +585,7 @@ impl<'w> Engine<'w> {
                     .unwrap_or(0),
                 duration_ms: started.elapsed().as_millis() as u64,
             };
-            cache.write_action(&entry).map_err(|e| ActionError::Failed(e.to_string()))?;
+            cache.write_action(&entry)?;
             Ok(tree)
         });
         if result.is_err() {

@@ -41,6 +41,8 @@ pub enum Event {
     Fail {
         artifact: String,
         error: String,
+        /// forge could not do the work (an I/O error, a full disk): not the action's fault.
+        io: bool,
         log: Option<String>,
     },
     /// Not built because an upstream artifact failed or cannot be built.
@@ -69,6 +71,8 @@ pub struct Summary {
     pub built: usize,
     pub fresh: usize,
     pub failed: usize,
+    /// Of `failed`, those that failed on forge's own I/O (a full disk, an unreadable cache).
+    pub io_failed: usize,
     pub skipped: usize,
     /// Stale artifacts left alone because the build stopped early.
     pub not_run: usize,

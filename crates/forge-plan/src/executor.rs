@@ -46,11 +46,10 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry with the built-in `command` and `fetch` stages.
+    /// A registry with the built-in `command` stage.
     pub fn with_builtin() -> Registry {
         let mut r = Registry::default();
         r.register(Arc::new(crate::command::CommandExecutor));
-        r.register(Arc::new(crate::fetch::FetchExecutor));
         r
     }
 
@@ -150,7 +149,7 @@ impl ActionContext<'_> {
     /// A directory that survives an interrupted run of this exact action (same key), for
     /// progress an action can resume from. Remove it when done.
     pub fn work_dir(&self) -> std::path::PathBuf {
-        self.cache.bucket("work-v1").join(self.key.hex())
+        self.cache.bucket(forge_cache::Bucket::Work).join(self.key.hex())
     }
 
     /// The directory of this target's upstream `kind` stage (`TARGET:dataset`, ...).
@@ -160,18 +159,77 @@ impl ActionContext<'_> {
     }
 }
 
+/// Why an action failed. A stage keeps the typed error it failed on as the source
+/// ([`ActionError::Because`]), so a caller can tell a teacher's refusal from a damaged file by
+/// downcasting, and forge's own I/O failures (a full disk) are told apart from the action's
+/// ([`ActionError::is_io`]: exit status 3, not 1).
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
+    /// The stage failed for a reason it states.
     #[error("{0}")]
     Failed(String),
+    /// The stage failed on a typed error: `context` (may be empty) says what it was doing.
+    #[error("{}{source}", if context.is_empty() { String::new() } else { format!("{context}: ") })]
+    Because {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("interrupted")]
     Cancelled,
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ActionError {
     pub fn io(path: &Path, source: std::io::Error) -> ActionError {
         ActionError::Io { path: path.to_path_buf(), source }
+    }
+
+    /// A failure the stage describes in words.
+    pub fn msg(message: impl std::fmt::Display) -> ActionError {
+        ActionError::Failed(message.to_string())
+    }
+
+    /// A failure on a typed error, kept as the source.
+    pub fn because(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> ActionError {
+        ActionError::Because { context: context.into(), source: Box::new(source) }
+    }
+
+    /// A failure on a typed error, kept as the source, with no more to say.
+    pub fn from_error(source: impl std::error::Error + Send + Sync + 'static) -> ActionError {
+        ActionError::because("", source)
+    }
+
+    /// Whether forge could not do its work (an I/O error anywhere in the chain: a full disk, an
+    /// unreadable cache) rather than the action failing on what it was given.
+    pub fn is_io(&self) -> bool {
+        let mut e: Option<&(dyn std::error::Error + 'static)> = match self {
+            ActionError::Io { .. } => return true,
+            ActionError::Because { source, .. } => Some(source.as_ref()),
+            ActionError::Failed(_) | ActionError::Cancelled => None,
+        };
+        while let Some(err) = e {
+            if err.is::<std::io::Error>()
+                || matches!(err.downcast_ref::<forge_cache::CacheError>(), Some(forge_cache::CacheError::Io { .. }))
+            {
+                return true;
+            }
+            e = err.source();
+        }
+        false
+    }
+}
+
+impl From<forge_cache::CacheError> for ActionError {
+    fn from(e: forge_cache::CacheError) -> ActionError {
+        match e {
+            forge_cache::CacheError::Io { path, source } => ActionError::Io { path, source },
+            other => ActionError::because("", other),
+        }
     }
 }

@@ -7,7 +7,6 @@ pub mod dirty;
 pub mod engine;
 pub mod events;
 pub mod executor;
-pub mod fetch;
 pub mod fingerprint;
 pub mod plan;
 pub mod workspace;

@@ -106,7 +106,7 @@ impl Workspace {
         let cache = Cache::open(&cache_dir)?;
         let mut warnings = Vec::new();
         let stat = StatCache::load(&cache.stat_cache_path(), &mut |w| warnings.push(w));
-        let cache_file = cache.bucket("manifest-v1").join("manifest.json");
+        let cache_file = cache.bucket(forge_cache::Bucket::Manifest).join("manifest.json");
 
         let cached = if opts.config_cache { read_config_cache(&cache_file, &root, &stat) } else { None };
         let manifest_cached = cached.is_some();
@@ -114,10 +114,10 @@ impl Workspace {
             Some(m) => m,
             None => {
                 let m = forge_manifest::load(&manifest_path)?;
-                if opts.config_cache {
-                    if let Err(e) = write_config_cache(&cache_file, &root, &stat, &m) {
-                        warnings.push(format!("could not store the validated manifest: {e}"));
-                    }
+                if opts.config_cache
+                    && let Err(e) = write_config_cache(&cache_file, &root, &stat, &m)
+                {
+                    warnings.push(format!("could not store the validated manifest: {e}"));
                 }
                 m
             }

@@ -230,14 +230,8 @@ fn damaged_content_is_reported_and_rebuilt() {
     assert_eq!(w.artifact("t:double").trim(), "4");
 }
 
-#[test]
-fn corrupt_action_entry_is_reported_and_rebuilt() {
-    let w = Ws::new(CHAIN);
-    w.write("data/in.txt", "a\n");
-    w.build();
-    // Forget the state so the action cache is consulted, and damage every entry.
-    let cache = w.path().join(".forge-cache");
-    std::fs::remove_file(cache.join("state-v1.bin")).unwrap();
+/// Flips a byte in the middle of every action-cache entry.
+fn damage_every_action_entry(cache: &Path) {
     for shard in std::fs::read_dir(cache.join("ac-v1")).unwrap() {
         for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
             let p = f.unwrap().path();
@@ -247,10 +241,42 @@ fn corrupt_action_entry_is_reported_and_rebuilt() {
             std::fs::write(&p, data).unwrap();
         }
     }
+}
+
+#[test]
+fn corrupt_action_entry_is_reported_and_rebuilt() {
+    let w = Ws::new(CHAIN);
+    w.write("data/in.txt", "a\n");
+    w.build();
+    // Forget the state so the action cache is consulted, and damage every entry.
+    let cache = w.path().join(".forge-cache");
+    std::fs::remove_file(cache.join("state-v1.bin")).unwrap();
+    damage_every_action_entry(&cache);
     let (s, ev) = w.build();
     assert!(s.ok());
     assert_eq!(started(&ev), ["t:count", "t:double"]);
     assert!(reasons_of(&ev, "t:count")[0].starts_with("cache entry corrupt: "), "{ev:#?}");
+    let (s, _) = w.build();
+    assert_eq!(s.fresh, 2);
+}
+
+/// Hostile testing: with the state file intact, a damaged action entry for the current key
+/// was not noticed, so the build succeeded and left a cache that `verify` rejected.
+#[test]
+fn a_damaged_action_entry_for_the_current_key_is_rebuilt_not_trusted() {
+    let w = Ws::new(CHAIN);
+    w.write("data/in.txt", "a\n");
+    w.build();
+    let cache = w.path().join(".forge-cache");
+    damage_every_action_entry(&cache);
+    let (s, ev) = w.build();
+    assert!(s.ok());
+    assert_eq!(started(&ev), ["t:count", "t:double"]);
+    assert!(reasons_of(&ev, "t:count")[0].starts_with("cache entry corrupt: "), "{ev:#?}");
+    let ws = w.load();
+    let report = ws.cache.verify(false).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    drop(ws);
     let (s, _) = w.build();
     assert_eq!(s.fresh, 2);
 }
@@ -274,7 +300,7 @@ fn failures_record_nothing_and_skip_dependents() {
     let fail = ev
         .iter()
         .find_map(|e| match e {
-            Event::Fail { artifact, error, log } if artifact == "t:bad" => Some((error.clone(), log.clone())),
+            Event::Fail { artifact, error, log, .. } if artifact == "t:bad" => Some((error.clone(), log.clone())),
             _ => None,
         })
         .unwrap();
@@ -282,7 +308,11 @@ fn failures_record_nothing_and_skip_dependents() {
     assert!(fail.0.contains("boom"), "the log tail is shown: {}", fail.0);
     assert!(fail.1.unwrap().ends_with("t--bad.log"));
     assert!(Engine::new(&ws).recorded(&"t:bad".parse().unwrap()).is_none());
-    assert_eq!(std::fs::read_dir(ws.cache.bucket("tmp")).unwrap().count(), 0, "staging is cleaned up");
+    assert_eq!(
+        std::fs::read_dir(ws.cache.bucket(forge_cache::Bucket::Tmp)).unwrap().count(),
+        0,
+        "staging is cleaned up"
+    );
 
     // Without --keep-going nothing new starts after the first failure.
     let w = Ws::new(FAILING);
@@ -432,4 +462,51 @@ fn the_config_cache_is_used_until_a_manifest_file_changes() {
     w.write("more/x.kdl", "target \"v\" { command \"b\" { run \"true\"; }; }\n");
     let ws = w.load();
     assert!(ws.manifest.target("v").is_some());
+}
+
+/// An executor whose `s0` fails on a full disk and `s1` on its input.
+struct DiskFull;
+
+impl Executor for DiskFull {
+    fn kind(&self) -> &'static str {
+        "command"
+    }
+    fn format_version(&self) -> u32 {
+        1
+    }
+    fn plan(&self, _: &Manifest, decl: &ArtifactDecl) -> StagePlan {
+        let mut p = StagePlan::default();
+        p.params.insert("id".into(), decl.id.to_string().into());
+        p
+    }
+    fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
+        if ctx.artifact.to_string() == "t:s0" {
+            let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+            Err(ActionError::because("writing the dataset", full))
+        } else {
+            Err(ActionError::msg("the recipe names no teacher"))
+        }
+    }
+}
+
+/// Hostile testing: a full disk failed a build with exit status 1, the status of a failed
+/// action, where forge's documented status for "could not do its work" is 3. An action that
+/// fails on forge's own I/O is counted apart, whatever wraps the `io::Error`.
+#[test]
+fn a_full_disk_is_an_io_failure_not_an_action_failure() {
+    let w = Ws::new("forge 1\ntarget \"t\" {\n command \"s0\" { run \"x\"; }\n command \"s1\" { run \"x\"; }\n}\n");
+    let mut registry = Registry::default();
+    registry.register(Arc::new(DiskFull));
+    let ws = w.load_with(LoadOptions { registry, ..LoadOptions::default() });
+    let (s, ev) = w.build_with(&ws, &[], BuildOptions { keep_going: true, ..BuildOptions::default() });
+    assert_eq!((s.failed, s.io_failed), (2, 1), "{ev:#?}");
+    let io: Vec<(String, bool)> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Fail { artifact, io, .. } => Some((artifact.clone(), *io)),
+            _ => None,
+        })
+        .collect();
+    assert!(io.contains(&("t:s0".into(), true)) && io.contains(&("t:s1".into(), false)), "{io:?}");
+    assert!(ev.iter().any(|e| matches!(e, Event::Fail { error, .. } if error.starts_with("writing the dataset: "))));
 }

@@ -25,7 +25,7 @@ pub struct CallCache {
 
 impl CallCache {
     pub fn new(cache: &Cache) -> CallCache {
-        CallCache { dir: cache.bucket("teacher-v1") }
+        CallCache { dir: cache.bucket(forge_cache::Bucket::Teacher) }
     }
 
     fn path(&self, key: &Digest) -> PathBuf {

@@ -25,6 +25,10 @@ pub enum GrammarError {
     TooDeep(String),
     #[error("unknown modifier `.{0}` (use capitalize, a, s, upper or lower)")]
     Modifier(String),
+    /// An expansion failed where the grammar meets the recipe (an upstream value, a node): the
+    /// whole message, which names the node.
+    #[error("{0}")]
+    Expansion(String),
 }
 
 pub struct Grammar<'a> {

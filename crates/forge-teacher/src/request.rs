@@ -97,10 +97,12 @@ mod tests {
         }
     }
 
+    type Change = Box<dyn Fn(&mut ChatRequest)>;
+
     #[test]
     fn every_identity_field_is_in_the_key() {
         let base = req().key();
-        let variants: Vec<Box<dyn Fn(&mut ChatRequest)>> = vec![
+        let variants: Vec<Change> = vec![
             Box::new(|r| r.model = "gpt-4o-mini".into()),
             Box::new(|r| r.provider = "grammar".into()),
             Box::new(|r| r.base_url = "http://127.0.0.1:1/v1".into()),

@@ -1,17 +1,14 @@
-//! Training: the `adapter` stage (LoRA or full fine-tuning on forge's candle decoder) and the
-//! `merged` stage (the adapter folded into its base), as DefameLM (§3.3: LoRA, prompt-loss weight
-//! 0) and the NPC persona pipeline (full fine-tune, packing) train their models.
+//! Training: LoRA or full fine-tuning on forge's decoder (the autograd path or the hand-written
+//! engine), as DefameLM (§3.3: LoRA, prompt-loss weight 0) and the NPC persona pipeline (full
+//! fine-tune, packing) train their models. The `adapter`, `merged` and `imatrix` stages that
+//! drive it from a manifest are in `forge-stages`.
 
 pub mod data;
-pub mod imatrix;
 pub mod optim;
-pub mod stage;
 pub mod train;
 
 use std::path::{Path, PathBuf};
 
-pub use imatrix::ImatrixExecutor;
-pub use stage::{AdapterExecutor, MergedExecutor, load_adapted};
 pub use train::{Curve, Hooks, Report, TrainConfig, train};
 
 #[derive(Debug, thiserror::Error)]

@@ -243,15 +243,15 @@ pub fn train(
     let mut curve = Curve::default();
     let (mut step, mut tokens, mut train_seconds) = (0usize, 0usize, 0f64);
     let mut resumed_from = None;
-    if let Some(dir) = &hooks.checkpoint_dir {
-        if let Some(state) = load_checkpoint(dir, cfg, plan.total, vars, &mut opt, &device)? {
-            (hooks.log)(&format!("resuming from the checkpoint at step {} of {}", state.step, plan.total));
-            step = state.step;
-            tokens = state.tokens;
-            train_seconds = state.train_seconds;
-            curve = state.curve;
-            resumed_from = Some(step);
-        }
+    if let Some(dir) = &hooks.checkpoint_dir
+        && let Some(state) = load_checkpoint(dir, cfg, plan.total, vars, &mut opt, &device)?
+    {
+        (hooks.log)(&format!("resuming from the checkpoint at step {} of {}", state.step, plan.total));
+        step = state.step;
+        tokens = state.tokens;
+        train_seconds = state.train_seconds;
+        curve = state.curve;
+        resumed_from = Some(step);
     }
     (hooks.log)(&format!(
         "training {} variables ({} parameters) for {} steps: {} epochs of {} steps, {} rows per micro-batch, {} micro-batches per step",

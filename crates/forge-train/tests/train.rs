@@ -5,12 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use candle_core::{Device, Var};
-use forge_manifest::{Schedule, ScratchBase};
+use forge_manifest::Schedule;
 use forge_model::engine::{BaseDtype, Engine};
 use forge_model::lora::{self, LoraSpec};
-use forge_model::{Llama, Tokenizer};
+use forge_model::{Llama, ModelConfig, ScratchShape, Tokenizer};
 use forge_train::data::{Example, example};
-use forge_train::stage::scratch_config;
 use forge_train::train::Backend;
 use forge_train::{Hooks, TrainConfig, train};
 
@@ -28,18 +27,9 @@ const POSTERS: [(&str, &str); 8] = [
 fn setup() -> (Llama, Tokenizer, Vec<Example>) {
     let texts = POSTERS.iter().flat_map(|(i, o)| [i.to_string(), o.to_string()]);
     let tok = Tokenizer::train_bpe(texts, 400).unwrap();
-    let base = ScratchBase {
-        layers: 2,
-        hidden: 64,
-        heads: 4,
-        kv_heads: 2,
-        ffn: 128,
-        vocab: 400,
-        context: 128,
-        rope_theta: 10_000.0,
-        seed: 1,
-    };
-    let model = Llama::random(scratch_config(&base, &tok), 1, &Device::Cpu).unwrap();
+    let base =
+        ScratchShape { layers: 2, hidden: 64, heads: 4, kv_heads: 2, ffn: 128, context: 128, rope_theta: 10_000.0 };
+    let model = Llama::random(ModelConfig::scratch(&base, &tok), 1, &Device::Cpu).unwrap();
     let examples = POSTERS.iter().map(|(i, o)| example(&tok, i, o, 128).unwrap().unwrap()).collect();
     (model, tok, examples)
 }

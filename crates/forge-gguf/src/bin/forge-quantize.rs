@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use forge_gguf::convert::Summary;
-use forge_manifest::QuantLevel;
+use forge_quant::QuantLevel;
 
 const USAGE: &str = "usage: forge-quantize IN.gguf OUT.gguf LEVEL [--threads N]\n       \
                      forge-quantize --from-hf DIR OUT.gguf LEVEL [--threads N]\n\

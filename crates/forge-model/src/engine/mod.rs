@@ -121,6 +121,9 @@ fn frozen(t: &candle_core::Tensor, dtype: BaseDtype, head: bool) -> Result<Froze
 /// Rows of logits computed at once.
 const LOGIT_ROWS: usize = 64;
 
+/// Gemma's q and k before their RMS norms, and each norm's 1/rms.
+type QkRaw = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// What one layer's forward pass saves for its backward pass.
 struct Saved {
     h_in: Vec<f32>,
@@ -129,7 +132,7 @@ struct Saved {
     /// `s · dropout(x) Aᵀ` of each adapted module.
     us: [Option<Vec<f32>>; 7],
     /// Gemma: q and k before their norms, and the norms' 1/rms.
-    qk_raw: Option<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)>,
+    qk_raw: Option<QkRaw>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -227,13 +230,10 @@ impl Engine {
                 return Err(ModelError::TooLong { len: p as usize + 1, max });
             }
         }
-        if let Some(&t) = batch.ids.iter().chain(batch.targets).max() {
-            if t as usize >= self.cfg.vocab {
-                return Err(ModelError::Config(format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    self.cfg.vocab
-                )));
-            }
+        if let Some(&t) = batch.ids.iter().chain(batch.targets).max()
+            && t as usize >= self.cfg.vocab
+        {
+            return Err(ModelError::Config(format!("token id {t} is outside the vocabulary of {}", self.cfg.vocab)));
         }
         if lora.mods.len() != self.layers.len() {
             return Err(ModelError::Config("the LoRA pairs are for another model".into()));
@@ -267,7 +267,7 @@ impl Engine {
         &self,
         l: usize,
         lora: &[Option<LoraMod>; 7],
-        h: &mut Vec<f32>,
+        h: &mut [f32],
         positions: &[u32],
         runs: &[Run],
         dropout: &Dropout,
@@ -277,7 +277,7 @@ impl Engine {
         let (n, hd, eps) = (positions.len(), cfg.head_dim, cfg.rms_eps as f32);
         let (qd, kvd) = (cfg.heads * hd, cfg.kv_heads * hd);
         let key = |m| dropout_key(l, m);
-        let h_in = h.clone();
+        let h_in = h.to_vec();
         let mut xn1 = vec![0f32; h.len()];
         let r1 = ops::rms_norm(&h_in, &layer.input_norm, eps, &mut xn1);
         let mut us: [Option<Vec<f32>>; 7] = Default::default();
@@ -305,7 +305,7 @@ impl Engine {
             (raw, r)
         });
         add_into(h, &a);
-        let h_mid = h.clone();
+        let h_mid = h.to_vec();
         let mut xn2 = vec![0f32; h.len()];
         let r2 = ops::rms_norm(&h_mid, &layer.post_norm, eps, &mut xn2);
         let f = cfg.intermediate;
