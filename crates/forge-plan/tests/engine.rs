@@ -369,6 +369,13 @@ target "t" {
     assert!(ev.iter().any(|e| matches!(e, Event::Fail { error, .. } if error.contains("timed out after"))), "{ev:#?}");
 }
 
+/// A plan whose only parameter is the artifact's name.
+fn plan_by_id(decl: &ArtifactDecl) -> StagePlan {
+    let mut p = StagePlan::default();
+    p.params.insert("id".into(), decl.id.to_string().into());
+    p
+}
+
 /// An executor that records how many of its actions run at once.
 struct Probe {
     now: AtomicUsize,
@@ -383,9 +390,7 @@ impl Executor for Probe {
         1
     }
     fn plan(&self, _: &Manifest, decl: &ArtifactDecl) -> StagePlan {
-        let mut p = StagePlan::default();
-        p.params.insert("id".into(), decl.id.to_string().into());
-        p
+        plan_by_id(decl)
     }
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
@@ -475,9 +480,7 @@ impl Executor for DiskFull {
         1
     }
     fn plan(&self, _: &Manifest, decl: &ArtifactDecl) -> StagePlan {
-        let mut p = StagePlan::default();
-        p.params.insert("id".into(), decl.id.to_string().into());
-        p
+        plan_by_id(decl)
     }
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         if ctx.artifact.to_string() == "t:s0" {
