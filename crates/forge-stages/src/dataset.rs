@@ -20,9 +20,8 @@
 //! rejections and timeouts as they happen.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::fs::OpenOptions;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -32,13 +31,15 @@ use forge_teacher::rng::SplitMix64;
 use forge_teacher::{CallCache, ChatRequest, ChatResponse, Message, OpenAiClient, OpenAiConfig, TeacherError, Usage};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use forge_data::dataset::{DATASET_FORMAT, Meta, Sample, sample_id, write_samples};
 use forge_data::sampler::{NodeValue, Sampler, Values, generate_prompt, generate_system};
 use forge_data::split::split;
 use forge_data::validate::{Checks, Dedup, Rejection};
+use journal::{Journal, append, read_journal};
+
+mod journal;
 
 pub struct DatasetExecutor;
 
@@ -184,30 +185,6 @@ enum Outcome {
     /// The teacher cannot answer any request (a refused or malformed key, a wrong URL or
     /// model, a server that cannot answer within its timeout): the run stops at once.
     Fatal(String),
-}
-
-/// A journal line: a committed outcome.
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum Journal {
-    Accepted(Box<Sample>),
-    Rejected { index: u64, repeat: u32, key: String, detail: String, usage: BTreeMap<String, Usage> },
-    Abandoned { index: u64, reason: String },
-}
-
-impl Journal {
-    /// Which attempt this entry settles: (sample index, repeat; none for an abandoned sample).
-    fn slot(&self) -> (u64, Option<u32>) {
-        match self {
-            Journal::Accepted(s) => (s.index, Some(s.repeat)),
-            Journal::Rejected { index, repeat, .. } => (*index, Some(*repeat)),
-            Journal::Abandoned { index, .. } => (*index, None),
-        }
-    }
-
-    fn index(&self) -> u64 {
-        self.slot().0
-    }
 }
 
 struct Run<'m> {
@@ -908,99 +885,6 @@ fn check_dedups(sample: &Sample, dedup: &mut Dedup, nodes: &mut [(String, Dedup)
     Ok(())
 }
 
-fn append(journal: &mut File, entry: &Journal) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    journal.write_all(&line)?;
-    journal.sync_data()
-}
-
-/// What reading a journal found besides its entries.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct JournalReport {
-    /// Lines repeating an entry already read, word for word.
-    duplicates: usize,
-    /// Entries for an attempt already settled by an earlier, different line (the first wins).
-    conflicting: usize,
-    /// Lines in the middle that are not an entry (skipped).
-    unreadable: usize,
-    /// Whether the last line was torn (a kill mid-write) and cut off.
-    torn: bool,
-}
-
-impl JournalReport {
-    fn is_clean(&self) -> bool {
-        *self == JournalReport::default()
-    }
-}
-
-impl std::fmt::Display for JournalReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "ignored {} duplicated and {} conflicting entries (the first of each was kept) and {} unreadable lines",
-            self.duplicates, self.conflicting, self.unreadable
-        )?;
-        if self.torn {
-            write!(f, "; cut off a torn last line")?;
-        }
-        Ok(())
-    }
-}
-
-/// The journal's entries, each attempt once, in order. Reading never fails on the content:
-/// a line repeated (an entry appended twice) is read once; a second, different entry for the
-/// same attempt (sample index and repeat) is ignored — the first was committed first; a line in
-/// the middle that is not an entry is skipped; a torn last line (a kill mid-write) is cut off
-/// the file, and a last entry that lost only its newline gets it back, so appends start on a
-/// line of their own.
-fn read_journal(path: &Path) -> std::io::Result<(Vec<Journal>, JournalReport)> {
-    let data = match std::fs::read(path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), JournalReport::default())),
-        Err(e) => return Err(e),
-    };
-    let mut report = JournalReport::default();
-    let mut entries = Vec::new();
-    let mut seen: HashMap<(u64, Option<u32>), blake3::Hash> = HashMap::new();
-    let complete = data.last().is_none_or(|b| *b == b'\n');
-    let lines: Vec<&[u8]> = data.split(|b| *b == b'\n').collect();
-    // `split` yields an empty piece after a final newline.
-    let n = if complete { lines.len() - 1 } else { lines.len() };
-    for (i, line) in lines[..n].iter().enumerate() {
-        let last = i + 1 == n;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let entry = match serde_json::from_slice::<Journal>(line) {
-            Ok(e) => e,
-            Err(_) if last && !complete => {
-                report.torn = true;
-                let keep = data.len() - line.len();
-                OpenOptions::new().write(true).open(path)?.set_len(keep as u64)?;
-                break;
-            }
-            Err(_) => {
-                report.unreadable += 1;
-                continue;
-            }
-        };
-        if last && !complete {
-            OpenOptions::new().append(true).open(path)?.write_all(b"\n")?;
-        }
-        let digest = blake3::hash(line);
-        match seen.get(&entry.slot()) {
-            Some(d) if *d == digest => report.duplicates += 1,
-            Some(_) => report.conflicting += 1,
-            None => {
-                seen.insert(entry.slot(), digest);
-                entries.push(entry);
-            }
-        }
-    }
-    Ok((entries, report))
-}
-
 #[derive(Clone, Default)]
 struct Stats {
     candidates: u64,
@@ -1100,6 +984,7 @@ impl Committed {
 
 #[cfg(test)]
 mod tests {
+    use super::journal::JournalReport;
     use super::*;
 
     fn sample(index: u64, repeat: u32, output: &str) -> Journal {
