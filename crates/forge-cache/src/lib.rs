@@ -319,11 +319,7 @@ impl Cache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(CacheError::io(&path, e)),
         };
-        match ActionEntry::decode(&data) {
-            Ok(entry) if entry.key == *key => Ok(Some(entry)),
-            Ok(entry) => Err(CacheError::Corrupt { path, reason: format!("it holds key {}", entry.key.short()) }),
-            Err(reason) => Err(CacheError::Corrupt { path, reason }),
-        }
+        decode_action(path, key, &data).map(Some)
     }
 
     /// Records an action's result. Call only after its content is published.
@@ -341,14 +337,8 @@ impl Cache {
             return Ok(());
         }
         let data = fs::read(&path).map_err(|e| CacheError::io(&path, e))?;
-        match ActionEntry::decode(&data) {
-            Ok(entry) if entry.key == *key => {
-                stat.record(&path, Digest::of(&data)).map_err(|e| CacheError::io(&path, e))?;
-                Ok(())
-            }
-            Ok(entry) => Err(CacheError::Corrupt { path, reason: format!("it holds key {}", entry.key.short()) }),
-            Err(reason) => Err(CacheError::Corrupt { path, reason }),
-        }
+        decode_action(path.clone(), key, &data)?;
+        stat.record(&path, Digest::of(&data)).map_err(|e| CacheError::io(&path, e))
     }
 
     pub fn remove_action(&self, key: &Digest) -> Result<(), CacheError> {
@@ -380,6 +370,15 @@ impl Cache {
 
     pub fn save_state(&self, state: &BuildState) -> Result<(), CacheError> {
         state.save(&self.state_path())
+    }
+}
+
+/// The action entry stored at `path` for `key`: damaged if it does not decode or holds another key.
+fn decode_action(path: PathBuf, key: &Digest, data: &[u8]) -> Result<ActionEntry, CacheError> {
+    match ActionEntry::decode(data) {
+        Ok(entry) if entry.key == *key => Ok(entry),
+        Ok(entry) => Err(CacheError::Corrupt { path, reason: format!("it holds key {}", entry.key.short()) }),
+        Err(reason) => Err(CacheError::Corrupt { path, reason }),
     }
 }
 

@@ -369,6 +369,11 @@ fn choice(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
     }))
 }
 
+/// `#name#` symbols of a grammar alternative (`#name.capitalize#` names `name`).
+pub(crate) fn grammar_symbols(alt: &str) -> Vec<&str> {
+    alt.split('#').skip(1).step_by(2).map(|s| s.split('.').next().unwrap_or("")).collect()
+}
+
 fn grammar(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
     let start = r.str(cx, "start").map(|s| s.value).unwrap_or_else(|| "origin".to_string());
     let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -406,9 +411,6 @@ fn grammar(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
     }
     // A rule whose every alternative needs an unfinishable rule (itself, say) never finishes:
     // find the rules that can, by a fixpoint, and report the rest.
-    let symbols = |alt: &str| -> Vec<String> {
-        alt.split('#').skip(1).step_by(2).map(|s| s.split('.').next().unwrap_or("").to_string()).collect()
-    };
     let mut finishes: std::collections::HashSet<&str> = std::collections::HashSet::new();
     loop {
         let before = finishes.len();
@@ -416,7 +418,7 @@ fn grammar(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
             if !finishes.contains(name.as_str())
                 && alts
                     .iter()
-                    .any(|a| symbols(a).iter().all(|s| !rules.contains_key(s) || finishes.contains(s.as_str())))
+                    .any(|a| grammar_symbols(a).iter().all(|s| !rules.contains_key(*s) || finishes.contains(s)))
             {
                 finishes.insert(name);
             }

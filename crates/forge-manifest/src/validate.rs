@@ -9,6 +9,7 @@ use crate::argv::{Piece, parse_arg};
 use crate::artifact::{self, ArtifactDecl, ArtifactId, StageKind};
 use crate::diagnostic::{Code, Diagnostic};
 use crate::model::*;
+use crate::recipe::grammar_symbols;
 use crate::source::{Span, Spanned};
 use crate::suggest;
 
@@ -258,22 +259,23 @@ fn dataset_recipe(m: &Manifest, d: &DatasetStage, recipe: &Recipe, diags: &mut V
 /// Names a template may use besides the recipe's nodes.
 pub const TEMPLATE_BUILTINS: &[&str] = &["sample_index"];
 
-/// The variables a template (or, with `expr`, an expression) reads, or its syntax error.
+/// The variables a template (or, with `expr`, an expression) reads, as paths (`audience.name`,
+/// `target`), sorted, or its syntax error.
 fn template_vars(text: &str, expr: bool) -> Result<Vec<String>, String> {
     let env = minijinja::Environment::new();
     let vars = if expr {
-        env.compile_expression(text).map_err(|e| e.to_string())?.undeclared_variables(false)
+        env.compile_expression(text).map_err(|e| e.to_string())?.undeclared_variables(true)
     } else {
-        env.template_from_str(text).map_err(|e| e.to_string())?.undeclared_variables(false)
+        env.template_from_str(text).map_err(|e| e.to_string())?.undeclared_variables(true)
     };
     let mut v: Vec<String> = vars.into_iter().collect();
     v.sort();
     Ok(v)
 }
 
-/// `#name#` symbols of grammar alternatives.
-fn grammar_symbols(alt: &str) -> Vec<&str> {
-    alt.split('#').skip(1).step_by(2).map(|s| s.split('.').next().unwrap_or("")).collect()
+/// The variable a path starts from: `audience` of `audience.name`.
+fn head(path: &str) -> &str {
+    path.split('.').next().unwrap_or(path)
 }
 
 fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
@@ -391,18 +393,21 @@ fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
             NodeKind::Grammar(_) => {}
         }
         for (text, expr) in texts {
-            for var in template_refs(text, expr, &node_names, diags) {
-                if let Some(n) = r.node(&var) {
+            let paths = template_refs(text, expr, &node_names, diags);
+            let mut nodes: Vec<&str> = paths.iter().map(|p| head(p)).collect();
+            nodes.sort();
+            nodes.dedup();
+            for var in nodes {
+                if let Some(n) = r.node(var) {
                     edges.push((me, n.name.value.as_str(), text.span));
                 }
             }
-            attribute_refs(m, r, text, expr, diags);
+            attribute_refs(m, r, text.span, &paths, diags);
         }
     }
     for text in [&r.input, &r.system, &r.prompt].into_iter().flatten() {
-        if !template_refs(text, false, &node_names, diags).is_empty() {
-            attribute_refs(m, r, text, false, diags);
-        }
+        let paths = template_refs(text, false, &node_names, diags);
+        attribute_refs(m, r, text.span, &paths, diags);
     }
     if let Some(gr) = &r.prompt_grammar {
         grammar_ref(r, gr, diags);
@@ -427,7 +432,8 @@ fn recipe_refs(m: &Manifest, r: &Recipe, diags: &mut Vec<Diagnostic>) {
     report_cycles(&graph, "recipe node", diags);
 }
 
-/// The node variables `text` reads; reports syntax errors and unknown variables.
+/// The paths `text` reads from nodes (`audience.name`), sorted; reports syntax errors and
+/// unknown variables.
 fn template_refs(text: &Spanned<String>, expr: bool, nodes: &[&str], diags: &mut Vec<Diagnostic>) -> Vec<String> {
     match template_vars(&text.value, expr) {
         Err(e) => {
@@ -440,31 +446,26 @@ fn template_refs(text: &Spanned<String>, expr: bool, nodes: &[&str], diags: &mut
             ));
             Vec::new()
         }
-        Ok(vars) => {
-            let mut out = Vec::new();
-            for var in vars {
-                if TEMPLATE_BUILTINS.contains(&var.as_str()) {
-                    continue;
-                }
-                if !nodes.contains(&var.as_str()) {
-                    diags.push(
-                        Diagnostic::new(
-                            Code::UnknownReference,
-                            text.span,
-                            format!("the template uses `{var}`, which is not a node of this recipe"),
-                            format!("unknown variable `{var}`"),
-                        )
-                        .with_optional_help(suggest::help(
-                            &var,
-                            "node",
-                            nodes.iter().copied().chain(TEMPLATE_BUILTINS.iter().copied()),
-                        )),
-                    );
-                    continue;
-                }
-                out.push(var);
+        Ok(paths) => {
+            let mut vars: Vec<&str> = paths.iter().map(|p| head(p)).collect();
+            vars.sort();
+            vars.dedup();
+            for var in vars.into_iter().filter(|v| !TEMPLATE_BUILTINS.contains(v) && !nodes.contains(v)) {
+                diags.push(
+                    Diagnostic::new(
+                        Code::UnknownReference,
+                        text.span,
+                        format!("the template uses `{var}`, which is not a node of this recipe"),
+                        format!("unknown variable `{var}`"),
+                    )
+                    .with_optional_help(suggest::help(
+                        var,
+                        "node",
+                        nodes.iter().copied().chain(TEMPLATE_BUILTINS.iter().copied()),
+                    )),
+                );
             }
-            out
+            paths.into_iter().filter(|p| nodes.contains(&head(p))).collect()
         }
     }
 }
@@ -472,17 +473,8 @@ fn template_refs(text: &Spanned<String>, expr: bool, nodes: &[&str], diags: &mut
 /// `{{ node.attr }}` on a choice that picks one entry: `attr` must be `name`, `weight` or an
 /// attribute that some entry the node can pick has (templates render strictly, so a misspelled
 /// attribute would fail every sample at build time).
-fn attribute_refs(m: &Manifest, r: &Recipe, text: &Spanned<String>, expr: bool, diags: &mut Vec<Diagnostic>) {
-    let env = minijinja::Environment::new();
-    let vars = if expr {
-        env.compile_expression(&text.value).map(|e| e.undeclared_variables(true))
-    } else {
-        env.template_from_str(&text.value).map(|t| t.undeclared_variables(true))
-    };
-    let Ok(vars) = vars else { return };
-    let mut vars: Vec<String> = vars.into_iter().collect();
-    vars.sort();
-    for var in vars {
+fn attribute_refs(m: &Manifest, r: &Recipe, span: Span, paths: &[String], diags: &mut Vec<Diagnostic>) {
+    for var in paths {
         let mut path = var.split('.');
         let (Some(node), Some(attr)) = (path.next(), path.next()) else { continue };
         let Some(NodeKind::Choice(c)) = r.node(node).map(|n| &n.kind) else { continue };
@@ -490,7 +482,7 @@ fn attribute_refs(m: &Manifest, r: &Recipe, text: &Spanned<String>, expr: bool, 
             diags.push(
                 Diagnostic::new(
                     Code::InvalidValue,
-                    text.span,
+                    span,
                     format!("`{node}` picks up to {} entries, so `{node}.{attr}` has no single value", c.max),
                     format!("`{node}` is a list"),
                 )
@@ -507,7 +499,7 @@ fn attribute_refs(m: &Manifest, r: &Recipe, text: &Spanned<String>, expr: bool, 
         diags.push(
             Diagnostic::new(
                 Code::UnknownReference,
-                text.span,
+                span,
                 format!("no entry `{node}` can pick (from `{}`) has an attribute `{attr}`", c.from.value),
                 format!("unknown attribute `{node}.{attr}`"),
             )
