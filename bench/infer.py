@@ -9,8 +9,8 @@ sides (--threads, default 2: n_threads = n_threads_batch = 2 for llama.cpp, `--t
 forge), n_ctx 512 and n_batch 512 for llama.cpp. Loading is not timed.
 
   forge:     target/release/forge-decode MODEL.gguf --bench --ids ... --gen 128 --reps R --threads T
-             (crates/forge-bench/src/bin/forge-decode.rs; forge's decoder is
-             crates/forge-bench/src/infer.rs)
+             (crates/forge-infer/src/bin/forge-decode.rs; forge's decoder is
+             the crate crates/forge-infer)
   llama.cpp: llama-cpp-python's Llama(model_path, n_threads=T, n_threads_batch=T, n_ctx=512,
              n_batch=512, verbose=False): reset(), time eval(prompt), then 128 x (argmax of the
              last logits, llama_get_logits, then eval([token])) — the script LLAMA below.
@@ -131,7 +131,7 @@ def ensure_venv():
 
 def build():
     print("building forge-decode and forge-quantize ...", flush=True)
-    sh(["cargo", "build", "--release", "-q", "-p", "forge-bench", "--bin", "forge-decode"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "-q", "-p", "forge-infer", "--bin", "forge-decode"], cwd=ROOT)
     sh(["cargo", "build", "--release", "-q", "-p", "forge-gguf", "--bin", "forge-quantize"], cwd=ROOT)
 
 

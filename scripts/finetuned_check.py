@@ -45,7 +45,7 @@ def main():
     from llama_cpp import Llama
 
     sh(["cargo", "build", "--release", "-q", "--bin", "forge"], cwd=ROOT)
-    sh(["cargo", "build", "--release", "-q", "-p", "forge-bench", "--bin", "forge-decode"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "-q", "-p", "forge-infer", "--bin", "forge-decode"], cwd=ROOT)
     forge, decode = ROOT / "target/release/forge", ROOT / "target/release/forge-decode"
     ws = (ROOT / args.ws).resolve()
     status = json.loads(sh([forge, "-C", ws, "status", "--json"]))

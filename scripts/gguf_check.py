@@ -60,7 +60,7 @@ def main():
     from transformers import AutoTokenizer
 
     sh(["cargo", "build", "--release", "-q", "--bin", "forge"], cwd=ROOT)
-    sh(["cargo", "build", "--release", "-q", "-p", "forge-bench", "--bin", "forge-decode"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "-q", "-p", "forge-infer", "--bin", "forge-decode"], cwd=ROOT)
     forge, decode = ROOT / "target/release/forge", ROOT / "target/release/forge-decode"
     ws = Path(tempfile.mkdtemp(prefix="forge-gguf-")) / "ws"
     workspace(ws)

@@ -1,9 +1,8 @@
-//! What benchmarking the student as DefameLM does (§4) is made of: forge's quantized decoder
-//! ([`infer`]), the recipe's judge suite ([`judge`]: all criteria must pass), the statistics that
+//! What benchmarking the student as DefameLM does (§4) is made of, besides the decoder
+//! (`forge-infer`): the recipe's judge suite ([`judge`]: all criteria must pass), the statistics that
 //! compare levels ([`stats`]) and the plots ([`plot`]). The `bench` and `report` stages that run
 //! them are in `forge-stages`.
 
-pub mod infer;
 pub mod judge;
 pub mod plot;
 pub mod stats;
@@ -19,7 +18,7 @@ pub enum BenchError {
     #[error(transparent)]
     Forge(#[from] forge_model::ModelError),
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Infer(#[from] forge_infer::InferError),
 }
 
 pub type Result<T> = std::result::Result<T, BenchError>;

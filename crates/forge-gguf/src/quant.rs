@@ -258,6 +258,31 @@ pub fn quantize_weighted(ty: GgmlType, x: &[f32], cols: usize, weights: &[f32]) 
     Ok(out)
 }
 
+/// Decodes `out.len()` values of type `ty` into `out` on this thread (a row of an embedding
+/// table, say: too little for [`dequantize`]'s thread pool).
+pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+    let n = out.len();
+    let expected = ty.bytes_for(&[n])?;
+    if bytes.len() != expected {
+        return Err(GgufError::Invalid(format!("{} bytes for {n} {ty} values (expected {expected})", bytes.len())));
+    }
+    let mut each = |width: usize, f: &dyn Fn(&[u8]) -> f32| {
+        out.iter_mut().zip(bytes.chunks_exact(width)).for_each(|(o, c)| *o = f(c));
+    };
+    match ty {
+        GgmlType::F32 => each(4, &|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        GgmlType::F16 => each(2, &|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        GgmlType::BF16 => each(2, &|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        GgmlType::F64 => each(8, &|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32),
+        _ => {
+            let decode = decoder(ty).ok_or_else(|| GgufError::Unsupported(format!("decoding {ty} tensors")))?;
+            let (qk, bb) = (ty.block(), ty.block_bytes());
+            out.chunks_mut(qk).zip(bytes.chunks(bb)).for_each(|(o, b)| decode(b, o));
+        }
+    }
+    Ok(())
+}
+
 /// Decodes `n` values of type `ty`.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, GgufError> {
     let expected = ty.bytes_for(&[n])?;

@@ -30,9 +30,9 @@ use forge_teacher::{CallCache, OpenAiClient, OpenAiConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use forge_bench::infer::QModel;
 use forge_bench::judge::{Judge, LlmJudge, Outcome, Subject};
 use forge_bench::stats::{self, Percentiles};
+use forge_infer::QModel;
 
 /// Bumped when what the bench stage writes changes.
 pub const BENCH_FORMAT: u32 = 2;

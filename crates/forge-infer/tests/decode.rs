@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use candle_core::Device;
-use forge_bench::infer::QModel;
+use forge_infer::QModel;
 use forge_manifest::{QuantLevel, Schedule};
 use forge_model::generate::{Sampling, generate};
 use forge_model::{Llama, ModelConfig, ScratchShape, Tokenizer};
@@ -122,7 +122,7 @@ fn greedy_decoding_matches_the_f32_model_and_sampling_is_seeded() {
 /// 7-token prompt); every pass is spread over the threads.
 #[test]
 fn forge_kernels_give_candles_logits_on_any_thread_count() {
-    use forge_bench::infer::{Cache, Kernels};
+    use forge_infer::{Cache, Kernels};
     let (model, tok) = random(192, 32, 1, 128, 5);
     let dir = tempfile::tempdir().unwrap();
     let prompt: Vec<u32> = (0..7).map(|i| (i * 37 + 11) % tok.vocab_size() as u32).collect();
@@ -167,7 +167,7 @@ fn forge_kernels_give_candles_logits_on_any_thread_count() {
 /// benchmark's answers do not depend on how its prompt was batched.
 #[test]
 fn a_batched_prompt_equals_the_same_tokens_one_at_a_time() {
-    use forge_bench::infer::Cache;
+    use forge_infer::Cache;
     let (model, tok) = random(256, 4, 2, 512, 9);
     let dir = tempfile::tempdir().unwrap();
     let prompt: Vec<u32> = (0..11).map(|i| (i * 53 + 7) % tok.vocab_size() as u32).collect();

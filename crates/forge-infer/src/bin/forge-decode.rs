@@ -66,7 +66,7 @@ fn main() {
         if !is_gguf {
             usage("--bench times the quantized decoder: give a .gguf file");
         }
-        let mut model = forge_bench::infer::QModel::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut model = forge_infer::QModel::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         if let Some(t) = threads {
             model.set_threads(t);
         }
@@ -100,14 +100,14 @@ fn main() {
         return;
     }
     let tokens = if is_gguf {
-        let mut model = forge_bench::infer::QModel::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut model = forge_infer::QModel::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         if let Some(t) = threads {
             model.set_threads(t);
         }
         if let Some(k) = top {
             // The k largest logits after `ids`, for comparing logits with llama.cpp.
             // `--stepwise`: one token at a time instead of the prompt in one batch.
-            let mut cache = forge_bench::infer::Cache::default();
+            let mut cache = forge_infer::Cache::default();
             let logits = if stepwise {
                 let mut last = Vec::new();
                 for &id in &ids {

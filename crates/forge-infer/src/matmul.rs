@@ -1,0 +1,357 @@
+//! Weight matrices and their products with the activations: a matrix keeps the file's block
+//! type (repacked for forge's kernels where it has them), and every product quantizes its input
+//! once per dot-product type, as ggml does (`q8_0` for `q8_0`/`q4_0`/`q5_0` weights, `q8_1` for
+//! `q4_1`/`q5_1`, `q8_K` for the k-quants; `f16`/`bf16` weights read the input rounded to their
+//! precision).
+
+use std::ops::Range;
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1,
+    BlockQ8K, GgmlType as Block,
+};
+use forge_gguf::GgmlType;
+
+use crate::kernels::{self as simd, legacy, vnni};
+use crate::{InferError, Result};
+
+/// Runs a function over ranges of `0..n`, perhaps on several threads: `par(n, f)`.
+pub(crate) type Par<'a> = &'a dyn Fn(usize, &(dyn Fn(Range<usize>) + Sync));
+
+/// The input format a matrix's dot products read.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Need {
+    F32,
+    /// The input rounded to `f16` (ggml's dot-product type for `f16` weights).
+    F16,
+    /// The input rounded to `bf16`.
+    BF16,
+    Q8_0,
+    Q8_1,
+    Q8K,
+}
+
+/// One matrix input, quantized to each dot-product type its matrices need (once per pass).
+#[derive(Default)]
+pub(crate) struct Acts {
+    /// The formats ready for the current input.
+    pub(crate) ready: Vec<Need>,
+    /// Quantized by forge's kernels (else candle's `from_float`).
+    pub(crate) forge: bool,
+    pub(crate) q8_0: Vec<BlockQ8_0>,
+    /// Per `q8_0` block: its scale as `f32` and its 8 lane sums (of 4 values each) times -128
+    /// and -8, for forge's kernels.
+    pub(crate) dy: Vec<f32>,
+    pub(crate) c128: Vec<[i32; 8]>,
+    pub(crate) c8: Vec<[i32; 8]>,
+    pub(crate) q8_1: Vec<BlockQ8_1>,
+    pub(crate) q8k: Vec<BlockQ8K>,
+    pub(crate) f16: Vec<f32>,
+    pub(crate) bf16: Vec<f32>,
+}
+
+impl Acts {
+    /// `x` as a matrix with `f32` weights of dot-product type `need` reads it.
+    pub(crate) fn rounded<'a>(&'a self, need: Need, x: &'a [f32]) -> &'a [f32] {
+        match need {
+            Need::F16 => &self.f16,
+            Need::BF16 => &self.bf16,
+            _ => x,
+        }
+    }
+
+    /// Forgets the last input.
+    pub(crate) fn reset(&mut self) {
+        self.ready.clear();
+    }
+
+    /// Quantizes `x` (`m` rows of `k`) for `need`; `par(m, f)` runs `f` over row ranges,
+    /// perhaps on several threads.
+    pub(crate) fn prepare(&mut self, need: Need, x: &[f32], m: usize, k: usize, par: Par<'_>) {
+        if need == Need::F32 || self.ready.contains(&need) {
+            return;
+        }
+        self.ready.push(need);
+        match need {
+            Need::F32 => {}
+            Need::F16 => {
+                self.f16.clear();
+                self.f16.extend_from_slice(x);
+                simd::round_f16(&mut self.f16);
+            }
+            Need::BF16 => {
+                self.bf16.clear();
+                self.bf16.extend(x.iter().map(|&x| half::bf16::from_f32(x).to_f32()));
+            }
+            Need::Q8_0 => {
+                let nb = k / 32;
+                if self.forge {
+                    simd::quantize_q8_0(x, k, self, par);
+                } else {
+                    self.q8_0.resize(m * nb, BlockQ8_0::zeros());
+                    for (row, y) in x.chunks_exact(k).zip(self.q8_0.chunks_exact_mut(nb)) {
+                        BlockQ8_0::from_float(row, y);
+                    }
+                }
+            }
+            Need::Q8_1 => {
+                let nb = k / 32;
+                self.q8_1.resize(m * nb, BlockQ8_1::zeros());
+                for (row, y) in x.chunks_exact(k).zip(self.q8_1.chunks_exact_mut(nb)) {
+                    BlockQ8_1::from_float(row, y);
+                }
+            }
+            Need::Q8K => {
+                let nb = k / 256;
+                self.q8k.resize(m * nb, BlockQ8K::zeros());
+                for (row, y) in x.chunks_exact(k).zip(self.q8k.chunks_exact_mut(nb)) {
+                    BlockQ8K::from_float(row, y);
+                }
+            }
+        }
+    }
+}
+
+/// The dot-product input blocks of a block type.
+trait ActSlot: Block {
+    const NEED: Need;
+    fn slot(a: &Acts) -> &[Self];
+}
+
+impl ActSlot for BlockQ8_0 {
+    const NEED: Need = Need::Q8_0;
+    fn slot(a: &Acts) -> &[Self] {
+        &a.q8_0
+    }
+}
+
+impl ActSlot for BlockQ8_1 {
+    const NEED: Need = Need::Q8_1;
+    fn slot(a: &Acts) -> &[Self] {
+        &a.q8_1
+    }
+}
+
+impl ActSlot for BlockQ8K {
+    const NEED: Need = Need::Q8K;
+    fn slot(a: &Acts) -> &[Self] {
+        &a.q8k
+    }
+}
+
+/// A weight matrix `[n][k]` (GGUF's `[k, n]`), kept as the file stores it.
+pub(crate) struct Mat {
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    w: Weights,
+}
+
+enum Weights {
+    /// `f32`, `f16` or `bf16` weights as `f32`, and the precision ggml rounds the input to for
+    /// them (its dot-product type: `F32`, `F16` or `BF16`).
+    F32(Vec<f32>, Need),
+    /// `f16` weights kept as `f16` (half the memory traffic of `F32`) and widened with F16C
+    /// inside the dot product, which sums exactly as the `F32` one does.
+    F16(Vec<u16>),
+    /// `q8_0`, `q4_0` or `q5_0` blocks repacked by [`legacy::repack`] for forge's kernels.
+    Packed(Vec<u8>, GgmlType, Kernels),
+    /// `q8_0` or `q4_0` blocks repacked by [`vnni::repack8`] for forge's VNNI kernels.
+    Packed8(Vec<u8>, GgmlType),
+    /// candle's `vec_dot`.
+    Blocks(Box<dyn BlockRows>),
+}
+
+impl Mat {
+    /// A matrix of `n` rows of `k` values of type `ty`, from its bytes as the file stores them.
+    pub(crate) fn new(ty: GgmlType, n: usize, k: usize, data: Vec<u8>, kernels: Kernels) -> Result<Mat> {
+        let want = ty.bytes_for(&[n, k])?;
+        if data.len() != want {
+            return Err(InferError::Model(format!("{} bytes for a {n}×{k} {ty} matrix (expected {want})", data.len())));
+        }
+        let fast = kernels != Kernels::Candle;
+        let nb = k / ty.block();
+        let w = match ty {
+            GgmlType::F16 if fast => {
+                Weights::F16(data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect())
+            }
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                let need = match ty {
+                    GgmlType::F16 => Need::F16,
+                    GgmlType::BF16 => Need::BF16,
+                    _ => Need::F32,
+                };
+                Weights::F32(forge_gguf::quant::dequantize(ty, &data, n * k)?, need)
+            }
+            GgmlType::Q8_0 | GgmlType::Q4_0 if kernels == Kernels::Vnni => {
+                Weights::Packed8(vnni::repack8(&data, n, nb, ty), ty)
+            }
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 if fast => {
+                Weights::Packed(legacy::repack(&data, n, nb, ty, kernels), ty, kernels)
+            }
+            GgmlType::Q8_0 => Weights::Blocks(Box::new(blocks::<BlockQ8_0>(&data)?)),
+            GgmlType::Q4_0 => Weights::Blocks(Box::new(blocks::<BlockQ4_0>(&data)?)),
+            GgmlType::Q4_1 => Weights::Blocks(Box::new(blocks::<BlockQ4_1>(&data)?)),
+            GgmlType::Q5_0 => Weights::Blocks(Box::new(blocks::<BlockQ5_0>(&data)?)),
+            GgmlType::Q5_1 => Weights::Blocks(Box::new(blocks::<BlockQ5_1>(&data)?)),
+            GgmlType::Q8_1 => Weights::Blocks(Box::new(blocks::<BlockQ8_1>(&data)?)),
+            GgmlType::Q2K => Weights::Blocks(Box::new(blocks::<BlockQ2K>(&data)?)),
+            GgmlType::Q3K => Weights::Blocks(Box::new(blocks::<BlockQ3K>(&data)?)),
+            GgmlType::Q4K => Weights::Blocks(Box::new(blocks::<BlockQ4K>(&data)?)),
+            GgmlType::Q5K => Weights::Blocks(Box::new(blocks::<BlockQ5K>(&data)?)),
+            GgmlType::Q6K => Weights::Blocks(Box::new(blocks::<BlockQ6K>(&data)?)),
+            GgmlType::Q8K => Weights::Blocks(Box::new(blocks::<BlockQ8K>(&data)?)),
+            other => return Err(InferError::Model(format!("no decoder for {other} matrices"))),
+        };
+        Ok(Mat { n, k, w })
+    }
+
+    /// Bytes of memory the weights take.
+    pub(crate) fn bytes(&self) -> usize {
+        match &self.w {
+            Weights::F32(w, _) => 4 * w.len(),
+            Weights::F16(w) => 2 * w.len(),
+            Weights::Packed(w, ..) | Weights::Packed8(w, _) => w.len(),
+            Weights::Blocks(b) => b.bytes(),
+        }
+    }
+
+    pub(crate) fn needs(&self) -> Need {
+        match &self.w {
+            Weights::F32(_, need) => *need,
+            Weights::F16(_) => Need::F16,
+            Weights::Packed(..) | Weights::Packed8(..) => Need::Q8_0,
+            Weights::Blocks(b) => b.needs(),
+        }
+    }
+
+    /// Rows `rows` of the product with the `m` rows of `x`: `out[i * ld + r]`.
+    ///
+    /// # Safety
+    /// `out` must hold `m * ld` floats, `ld >= self.n`, `rows` within `0..self.n`; `acts` must be
+    /// prepared for `x` with `self.needs()`.
+    pub(crate) unsafe fn compute(
+        &self,
+        rows: Range<usize>,
+        x: &[f32],
+        acts: &Acts,
+        m: usize,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        let k = self.k;
+        unsafe {
+            match &self.w {
+                Weights::F32(w, need) => simd::f32_rows(w, k, rows, acts.rounded(*need, x), m, out, ld),
+                Weights::F16(w) => simd::f16_rows(w, k, rows, acts.rounded(Need::F16, x), m, out, ld),
+                Weights::Packed(w, d, kern) => legacy::q_rows(w, *d, *kern, self.n, k / 32, rows, acts, m, out, ld),
+                Weights::Packed8(w, d) => vnni::q_rows8(w, *d, self.n, k / 32, rows, acts, m, out, ld),
+                Weights::Blocks(b) => b.rows(k, rows, acts, m, out, ld),
+            }
+        }
+    }
+}
+
+/// Copies a matrix's blocks out of the file's bytes (a whole number of them: checked by the caller).
+fn blocks<T: Block>(data: &[u8]) -> Result<Vec<T>> {
+    let size = std::mem::size_of::<T>();
+    if !data.len().is_multiple_of(size) {
+        return Err(InferError::Model(format!("{} bytes are not whole {}-byte blocks", data.len(), size)));
+    }
+    let mut v: Vec<T> = (0..data.len() / size).map(|_| T::zeros()).collect();
+    // SAFETY: `v` holds exactly `data.len()` bytes of plain-data blocks.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), v.as_mut_ptr() as *mut u8, data.len()) };
+    Ok(v)
+}
+
+/// Rows of a block-quantized matrix through candle's `vec_dot`.
+trait BlockRows: Send + Sync {
+    fn needs(&self) -> Need;
+    fn bytes(&self) -> usize;
+    /// # Safety
+    /// As [`Mat::compute`].
+    unsafe fn rows(&self, k: usize, rows: Range<usize>, acts: &Acts, m: usize, out: *mut f32, ld: usize);
+}
+
+impl<T> BlockRows for Vec<T>
+where
+    T: Block + Send + Sync,
+    T::VecDotType: ActSlot,
+{
+    fn needs(&self) -> Need {
+        T::VecDotType::NEED
+    }
+
+    fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.as_slice())
+    }
+
+    unsafe fn rows(&self, k: usize, rows: Range<usize>, acts: &Acts, m: usize, out: *mut f32, ld: usize) {
+        let nb = k / T::BLCK_SIZE;
+        let ys = T::VecDotType::slot(acts);
+        for r in rows {
+            let w = &self[r * nb..(r + 1) * nb];
+            for i in 0..m {
+                let d = T::vec_dot(k, w, &ys[i * nb..(i + 1) * nb]);
+                // SAFETY: the caller's contract.
+                unsafe { *out.add(i * ld + r) = d };
+            }
+        }
+    }
+}
+
+/// Which dot products a model's `q8_0` and `q4_0` matrices run (other types always run candle's).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kernels {
+    /// candle's `vec_dot` (its AVX2 kernels), row by row.
+    Candle,
+    /// forge's, with AVX2, FMA and F16C.
+    Avx2,
+    /// forge's, with AVX512-VNNI `vpdpbusd` (256-bit, AVX512-VL) as well.
+    Vnni,
+}
+
+impl Kernels {
+    /// The best this CPU runs, or less if `FORGE_KERNELS` (`candle`, `avx2`) asks for it.
+    pub fn best() -> Kernels {
+        static BEST: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let cpu = Kernels::cpu();
+            match std::env::var("FORGE_KERNELS").as_deref() {
+                Ok("candle") | Ok("scalar") => Kernels::Candle,
+                Ok("avx2") => cpu.min(Kernels::Avx2),
+                _ => cpu,
+            }
+        })
+    }
+
+    /// The best this CPU has.
+    pub fn cpu() -> Kernels {
+        static CPU: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+        *CPU.get_or_init(Kernels::detect)
+    }
+
+    fn detect() -> Kernels {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                    return Kernels::Vnni;
+                }
+                return Kernels::Avx2;
+            }
+        }
+        Kernels::Candle
+    }
+
+    pub(crate) fn min(self, other: Kernels) -> Kernels {
+        if (self as u8) < (other as u8) { self } else { other }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Candle => "candle",
+            Kernels::Avx2 => "avx2",
+            Kernels::Vnni => "vnni",
+        }
+    }
+}
