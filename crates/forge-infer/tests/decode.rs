@@ -115,11 +115,12 @@ fn greedy_decoding_matches_the_f32_model_and_sampling_is_seeded() {
     assert!(greedy_text.text.contains("Maud"), "{greedy_text:?}");
 }
 
-/// forge's `q8_0`/`q4_0`/`q5_0` kernels give exactly candle's dot products — the same logits, bit for
+/// forge's `q8_0`/`q4_0` kernels give exactly candle's dot products — the same logits, bit for
 /// bit, for a prompt in one batch and then token by token — on any thread count. The shapes
-/// leave rows over after the quads (6 key/value rows: head dim 6; an even number of blocks per
-/// row, as candle's `q5_0` asserts in debug builds) and inputs over after the tiles of 4 (a
-/// 7-token prompt); every pass is spread over the threads.
+/// leave rows over after the quads (6 key/value rows: head dim 6) and inputs over after the
+/// tiles of 4 (a 7-token prompt); every pass is spread over the threads. (The other types' kernels
+/// follow ggml's order of summation where candle's differs: `matmul`'s unit tests compare them
+/// with candle's within rounding.)
 #[test]
 fn forge_kernels_give_candles_logits_on_any_thread_count() {
     use forge_infer::{Cache, Kernels};
@@ -134,7 +135,7 @@ fn forge_kernels_give_candles_logits_on_any_thread_count() {
         }
         out.into_iter().map(|l| l.into_iter().map(f32::to_bits).collect()).collect()
     };
-    for level in [QuantLevel::Q8_0, QuantLevel::Q4_0, QuantLevel::Q5_0, QuantLevel::F16] {
+    for level in [QuantLevel::Q8_0, QuantLevel::Q4_0, QuantLevel::F16] {
         let path = dir.path().join(format!("{level}.gguf"));
         forge_gguf::convert::write_model(&path, &model, &tok, level, "t", Default::default()).unwrap();
         let mut candle = QModel::load_with(&path, Kernels::Candle).unwrap();
@@ -172,7 +173,7 @@ fn a_batched_prompt_equals_the_same_tokens_one_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let prompt: Vec<u32> = (0..11).map(|i| (i * 53 + 7) % tok.vocab_size() as u32).collect();
     let bits = |l: Vec<f32>| l.into_iter().map(f32::to_bits).collect::<Vec<_>>();
-    for level in [QuantLevel::F32, QuantLevel::F16, QuantLevel::Bf16, QuantLevel::Q8_0, QuantLevel::Q4KM] {
+    for level in QuantLevel::ALL {
         let path = dir.path().join(format!("{level}.gguf"));
         forge_gguf::convert::write_model(&path, &model, &tok, level, "t", Default::default()).unwrap();
         let mut q = QModel::load(&path).unwrap();

@@ -1,6 +1,12 @@
-//! Kernels for ggml's 32-value blocks with an `f16` scale — `q8_0`, `q4_0`, `q5_0` — times
-//! `q8_0` inputs, over weights repacked at load so that a quad of rows streams from memory in
-//! order: 4 rows times up to 4 inputs per tile, AVX2 (candle's sign trick) or AVX512-VNNI.
+//! Kernels for ggml's 32-value blocks with an `f16` scale — `q8_0`, `q4_0`, `q5_0`, and with an
+//! `f16` minimum too, `q4_1`, `q5_1` — times `q8_0` inputs (`q8_1` for the latter: the same values
+//! and scale, and the block's sum `s`), over weights repacked at load so that a quad of rows
+//! streams from memory in order: 4 rows times up to 4 inputs per tile, AVX2 or AVX512-VNNI.
+//!
+//! `q4_1`/`q5_1` follow ggml's AVX2 `vec_dot_q4_1_q8_1`/`vec_dot_q5_1_q8_1`: per block the
+//! unsigned values times the input's (an exact `i32` sum in 8 lanes), scaled by `d_w · d_x` and
+//! FMA-accumulated; the minimum's share `m_w · s_x` summed apart and added after the horizontal
+//! sum.
 
 use std::ops::Range;
 
@@ -12,12 +18,12 @@ use forge_gguf::GgmlType;
 use super::hsum;
 use crate::matmul::{Acts, Kernels};
 
-/// Repacks a `q8_0`/`q4_0` matrix of `n` rows of `nb` blocks for the kernels: each quad of
-/// rows becomes one stream, block by block — the 4 f16 scales, then the 4 rows' values — so
-/// that it streams from memory in order; the last `n % 4` rows follow as the file has them.
-/// `q8_0` values are stored as `x + 128` for VNNI; `q4_0` values go by pairs of rows, 32
-/// bytes whose low nibbles are the first row's 32 values in order and high nibbles the
-/// second's.
+/// Repacks a matrix of `n` rows of `nb` blocks for the kernels: each quad of rows becomes one
+/// stream, block by block — the 4 f16 scales (then the 4 f16 minimums of `q4_1`/`q5_1`), then
+/// the 4 rows' values — so that it streams from memory in order; the last `n % 4` rows follow
+/// as the file has them. `q8_0` values are stored as `x + 128` for VNNI; 4-bit values go by
+/// pairs of rows, 32 bytes whose low nibbles are the first row's 32 values in order and high
+/// nibbles the second's, after the 4 rows' high bits (4 bytes each) for the 5-bit types.
 pub fn repack(data: &[u8], n: usize, nb: usize, dtype: GgmlType, kernels: Kernels) -> Vec<u8> {
     let bs = block_bytes(dtype);
     assert_eq!(data.len(), n * nb * bs, "whole blocks");
@@ -39,10 +45,18 @@ pub fn repack(data: &[u8], n: usize, nb: usize, dtype: GgmlType, kernels: Kernel
                     (0..4).for_each(|j| out.extend(blk(j)[2..].iter().map(|v| v ^ flip)));
                 }
                 GgmlType::Q4_0 => nibbles(&mut out, 2),
-                _ => {
-                    // q5_0: the 4 rows' high bits (4 bytes each), then their nibbles.
+                GgmlType::Q5_0 => {
                     (0..4).for_each(|j| out.extend_from_slice(&blk(j)[2..6]));
                     nibbles(&mut out, 6);
+                }
+                GgmlType::Q4_1 => {
+                    (0..4).for_each(|j| out.extend_from_slice(&blk(j)[2..4]));
+                    nibbles(&mut out, 4);
+                }
+                _ => {
+                    (0..4).for_each(|j| out.extend_from_slice(&blk(j)[2..4]));
+                    (0..4).for_each(|j| out.extend_from_slice(&blk(j)[4..8]));
+                    nibbles(&mut out, 8);
                 }
             }
         }
@@ -68,6 +82,7 @@ pub(crate) unsafe fn q_rows(
 ) {
     assert!(rows.end <= n, "rows within the matrix");
     assert!(rows.start.is_multiple_of(4) || rows.start >= n / 4 * 4, "row chunks start on a quad");
+    assert!(rows.end.is_multiple_of(4) || rows.end == n, "row chunks end on a quad");
     #[cfg(target_arch = "x86_64")]
     unsafe {
         let a = Args::new(w, dtype, n, nb, acts, m, out, ld);
@@ -76,8 +91,12 @@ pub(crate) unsafe fn q_rows(
             (GgmlType::Q8_0, _) => q8_0_avx2(&a, rows),
             (GgmlType::Q4_0, Kernels::Vnni) => q4_0_vnni(&a, rows),
             (GgmlType::Q4_0, _) => q4_0_avx2(&a, rows),
-            (_, Kernels::Vnni) => q5_0_vnni(&a, rows),
-            _ => q5_0_avx2(&a, rows),
+            (GgmlType::Q5_0, Kernels::Vnni) => q5_0_vnni(&a, rows),
+            (GgmlType::Q5_0, _) => q5_0_avx2(&a, rows),
+            (GgmlType::Q4_1, Kernels::Vnni) => q4_1_vnni(&a, rows),
+            (GgmlType::Q4_1, _) => q4_1_avx2(&a, rows),
+            (_, Kernels::Vnni) => q5_1_vnni(&a, rows),
+            _ => q5_1_avx2(&a, rows),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -90,6 +109,8 @@ pub(super) fn block_bytes(dtype: GgmlType) -> usize {
         GgmlType::Q8_0 => 34,
         GgmlType::Q4_0 => 18,
         GgmlType::Q5_0 => 22,
+        GgmlType::Q4_1 => 20,
+        GgmlType::Q5_1 => 24,
         other => unreachable!("no forge kernel for {other:?}"),
     }
 }
@@ -101,6 +122,10 @@ pub(super) struct Args {
     pub(super) nb: usize,
     pub(super) y: *const u8,
     pub(super) dy: *const f32,
+    /// Per input block, `Σy`.
+    pub(super) ysum: *const i32,
+    /// Per input block, `s = d · Σy` rounded to f16 (`q8_1`'s sum, for the types with a minimum).
+    pub(super) s: *const f32,
     /// Per input block, the 8 lane corrections (`acts.c128` or `acts.c8`).
     pub(super) c: *const i32,
     pub(super) m: usize,
@@ -124,12 +149,15 @@ impl Args {
         ld: usize,
     ) -> Args {
         assert!(w.len() == n * nb * block_bytes(dtype) && acts.q8_0.len() >= m * nb && acts.dy.len() >= m * nb);
+        assert!(acts.s.len() >= m * nb && acts.ysum.len() >= m * nb, "the input blocks' sums");
         Args {
             w: w.as_ptr(),
             n,
             nb,
             y: acts.q8_0.as_ptr() as *const u8,
             dy: acts.dy.as_ptr(),
+            s: acts.s.as_ptr(),
+            ysum: acts.ysum.as_ptr(),
             c: if dtype == GgmlType::Q8_0 { acts.c128.as_ptr() } else { acts.c8.as_ptr() } as *const i32,
             m,
             out,
@@ -162,13 +190,14 @@ pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
     }
 }
 
-/// Generates a kernel over a repacked matrix (`$bs`-byte blocks: an f16 scale and values):
-/// a quad of rows times `NR` inputs at a time. `$quad` loads the 4 rows' values of one block
-/// from its pointer, `$plain` one row's from a plain block's values, and `$dot` gives the
-/// 8 lane sums (`i32`) of values `$x` against input values `$y` with corrections `$c`.
+/// Generates a kernel over a repacked matrix (`$bs`-byte blocks: an f16 scale, with `$mins` an
+/// f16 minimum, and values): a quad of rows times `NR` inputs at a time. `$quad` loads the 4
+/// rows' values of one block from its pointer, `$plain` one row's from a plain block's values,
+/// and `$dot` gives the 8 lane sums (`i32`) of values `$x` against input values `$y` with
+/// corrections `$c`.
 macro_rules! kernel {
     (
-        $name:ident, $tile:ident, $feat:literal, $bs:expr,
+        $name:ident, $tile:ident, $feat:literal, $bs:expr, mins = $mins:literal,
         quad |$qp:ident| $quad:block,
         plain |$pp:ident| $plain:block,
         dot |$x:ident, $y:ident, $c:ident| $dot:block
@@ -194,6 +223,7 @@ macro_rules! kernel {
                 // The last n % 4 rows, stored plainly after the quads.
                 let nb = a.nb;
                 let tail = a.w.add(quads * nb * (8 + 4 * ($bs - 2)));
+                let head = if $mins { 4 } else { 2 };
                 while r < rows.end {
                     let w0 = tail.add((r - quads * 4) * nb * $bs);
                     for i in 0..a.m {
@@ -201,11 +231,12 @@ macro_rules! kernel {
                         let dy = a.dy.add(i * nb);
                         let cs = a.c.add(i * nb * 8);
                         let mut acc = _mm256_setzero_ps();
+                        let mut summs = 0f32;
                         for b in 0..nb {
                             let wb = w0.add(b * $bs);
                             let p = {
                                 let $x = {
-                                    let $pp = wb.add(2);
+                                    let $pp = wb.add(head);
                                     $plain
                                 };
                                 let $y = _mm256_loadu_si256(y.add(b * 34 + 2) as *const __m256i);
@@ -214,8 +245,11 @@ macro_rules! kernel {
                             };
                             let scale = _mm256_set1_ps(f16_at(wb) * *dy.add(b));
                             acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc);
+                            if $mins {
+                                summs = f16_at(wb.add(2)).mul_add(*a.s.add(i * nb + b), summs);
+                            }
                         }
-                        *a.out.add(i * a.ld + r) = hsum(acc);
+                        *a.out.add(i * a.ld + r) = hsum(acc) + summs;
                     }
                     r += 1;
                 }
@@ -233,6 +267,7 @@ macro_rules! kernel {
                 let lane = [_mm256_set1_epi32(0), _mm256_set1_epi32(1), _mm256_set1_epi32(2), _mm256_set1_epi32(3)];
                 let base = a.w.add(r / 4 * nb * QUAD);
                 let mut acc = [[_mm256_setzero_ps(); 4]; NR];
+                let mut summs = [_mm_setzero_ps(); NR];
                 for b in 0..nb {
                     let blk = base.add(b * QUAD);
                     if NR == 1 && $bs != 34 {
@@ -245,11 +280,16 @@ macro_rules! kernel {
                         }
                     }
                     let xs: [__m256i; 4] = {
-                        let $qp = blk.add(8);
+                        let $qp = blk.add(if $mins { 16 } else { 8 });
                         $quad
                     };
                     let d4 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(blk as *const __m128i)));
                     let dx = [0, 1, 2, 3].map(|j| _mm256_permutevar8x32_ps(d4, lane[j]));
+                    let m4 = if $mins {
+                        _mm_cvtph_ps(_mm_loadl_epi64(blk.add(8) as *const __m128i))
+                    } else {
+                        _mm_setzero_ps()
+                    };
                     for ii in 0..NR {
                         let row = (i + ii) * nb + b;
                         let yb = _mm256_loadu_si256(a.y.add(row * 34 + 2) as *const __m256i);
@@ -260,16 +300,21 @@ macro_rules! kernel {
                                 let ($x, $y, $c) = (xs[j], yb, cb);
                                 $dot
                             };
-                            // the row's scale times the input's, as candle's f32 product
+                            // the row's scale times the input's, as an f32 product
                             let scale = _mm256_mul_ps(dx[j], dy);
                             acc[ii][j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[ii][j]);
+                        }
+                        if $mins {
+                            summs[ii] = _mm_fmadd_ps(m4, _mm_set1_ps(*a.s.add(row)), summs[ii]);
                         }
                     }
                 }
                 for ii in 0..NR {
                     let o = a.out.add((i + ii) * a.ld + r);
+                    let mut m = [0f32; 4];
+                    _mm_storeu_ps(m.as_mut_ptr(), summs[ii]);
                     for j in 0..4 {
-                        *o.add(j) = hsum(acc[ii][j]);
+                        *o.add(j) = hsum(acc[ii][j]) + m[j];
                     }
                 }
             }
@@ -283,6 +328,7 @@ kernel!(
     q8_0_avx2_tile,
     "avx2,fma,f16c",
     34,
+    mins = false,
     quad | p | {
         [
             _mm256_loadu_si256(p as *const __m256i),
@@ -306,6 +352,7 @@ kernel!(
     q8_0_vnni_tile,
     "avx2,fma,f16c,avx512vnni,avx512vl",
     34,
+    mins = false,
     quad | p | {
         [
             _mm256_loadu_si256(p as *const __m256i),
@@ -325,6 +372,7 @@ kernel!(
     q4_0_avx2_tile,
     "avx2,fma,f16c",
     18,
+    mins = false,
     quad | p | {
         let m = _mm256_set1_epi8(0x0F);
         let eight = _mm256_set1_epi8(8);
@@ -352,6 +400,7 @@ kernel!(
     q4_0_vnni_tile,
     "avx2,fma,f16c,avx512vnni,avx512vl",
     18,
+    mins = false,
     quad | p | {
         let m = _mm256_set1_epi8(0x0F);
         let v01 = _mm256_loadu_si256(p as *const __m256i);
@@ -369,6 +418,85 @@ kernel!(
     c | { _mm256_dpbusd_epi32(c, x, y) }
 );
 
+// q4_1: the nibbles (unsigned) times y — AVX2 `maddubs`, VNNI `vpdpbusd` — with no correction.
+kernel!(
+    q4_1_avx2,
+    q4_1_avx2_tile,
+    "avx2,fma,f16c",
+    20,
+    mins = true,
+    quad | p | { quad_nibbles(p) },
+    plain | p | { nibbles(p) },
+    dot | x,
+    y,
+    _c | { _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1)) }
+);
+kernel!(
+    q4_1_vnni,
+    q4_1_vnni_tile,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    20,
+    mins = true,
+    quad | p | { quad_nibbles(p) },
+    plain | p | { nibbles(p) },
+    dot | x,
+    y,
+    _c | { _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y) }
+);
+// q5_1: the nibbles with their high bits (0..=31) times y.
+kernel!(
+    q5_1_avx2,
+    q5_1_avx2_tile,
+    "avx2,fma,f16c",
+    24,
+    mins = true,
+    quad | p | { quad_five_bits(p) },
+    plain | p | { _mm256_or_si256(nibbles(p.add(4)), high_bits(p)) },
+    dot | x,
+    y,
+    _c | { _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1)) }
+);
+kernel!(
+    q5_1_vnni,
+    q5_1_vnni_tile,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    24,
+    mins = true,
+    quad | p | { quad_five_bits(p) },
+    plain | p | { _mm256_or_si256(nibbles(p.add(4)), high_bits(p)) },
+    dot | x,
+    y,
+    _c | { _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y) }
+);
+
+/// The 4 rows' 4-bit values (0..=15) of a repacked quad's block: 64 bytes, rows paired by nibble.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quad_nibbles(p: *const u8) -> [__m256i; 4] {
+    unsafe {
+        let m = _mm256_set1_epi8(0x0F);
+        let v01 = _mm256_loadu_si256(p as *const __m256i);
+        let v23 = _mm256_loadu_si256(p.add(32) as *const __m256i);
+        [
+            _mm256_and_si256(v01, m),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v01), m),
+            _mm256_and_si256(v23, m),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v23), m),
+        ]
+    }
+}
+
+/// The 4 rows' 5-bit values (0..=31) of a repacked quad's block: the high bits of each row
+/// (4 bytes each), then the nibbles as [`quad_nibbles`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quad_five_bits(p: *const u8) -> [__m256i; 4] {
+    unsafe {
+        let lo = quad_nibbles(p.add(16));
+        [0, 1, 2, 3].map(|j| _mm256_or_si256(lo[j], high_bits(p.add(4 * j))))
+    }
+}
+
 /// 32 bytes, 0x10 where bit `e` of the 4 bytes at `p` is set (a `q5_0` block's high bits).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -381,120 +509,15 @@ unsafe fn high_bits(p: *const u8) -> __m256i {
     }
 }
 
-/// The integer sums of 4 blocks' 8 lanes: `[Σp0, Σp1, Σp2, Σp3]`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn sum4(p: [__m256i; 4]) -> __m128i {
-    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
-}
-
-/// Generates a `q5_0` kernel. candle's `q5_0` dot product is its scalar one: per block the
-/// exact integer sum, then `sum += (sumi as f32 * d_w) * d_x`; here the 4 rows of a quad
-/// are the 4 lanes of a 128-bit vector, each lane doing exactly that. `$dot` gives a block's
-/// 8 lane sums from values `$x` (0..=31), input `$y` and the input's `-8·Σy` lanes `$c`.
-macro_rules! kernel_q5_0 {
-    ($name:ident, $tile:ident, $feat:literal, dot |$x:ident, $y:ident, $c:ident| $dot:block) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $feat)]
-        unsafe fn $name(a: &Args, rows: Range<usize>) {
-            const QUAD: usize = 88;
-            let quads = a.n / 4;
-            let nb = a.nb;
-            let mut r = rows.start;
-            unsafe {
-                while r + 4 <= rows.end && r / 4 < quads {
-                    let mut i = 0;
-                    while i + 4 <= a.m {
-                        $tile::<4>(a, r, i);
-                        i += 4;
-                    }
-                    while i < a.m {
-                        $tile::<1>(a, r, i);
-                        i += 1;
-                    }
-                    r += 4;
-                }
-                let tail = a.w.add(quads * nb * QUAD);
-                while r < rows.end {
-                    let w0 = tail.add((r - quads * 4) * nb * 22);
-                    for i in 0..a.m {
-                        let mut sum = 0f32;
-                        for b in 0..nb {
-                            let wb = w0.add(b * 22);
-                            let row = i * nb + b;
-                            let p = {
-                                let $x = _mm256_or_si256(nibbles(wb.add(6)), high_bits(wb.add(2)));
-                                let $y = _mm256_loadu_si256(a.y.add(row * 34 + 2) as *const __m256i);
-                                let $c = _mm256_loadu_si256(a.c.add(row * 8) as *const __m256i);
-                                $dot
-                            };
-                            let z = _mm256_setzero_si256();
-                            let sumi = _mm_cvtsi128_si32(sum4([p, z, z, z]));
-                            sum += sumi as f32 * f16_at(wb) * *a.dy.add(row);
-                        }
-                        *a.out.add(i * a.ld + r) = sum;
-                    }
-                    r += 1;
-                }
-            }
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $feat)]
-        #[inline]
-        unsafe fn $tile<const NR: usize>(a: &Args, r: usize, i: usize) {
-            const QUAD: usize = 88;
-            let nb = a.nb;
-            unsafe {
-                let base = a.w.add(r / 4 * nb * QUAD);
-                let mut acc = [_mm_setzero_ps(); NR];
-                for b in 0..nb {
-                    let blk = base.add(b * QUAD);
-                    if NR == 1 {
-                        let ahead = blk.add(prefetch_distance());
-                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(64) as *const i8);
-                    }
-                    let m = _mm256_set1_epi8(0x0F);
-                    let v01 = _mm256_loadu_si256(blk.add(24) as *const __m256i);
-                    let v23 = _mm256_loadu_si256(blk.add(56) as *const __m256i);
-                    let xs = [
-                        _mm256_or_si256(_mm256_and_si256(v01, m), high_bits(blk.add(8))),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(v01), m), high_bits(blk.add(12))),
-                        _mm256_or_si256(_mm256_and_si256(v23, m), high_bits(blk.add(16))),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(v23), m), high_bits(blk.add(20))),
-                    ];
-                    let dx = _mm_cvtph_ps(_mm_loadl_epi64(blk as *const __m128i));
-                    for ii in 0..NR {
-                        let row = (i + ii) * nb + b;
-                        let yb = _mm256_loadu_si256(a.y.add(row * 34 + 2) as *const __m256i);
-                        let cb = _mm256_loadu_si256(a.c.add(row * 8) as *const __m256i);
-                        let mut p = [_mm256_setzero_si256(); 4];
-                        for j in 0..4 {
-                            p[j] = {
-                                let ($x, $y, $c) = (xs[j], yb, cb);
-                                $dot
-                            };
-                        }
-                        let f = _mm_cvtepi32_ps(sum4(p));
-                        let t = _mm_mul_ps(_mm_mul_ps(f, dx), _mm_set1_ps(*a.dy.add(row)));
-                        acc[ii] = _mm_add_ps(acc[ii], t);
-                    }
-                }
-                for ii in 0..NR {
-                    _mm_storeu_ps(a.out.add((i + ii) * a.ld + r), acc[ii]);
-                }
-            }
-        }
-    };
-}
-
 // q5_0, AVX2: (v - 16) with the sign trick; VNNI: v·y - 16·Σy (twice the q4_0 correction).
-kernel_q5_0!(
+kernel!(
     q5_0_avx2,
     q5_0_avx2_tile,
     "avx2,fma,f16c",
+    22,
+    mins = false,
+    quad | p | { quad_five_bits(p) },
+    plain | p | { _mm256_or_si256(nibbles(p.add(4)), high_bits(p)) },
     dot | x,
     y,
     _c | {
@@ -504,10 +527,14 @@ kernel_q5_0!(
         _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
     }
 );
-kernel_q5_0!(
+kernel!(
     q5_0_vnni,
     q5_0_vnni_tile,
     "avx2,fma,f16c,avx512vnni,avx512vl",
+    22,
+    mins = false,
+    quad | p | { quad_five_bits(p) },
+    plain | p | { _mm256_or_si256(nibbles(p.add(4)), high_bits(p)) },
     dot | x,
     y,
     c | { _mm256_dpbusd_epi32(_mm256_slli_epi32::<1>(c), x, y) }

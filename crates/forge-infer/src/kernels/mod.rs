@@ -6,6 +6,7 @@
 //! stored as `x + 128` and `q4_0` nibbles stay `0..=15`, each corrected by a multiple of the
 //! input block's lane sums — exact in `i32`.
 
+pub mod kquant;
 pub mod legacy;
 pub mod vnni;
 
@@ -322,15 +323,19 @@ pub unsafe fn f32_rows(w: &[f32], k: usize, rows: Range<usize>, x: &[f32], m: us
 
 /// Quantizes the rows of `x` to `q8_0` exactly as candle's `BlockQ8_0::from_float` does
 /// (scale `amax / 127` rounded to f16, values `round(x / d)` half away from zero), with each
-/// block's scale as `f32` and its lane sums (of 4 values) times -128 and -8.
+/// block's scale as `f32`, its lane sums (of 4 values) times -128 and -8, and `q8_1`'s sum
+/// `s = d · Σq` rounded to f16 (ggml's `quantize_row_q8_1`, with the unrounded scale).
 pub(crate) fn quantize_q8_0(x: &[f32], k: usize, a: &mut Acts, par: Par<'_>) {
     let nb = x.len() / 32;
     a.q8_0.resize(nb, BlockQ8_0::zeros());
     a.dy.resize(nb, 0.0);
+    a.s.resize(nb, 0.0);
+    a.ysum.resize(nb, 0);
     a.c128.resize(nb, [0; 8]);
     a.c8.resize(nb, [0; 8]);
     assert!(x.len() == nb * 32 && k.is_multiple_of(32));
-    let (y, dy) = (a.q8_0.as_mut_ptr() as usize, OutPtr(a.dy.as_mut_ptr()));
+    let (y, dy, sums) = (a.q8_0.as_mut_ptr() as usize, OutPtr(a.dy.as_mut_ptr()), OutPtr(a.s.as_mut_ptr()));
+    let ysum = a.ysum.as_mut_ptr() as usize;
     let (c128, c8) = (a.c128.as_mut_ptr() as usize, a.c8.as_mut_ptr() as usize);
     let kb = k / 32;
     par(x.len() / k, &|rows| {
@@ -344,18 +349,28 @@ pub(crate) fn quantize_q8_0(x: &[f32], k: usize, a: &mut Acts, par: Par<'_>) {
                 &x[b0 * 32..(b0 + n) * 32],
                 (y as *mut u8).add(b0 * 34),
                 std::slice::from_raw_parts_mut(dy.get().add(b0), n),
+                std::slice::from_raw_parts_mut(sums.get().add(b0), n),
+                std::slice::from_raw_parts_mut((ysum as *mut i32).add(b0), n),
                 std::slice::from_raw_parts_mut((c128 as *mut [i32; 8]).add(b0), n),
                 std::slice::from_raw_parts_mut((c8 as *mut [i32; 8]).add(b0), n),
             )
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (b0, n, y, dy, c128, c8);
+        let _ = (b0, n, y, dy, sums, ysum, c128, c8);
     });
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_q8_0_avx2(x: &[f32], y: *mut u8, dy: &mut [f32], c128: &mut [[i32; 8]], c8: &mut [[i32; 8]]) {
+unsafe fn quantize_q8_0_avx2(
+    x: &[f32],
+    y: *mut u8,
+    dy: &mut [f32],
+    sums: &mut [f32],
+    ysum: &mut [i32],
+    c128: &mut [[i32; 8]],
+    c8: &mut [[i32; 8]],
+) {
     let sign = _mm256_set1_ps(-0.0);
     let half = _mm256_set1_ps(0.5);
     let one = _mm256_set1_ps(1.0);
@@ -401,6 +416,11 @@ unsafe fn quantize_q8_0_avx2(x: &[f32], y: *mut u8, dy: &mut [f32], c128: &mut [
             _mm256_storeu_si256(blk.add(2) as *mut __m256i, i);
             let s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, i), ones16);
             let neg = _mm256_sub_epi32(_mm256_setzero_si256(), s);
+            let h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+            let h = _mm_add_epi32(h, _mm_shuffle_epi32::<0b01_00_11_10>(h));
+            let total = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32::<0b10_11_00_01>(h)));
+            sums[b] = half::f16::from_f32(d * total as f32).to_f32();
+            ysum[b] = total;
             _mm256_storeu_si256(c128[b].as_mut_ptr() as *mut __m256i, _mm256_slli_epi32::<7>(neg));
             _mm256_storeu_si256(c8[b].as_mut_ptr() as *mut __m256i, _mm256_slli_epi32::<3>(neg));
         }
