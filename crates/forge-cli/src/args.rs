@@ -73,6 +73,35 @@ pub enum Command {
     Gen(GenArgs),
     /// Show a GGUF file's metadata and tensors, and check it has what llama.cpp needs.
     Inspect(InspectArgs),
+    /// Serve the built models over HTTP: OpenAI's chat API, and `/list`, `/chat/NPC`, `/preload/NPC`.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Model targets to serve (default: every target with a GGUF at `--level`).
+    pub targets: Vec<String>,
+    /// Where to listen (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Which of each target's GGUF files (`TARGET:gguf:LEVEL`).
+    #[arg(long, default_value = "q4_0")]
+    pub level: String,
+    /// Bytes of models resident at once (least recently used dropped first), e.g. 2GiB, 512MiB.
+    #[arg(long, default_value = "2GiB")]
+    pub memory: String,
+    /// Decoding threads per model (default: the CPU count).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Requests that may wait per model before the server answers 503.
+    #[arg(long, default_value_t = 16)]
+    pub queue: usize,
+    /// Require `Authorization: Bearer <key>`, the key read from this environment variable.
+    #[arg(long)]
+    pub api_key_env: Option<String>,
+    /// The most tokens one answer may ask for.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: usize,
 }
 
 #[derive(Args, Debug)]

@@ -8,6 +8,7 @@ mod generate;
 mod inspect;
 mod output;
 mod render;
+mod serve;
 
 use clap::Parser;
 
@@ -73,6 +74,7 @@ pub fn run() -> i32 {
         Command::Artifact(c) => commands::artifact(&cli.global, &out, c),
         Command::Data(c) => data::data(&cli.global, &out, c),
         Command::Gen(a) => generate::generate(&cli.global, &out, a),
+        Command::Serve(a) => serve::serve(&cli.global, &out, a),
         Command::Inspect(a) => inspect::inspect(&out, a),
     };
     match result {

@@ -12,6 +12,7 @@ use candle_core::quantized::k_quants::{
 };
 use forge_gguf::GgmlType;
 
+use crate::kernels::float::{self, Half};
 use crate::kernels::{self as simd, kquant, legacy, vnni};
 use crate::{InferError, Result};
 
@@ -52,6 +53,8 @@ pub(crate) struct Acts {
     pub(crate) q8k: Vec<BlockQ8K>,
     pub(crate) f16: Vec<f32>,
     pub(crate) bf16: Vec<f32>,
+    /// The same as bf16 bits, for `vdpbf16ps`.
+    pub(crate) bf16_bits: Vec<u16>,
 }
 
 impl Acts {
@@ -94,7 +97,9 @@ impl Acts {
             }
             Need::BF16 => {
                 self.bf16.clear();
-                self.bf16.extend(x.iter().map(|&x| half::bf16::from_f32(x).to_f32()));
+                self.bf16_bits.clear();
+                self.bf16_bits.extend(x.iter().map(|&x| half::bf16::from_f32(x).to_bits()));
+                self.bf16.extend(self.bf16_bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()));
             }
             Need::Q8_0 => {
                 let nb = k / 32;
@@ -163,9 +168,8 @@ enum Weights {
     /// `f32`, `f16` or `bf16` weights as `f32`, and the precision ggml rounds the input to for
     /// them (its dot-product type: `F32`, `F16` or `BF16`).
     F32(Vec<f32>, Need),
-    /// `f16` weights kept as `f16` (half the memory traffic of `F32`) and widened with F16C
-    /// inside the dot product, which sums exactly as the `F32` one does.
-    F16(Vec<u16>),
+    /// `f16` or `bf16` weights in their 16 bits, for [`float`]'s kernels.
+    Half(Vec<u16>, Half),
     /// `q8_0`, `q4_0`, `q5_0`, `q4_1` or `q5_1` blocks repacked by [`legacy::repack`] for forge's kernels.
     Packed(Vec<u8>, GgmlType, Kernels),
     /// `q8_0` or `q4_0` blocks repacked by [`vnni::repack8`] for forge's VNNI kernels.
@@ -186,8 +190,9 @@ impl Mat {
         let fast = kernels != Kernels::Candle;
         let nb = k / ty.block();
         let w = match ty {
-            GgmlType::F16 if fast => {
-                Weights::F16(data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect())
+            GgmlType::F16 | GgmlType::BF16 if fast => {
+                let half = if ty == GgmlType::F16 { Half::F16 } else { Half::BF16 };
+                Weights::Half(data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(), half)
             }
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
                 let need = match ty {
@@ -227,7 +232,7 @@ impl Mat {
     pub(crate) fn bytes(&self) -> usize {
         match &self.w {
             Weights::F32(w, _) => 4 * w.len(),
-            Weights::F16(w) => 2 * w.len(),
+            Weights::Half(w, _) => 2 * w.len(),
             Weights::Packed(w, ..) | Weights::Packed8(w, _) | Weights::KQuant(w, _) => w.len(),
             Weights::Blocks(b) => b.bytes(),
         }
@@ -236,7 +241,8 @@ impl Mat {
     pub(crate) fn needs(&self) -> Need {
         match &self.w {
             Weights::F32(_, need) => *need,
-            Weights::F16(_) => Need::F16,
+            Weights::Half(_, Half::F16) => Need::F16,
+            Weights::Half(_, Half::BF16) => Need::BF16,
             Weights::Packed(..) | Weights::Packed8(..) => Need::Q8_0,
             Weights::KQuant(..) => Need::Q8K,
             Weights::Blocks(b) => b.needs(),
@@ -261,7 +267,9 @@ impl Mat {
         unsafe {
             match &self.w {
                 Weights::F32(w, need) => simd::f32_rows(w, k, rows, acts.rounded(*need, x), m, out, ld),
-                Weights::F16(w) => simd::f16_rows(w, k, rows, acts.rounded(Need::F16, x), m, out, ld),
+                Weights::Half(w, half) => {
+                    float::rows(w, *half, k, rows, acts.rounded(self.needs(), x), &acts.bf16_bits, m, out, ld)
+                }
                 Weights::Packed(w, d, kern) => legacy::q_rows(w, *d, *kern, self.n, k / 32, rows, acts, m, out, ld),
                 Weights::Packed8(w, d) => vnni::q_rows8(w, *d, self.n, k / 32, rows, acts, m, out, ld),
                 Weights::KQuant(w, ty) => kquant::rows(w, *ty, k / 256, rows, acts.q8k_bytes(), m, out, ld),
@@ -474,6 +482,31 @@ mod tests {
     fn q5_0_kernels_agree_with_candle_on_every_tile_shape() {
         for kernels in [require(Kernels::Avx2), require(Kernels::Vnni)] {
             agree_with_candle(GgmlType::Q5_0, kernels, &[(13, 2, 9), (4, 2, 1), (8, 4, 4), (7, 6, 5)], 0.0);
+        }
+    }
+
+    /// `f16` and `bf16` weights in their 16 bits against the `f32` path (the weights widened at
+    /// load), for one token and for prompts, rows left over after the tiles of 8 and 4 and an
+    /// input left over after the pairs; and a row whose length is not a multiple of 8.
+    #[test]
+    fn half_precision_kernels_agree_with_the_f32_path() {
+        for ty in [GgmlType::F16, GgmlType::BF16] {
+            for (n, k, m) in [(13, 64, 1), (13, 64, 5), (9, 72, 2), (3, 20, 3)] {
+                let w = values(n * k, n as u64 + k as u64);
+                let data = forge_gguf::quant::quantize(ty, &w).unwrap();
+                let x = values(m * k, 3 + m as u64);
+                let reference = product(&Mat::new(ty, n, k, data.clone(), Kernels::Candle).unwrap(), &x, m, n);
+                let mat = Mat::new(ty, n, k, data, require(Kernels::Avx2)).unwrap();
+                assert!(matches!(mat.w, Weights::Half(..)));
+                for chunk in [n, 8] {
+                    let got = product(&mat, &x, m, chunk);
+                    for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
+                        let scale: f32 =
+                            (0..k).map(|c| (w[i % n * k + c] * x[i / n * k + c]).abs()).sum::<f32>().max(1.0);
+                        assert!((g - r).abs() <= 1e-5 * scale, "{ty} {n}×{k}, {m} inputs: [{i}] {g} vs {r}");
+                    }
+                }
+            }
         }
     }
 

@@ -10,6 +10,8 @@
 //! 10⁻¹⁷ of the distribution.
 
 pub use forge_model::generate::Sampling;
+/// The seeded generator answers draw from (the same for a seed everywhere in forge).
+pub use forge_rng::SplitMix64 as Rng;
 
 /// How far below the largest logit, in units of the temperature, a token stays a candidate.
 const CUTOFF: f64 = 50.0;

@@ -6,6 +6,7 @@
 //! stored as `x + 128` and `q4_0` nibbles stay `0..=15`, each corrected by a multiple of the
 //! input block's lane sums — exact in `i32`.
 
+pub mod float;
 pub mod kquant;
 pub mod legacy;
 pub mod vnni;
@@ -266,46 +267,6 @@ pub(crate) fn hsum(x: __m256) -> f32 {
     let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
     let res = _mm_add_ss(res, _mm_movehdup_ps(res));
     _mm_cvtss_f32(res)
-}
-
-/// As [`f32_rows`] for `f16` weights (F16C; the caller checked the CPU has it).
-///
-/// # Safety
-/// As [`f32_rows`].
-pub unsafe fn f16_rows(w: &[u16], k: usize, rows: Range<usize>, x: &[f32], m: usize, out: *mut f32, ld: usize) {
-    for r in rows {
-        let wr = &w[r * k..(r + 1) * k];
-        for i in 0..m {
-            unsafe { *out.add(i * ld + r) = dot_f16_avx2(wr, &x[i * k..(i + 1) * k]) };
-        }
-    }
-}
-
-/// [`dot_f32_avx2`] with `a` in `f16`: the same lanes, accumulators and order, so the same sum.
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot_f16_avx2(a: &[u16], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let load = |p: *const u16| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) };
-    let mut i = 0;
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    unsafe {
-        while i + 16 <= n {
-            acc0 = _mm256_fmadd_ps(load(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(load(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
-            i += 16;
-        }
-        if i + 8 <= n {
-            acc0 = _mm256_fmadd_ps(load(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-            i += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(acc0, acc1));
-        while i < n {
-            s += half::f16::from_bits(*pa.add(i)).to_f32() * *pb.add(i);
-            i += 1;
-        }
-        s
-    }
 }
 
 /// Rows of an `f32` matrix times the `m` rows of `x`.

@@ -1,0 +1,81 @@
+//! `forge serve`: the workspace's built GGUF models over HTTP (`forge_serve`).
+
+use forge_manifest::QuantLevel;
+use forge_serve::{Config, Npc};
+
+use crate::Failure;
+use crate::args::{Global, ServeArgs};
+use crate::commands::{fresh_artifact_dir, load};
+use crate::output::Output;
+
+pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
+    let ws = load(g, out, false)?;
+    let level = QuantLevel::parse(&a.level).ok_or_else(|| {
+        Failure::Usage(format!("--level {}: not a level forge writes (q4_0, q8_0, f16, ...)", a.level))
+    })?;
+    let has_level = |t: &forge_manifest::Target| {
+        t.model.as_ref().and_then(|m| m.quantize.as_ref()).is_some_and(|q| q.levels.iter().any(|l| l.value == level))
+    };
+    let targets: Vec<String> = if a.targets.is_empty() {
+        ws.manifest.targets.iter().filter(|t| has_level(t)).map(|t| t.name.value.clone()).collect()
+    } else {
+        for name in &a.targets {
+            match ws.manifest.targets.iter().find(|t| &t.name.value == name) {
+                None => return Err(Failure::Usage(format!("no target named `{name}` in the manifest"))),
+                Some(t) if !has_level(t) => {
+                    return Err(Failure::Usage(format!(
+                        "`{name}` has no {level} GGUF (its quantize stage does not list it)"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        a.targets.clone()
+    };
+    if targets.is_empty() {
+        return Err(Failure::Usage(format!("no target quantizes to {level}; name one, or pick another --level")));
+    }
+    let mut npcs = Vec::new();
+    for t in &targets {
+        let dir = fresh_artifact_dir(&ws, out, &format!("{t}:gguf:{level}"))?;
+        npcs.push(Npc { name: t.clone(), file: dir.join("model.gguf"), system: None });
+    }
+    let memory = forge_serve::parse_bytes(&a.memory).map_err(|e| Failure::Usage(format!("--memory: {e}")))?;
+    let api_key = match &a.api_key_env {
+        None => None,
+        Some(var) => match std::env::var(var) {
+            Ok(k) if !k.trim().is_empty() => Some(k.trim().to_string()),
+            _ => return Err(Failure::Usage(format!("--api-key-env {var}: the variable is not set"))),
+        },
+    };
+    let addr: std::net::SocketAddr =
+        a.addr.parse().map_err(|_| Failure::Usage(format!("--addr {}: not an address like 127.0.0.1:8080", a.addr)))?;
+    if !addr.ip().is_loopback() && api_key.is_none() {
+        eprintln!("warning: serving on {addr}, reachable from other machines, without --api-key-env");
+    }
+    let threads = a.threads.unwrap_or_else(forge_infer::default_threads).max(1);
+    let config =
+        Config { memory, threads, queue: a.queue, api_key, max_tokens: a.max_tokens.max(1), ..Config::default() };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Internal(format!("starting the server's runtime: {e}")))?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Failure::Usage(format!("listening on {addr}: {e}")))?;
+        eprintln!(
+            "forge serve: http://{} — {} ({level}), up to {} resident; Ctrl-C stops",
+            listener.local_addr().map_or(addr, |a| a),
+            targets.join(", "),
+            forge_serve::bytes(memory)
+        );
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        forge_serve::serve(listener, npcs, config, shutdown)
+            .await
+            .map_err(|e| Failure::Internal(format!("serving: {e}")))
+    })
+}

@@ -1,0 +1,533 @@
+//! The HTTP surface: routes, request checks, OpenAI's wire format, and errors in its shape.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State as AxState};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use forge_infer::Sampling;
+use forge_infer::tokenizer::ChatMessage;
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc::{Receiver, channel};
+
+use crate::metrics::Metrics;
+use crate::registry::{GetError, Loaded, Registry};
+use crate::worker::{Event, Finish, Job};
+use crate::{Config, Npc};
+
+pub struct State {
+    pub registry: Arc<Registry>,
+    pub config: Config,
+    pub metrics: Metrics,
+    next_id: AtomicU64,
+}
+
+impl State {
+    pub fn new(npcs: Vec<Npc>, config: Config) -> State {
+        let registry = Arc::new(Registry::new(npcs, config.memory, config.threads, config.queue));
+        State { registry, config, metrics: Metrics::default(), next_id: AtomicU64::new(1) }
+    }
+}
+
+type Shared = Arc<State>;
+
+/// Text pieces a model may run ahead of a streaming client that is not reading.
+const EVENTS: usize = 32;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/list", get(list))
+        .route("/chat/{npc}", post(chat_npc))
+        .route("/preload/{npc}", post(preload))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", "invalid_request_error") })
+        .layer(DefaultBodyLimit::max(state.config.max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), record))
+        .with_state(state)
+}
+
+/// An error as OpenAI's API answers one.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>, kind: &'static str) -> ApiError {
+        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None }
+    }
+
+    fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { param: Some(param), ..ApiError::new(StatusCode::BAD_REQUEST, message, "invalid_request_error") }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+impl From<GetError> for ApiError {
+    fn from(e: GetError) -> ApiError {
+        match e {
+            GetError::Unknown(_) => ApiError {
+                code: Some("model_not_found"),
+                param: Some("model"),
+                ..ApiError::new(StatusCode::NOT_FOUND, e.to_string(), "invalid_request_error")
+            },
+            GetError::Load(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m, "server_error"),
+        }
+    }
+}
+
+/// `Authorization: Bearer <key>` on every route but `/health`, when the server has a key.
+async fn auth(AxState(st): AxState<Shared>, req: Request, next: Next) -> Response {
+    let Some(key) = &st.config.api_key else { return next.run(req).await };
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
+        return next.run(req).await;
+    }
+    ApiError {
+        code: Some("invalid_api_key"),
+        ..ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "a valid API key is required (Authorization: Bearer ...)",
+            "invalid_request_error",
+        )
+    }
+    .into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// Counts every request by route and status, with its latency.
+async fn record(AxState(st): AxState<Shared>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let t0 = Instant::now();
+    let r = next.run(req).await;
+    st.metrics.request(&route, r.status().as_u16(), t0.elapsed().as_secs_f64());
+    r
+}
+
+async fn health(AxState(st): AxState<Shared>) -> Response {
+    let resident = st.registry.resident();
+    axum::Json(json!({
+        "status": "ok",
+        "models": st.registry.npcs().count(),
+        "resident": resident.len(),
+        "resident_bytes": resident.iter().map(|r| r.1).sum::<u64>(),
+    }))
+    .into_response()
+}
+
+async fn metrics(AxState(st): AxState<Shared>) -> Response {
+    let text = st.metrics.render(&st.registry);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn models(AxState(st): AxState<Shared>) -> Response {
+    let created = now();
+    let data: Vec<Value> = st
+        .registry
+        .npcs()
+        .map(|n| json!({"id": n.name, "object": "model", "created": created, "owned_by": "forge"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn list(AxState(st): AxState<Shared>) -> Response {
+    let resident = st.registry.resident();
+    let npcs: Vec<Value> = st
+        .registry
+        .npcs()
+        .map(|n| {
+            let r = resident.iter().find(|r| r.0 == n.name);
+            json!({"name": n.name, "resident": r.is_some(), "bytes": r.map(|r| r.1)})
+        })
+        .collect();
+    axum::Json(json!({"npcs": npcs})).into_response()
+}
+
+async fn preload(AxState(st): AxState<Shared>, Path(npc): Path<String>) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let m = st.registry.get(&npc).await?;
+    Ok(axum::Json(json!({
+        "npc": npc,
+        "resident": true,
+        "bytes": m.bytes,
+        "architecture": m.architecture,
+        "seconds": t0.elapsed().as_secs_f64(),
+    }))
+    .into_response())
+}
+
+/// A message's content: a string, or OpenAI's list of parts (only text parts are read).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MessageIn {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The sampling fields both chat endpoints take.
+#[derive(Deserialize, Default)]
+struct Knobs {
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    stop: Option<Stop>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<MessageIn>,
+    #[serde(default)]
+    stream: bool,
+    n: Option<i64>,
+    #[serde(flatten)]
+    knobs: Knobs,
+}
+
+/// `POST /chat/{npc}`: one message (and the conversation before it, if any).
+#[derive(Deserialize)]
+struct NpcRequest {
+    message: String,
+    #[serde(default)]
+    history: Vec<MessageIn>,
+    system: Option<String>,
+    #[serde(flatten)]
+    knobs: Knobs,
+}
+
+/// The JSON body, or an OpenAI-shaped error for a malformed or oversized one.
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|r| {
+        let status = r.status();
+        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body is too large".to_string()
+        } else {
+            format!("the request body could not be read: {}", r.body_text())
+        };
+        ApiError::new(status, msg, "invalid_request_error")
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not valid JSON for this endpoint: {e}"),
+            "invalid_request_error",
+        )
+    })
+}
+
+fn messages(items: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+    items
+        .into_iter()
+        .map(|m| {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+                return Err(ApiError::invalid("messages", format!("unknown message role `{}`", m.role)));
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => parts
+                    .into_iter()
+                    .map(|p| match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => Ok(t),
+                        (kind, _) => Err(ApiError::invalid(
+                            "messages",
+                            format!("content parts of type `{kind}` are not supported"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join(""),
+            };
+            let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+            Ok(ChatMessage::new(role, &content))
+        })
+        .collect()
+}
+
+/// The request's sampling, checked, and its stop strings.
+fn sampling(k: &Knobs, config: &Config, room: usize) -> Result<(Sampling, Vec<String>), ApiError> {
+    let temperature = k.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) || !temperature.is_finite() {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("temperature must be between 0 and 2, not {temperature}"),
+        ));
+    }
+    let top_p = k.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p", format!("top_p must be in (0, 1], not {top_p}")));
+    }
+    let top_k = match k.top_k {
+        None | Some(0) => None,
+        Some(n) if n > 0 => Some(n as usize),
+        Some(n) => return Err(ApiError::invalid("top_k", format!("top_k must be positive, not {n}"))),
+    };
+    let cap = config.max_tokens.min(room);
+    let max_tokens = match k.max_completion_tokens.or(k.max_tokens) {
+        None => cap,
+        Some(n) if n >= 1 && n as u64 <= config.max_tokens as u64 => (n as usize).min(room),
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("max_tokens must be between 1 and {}, not {n}", config.max_tokens),
+            ));
+        }
+    };
+    if max_tokens == 0 {
+        return Err(ApiError::invalid("messages", "the conversation fills the model's whole context"));
+    }
+    let stops = match &k.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) if v.len() <= 4 => v.clone(),
+        Some(Stop::Many(_)) => return Err(ApiError::invalid("stop", "at most 4 stop sequences")),
+    };
+    let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
+    Ok((Sampling { temperature, top_p, top_k, seed: k.seed.unwrap_or(0), max_tokens }, stops))
+}
+
+/// Renders the conversation in the model's chat format and queues it.
+fn submit(
+    st: &State,
+    model: &Loaded,
+    mut conversation: Vec<ChatMessage>,
+    knobs: &Knobs,
+) -> Result<(Receiver<Event>, usize), ApiError> {
+    if conversation.is_empty() {
+        return Err(ApiError::invalid("messages", "the conversation has no messages"));
+    }
+    if let Some(system) = &model.npc.system
+        && conversation.first().is_none_or(|m| m.role != "system")
+    {
+        conversation.insert(0, ChatMessage::new("system", system));
+    }
+    let tok = &model.worker.model.tokenizer;
+    let text = tok.render_chat(&conversation, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let prompt = tok.encode_prompt(&text).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let context = model.worker.model.cfg.max_positions;
+    let room = context.saturating_sub(prompt.len());
+    if room == 0 {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid(
+                "messages",
+                format!("the conversation is {} tokens; the model's context is {context}", prompt.len()),
+            )
+        });
+    }
+    let (sampling, stops) = sampling(knobs, &st.config, room)?;
+    let (tx, rx) = channel(EVENTS);
+    let prompt_tokens = prompt.len();
+    model.worker.submit(Job { prompt, sampling, stops, events: tx }).map_err(|_| {
+        st.metrics.rejected();
+        ApiError {
+            retry_after: Some(1),
+            code: Some("queue_full"),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "`{}` is answering a request and {} more are waiting; try again shortly",
+                    model.npc.name, st.config.queue
+                ),
+                "server_error",
+            )
+        }
+    })?;
+    Ok((rx, prompt_tokens))
+}
+
+/// Collects a whole answer.
+async fn collect(st: &State, mut rx: Receiver<Event>) -> Result<(String, Finish, usize, usize), ApiError> {
+    let mut text = String::new();
+    while let Some(e) = rx.recv().await {
+        match e {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done { finish, prompt_tokens, completion_tokens } => {
+                st.metrics.tokens(prompt_tokens, completion_tokens);
+                return Ok((text, finish, prompt_tokens, completion_tokens));
+            }
+            Event::Error(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e, "server_error")),
+        }
+    }
+    Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the model stopped before answering", "server_error"))
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn chat_completions(
+    AxState(st): AxState<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(body)?;
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    }
+    let conversation = messages(req.messages)?;
+    let model = st.registry.get(&req.model).await?;
+    let (rx, _) = submit(&st, &model, conversation, &req.knobs)?;
+    let id = format!("chatcmpl-{}", st.next_id.fetch_add(1, Ordering::Relaxed));
+    let created = now();
+    if !req.stream {
+        let (text, finish, prompt_tokens, completion_tokens) = collect(&st, rx).await?;
+        return Ok(axum::Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish.as_str(),
+                "logprobs": null,
+            }],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }))
+        .into_response());
+    }
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+        })
+    };
+    Ok(Sse::new(sse(st.clone(), rx, chunk)).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// The answer as OpenAI's stream of chunks: the role, the text as it comes, the finish reason,
+/// then `[DONE]`. Dropping the stream (a client that hung up) closes the channel, and the model
+/// stops that answer.
+fn sse(
+    st: Shared,
+    rx: Receiver<Event>,
+    chunk: impl Fn(Value, Option<&str>) -> Value + Send + 'static,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
+    enum Phase {
+        Start,
+        Body,
+        Done,
+        Over,
+    }
+    let data = |v: Value| Ok(SseEvent::default().data(v.to_string()));
+    stream::unfold((rx, Phase::Start, st, chunk), move |(mut rx, phase, st, chunk)| async move {
+        match phase {
+            Phase::Start => {
+                let first = chunk(json!({"role": "assistant", "content": ""}), None);
+                Some((data(first), (rx, Phase::Body, st, chunk)))
+            }
+            Phase::Body => match rx.recv().await {
+                Some(Event::Text(t)) => {
+                    let c = chunk(json!({"content": t}), None);
+                    Some((data(c), (rx, Phase::Body, st, chunk)))
+                }
+                Some(Event::Done { finish, prompt_tokens, completion_tokens }) => {
+                    st.metrics.tokens(prompt_tokens, completion_tokens);
+                    let c = chunk(json!({}), Some(finish.as_str()));
+                    Some((data(c), (rx, Phase::Done, st, chunk)))
+                }
+                Some(Event::Error(e)) => {
+                    let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e, "server_error").body();
+                    Some((data(err), (rx, Phase::Done, st, chunk)))
+                }
+                None => None,
+            },
+            Phase::Done => Some((Ok(SseEvent::default().data("[DONE]")), (rx, Phase::Over, st, chunk))),
+            Phase::Over => None,
+        }
+    })
+}
+
+async fn chat_npc(
+    AxState(st): AxState<Shared>,
+    Path(npc): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: NpcRequest = parse(body)?;
+    let mut conversation = Vec::new();
+    if let Some(s) = &req.system {
+        conversation.push(ChatMessage::new("system", s));
+    }
+    conversation.extend(messages(req.history)?);
+    conversation.push(ChatMessage::new("user", &req.message));
+    let model = st.registry.get(&npc).await?;
+    let (rx, _) = submit(&st, &model, conversation, &req.knobs)?;
+    let (text, finish, prompt_tokens, completion_tokens) = collect(&st, rx).await?;
+    Ok(axum::Json(json!({
+        "npc": npc,
+        "reply": text,
+        "finish_reason": finish.as_str(),
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+    }))
+    .into_response())
+}

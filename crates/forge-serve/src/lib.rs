@@ -1,0 +1,107 @@
+//! `forge serve`: a workspace's NPC models over HTTP, for a game.
+//!
+//! - OpenAI's `POST /v1/chat/completions` (streamed over server-sent events, or not) and
+//!   `GET /v1/models`, so any OpenAI client library works;
+//! - seed 004's `GET /list`, `POST /chat/{npc}` and `POST /preload/{npc}`;
+//! - `GET /health` and `GET /metrics` (Prometheus text: requests, tokens, latency, loads,
+//!   evictions, resident models and bytes).
+//!
+//! Models load on first use and stay resident under a byte budget, the least recently used
+//! dropped first ([`registry`]); each resident model decodes on its own thread from a bounded
+//! queue, and a request that finds the queue full gets 503 with `Retry-After` ([`worker`]).
+//! Errors are OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with a 4xx
+//! status for anything the client can fix, and the server keeps serving.
+
+pub mod api;
+pub mod metrics;
+pub mod registry;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use registry::{Npc, Registry};
+
+/// How a server runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Bytes of model weights that may be resident at once.
+    pub memory: u64,
+    /// Decoding threads per model.
+    pub threads: usize,
+    /// Requests that may wait for each model beyond the one it is answering.
+    pub queue: usize,
+    /// Requests must carry `Authorization: Bearer <key>` (not `/health`).
+    pub api_key: Option<String>,
+    /// The most tokens one answer may ask for.
+    pub max_tokens: usize,
+    /// The largest request body, in bytes.
+    pub max_body: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { memory: 2 << 30, threads: 2, queue: 16, api_key: None, max_tokens: 4096, max_body: 1 << 20 }
+    }
+}
+
+/// Serves `npcs` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    npcs: Vec<Npc>,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = api::State::new(npcs, config);
+    axum::serve(listener, api::router(Arc::new(state)).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// `n` bytes for a person: `1.5 GiB`, `340 MiB`, `12 KiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// A byte count as people write it: `2GiB`, `512MiB`, `1.5G`, `300M`, `4096`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (e.g. 2GiB, 512MiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("`{other}` is not a size unit (B, KiB, MiB, GiB)")),
+    };
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("`{s}`: a size must be positive"));
+    }
+    Ok((n * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_as_people_write_them() {
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("-1G").is_err());
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+        assert_eq!(bytes(3 << 29), "1.5 GiB");
+    }
+}
