@@ -101,9 +101,54 @@ fn dataset_adapter_merged_and_gen() {
     assert!(imatrix.values().all(|w| w.iter().all(|v| v.is_finite() && *v >= 0.0)));
     let log = ws.read(".forge-cache/logs-v1/tiny--gguf--q4_k_m.log");
     assert!(log.contains("quantized with the importance matrix"), "{log}");
+    // The benchmarked file itself, on forge's runtime; a level the target does not build is a
+    // usage error naming it.
+    let r = ws.run(&["gen", "tiny", "--gguf", "q8_0", "--input", "Target: Maud. Intel: fears geese.", "--json"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let q8: Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    assert!(q8["tokens"].as_u64().unwrap() > 0 && q8["output"].is_string(), "{q8}");
+    let r = ws.run(&["gen", "tiny", "--gguf", "q5_1", "--input", "x"]);
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(r.stderr().contains("tiny:gguf:q5_1"), "{r:?}");
     let r = ws.run(&["inspect", ws.file("forge.kdl").to_str().unwrap()]);
     assert_eq!(r.code(), 1);
     assert!(r.stderr().contains("not a GGUF file"), "{r:?}");
+
+    // What a game ships: every level and the adapter on its base, checksummed and described.
+    let export = ws.path().join("ship");
+    let r = ws.run(&["export", "tiny", "--to", export.to_str().unwrap()]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let models = json_file(export.join("models.json"));
+    let entries = models["models"].as_array().unwrap();
+    let levels: Vec<&str> = entries.iter().map(|m| m["level"].as_str().unwrap()).collect();
+    assert_eq!(levels, ["f16", "q8_0", "q4_k_m", "adapter"]);
+    for m in entries {
+        let file = export.join(m["file"].as_str().unwrap());
+        assert_eq!(forge_stages::fetch::sha256_file(&file).unwrap(), m["sha256"].as_str().unwrap(), "{m}");
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), m["bytes"].as_u64().unwrap());
+        assert_eq!(m["architecture"], "llama");
+        assert!(m["context"].as_u64().unwrap() > 0 && !m["stop"].as_array().unwrap().is_empty(), "{m}");
+        assert!(m["sampling"]["temperature"].is_number(), "{m}");
+        let modelfile =
+            std::fs::read_to_string(export.join("ollama").join(m["name"].as_str().unwrap()).join("Modelfile")).unwrap();
+        assert!(modelfile.contains(&format!("FROM ../../{}", m["file"].as_str().unwrap())), "{modelfile}");
+        assert!(modelfile.contains("PARAMETER stop ") && modelfile.contains("TEMPLATE \"\"\""), "{modelfile}");
+        assert_eq!(
+            modelfile.contains("ADAPTER ../../models/tiny-adapter.gguf"),
+            m["level"] == "adapter",
+            "{modelfile}"
+        );
+    }
+    let server = json_file(export.join("llama-server.json"));
+    let aliases: Vec<&str> =
+        server["models"].as_array().unwrap().iter().map(|m| m["model_alias"].as_str().unwrap()).collect();
+    assert_eq!(aliases, ["tiny-f16", "tiny-q8_0", "tiny-q4_k_m", "tiny-adapter"]);
+    assert_eq!(server["models"][3]["lora_path"], "models/tiny-adapter.gguf");
+    let again = ws.run(&["export", "tiny", "--to", export.to_str().unwrap()]);
+    assert_eq!(again.code(), 2, "an existing export is replaced only with --force: {again:?}");
+    let r = ws.run(&["export", "tiny", "--level", "q8_0", "--force", "--to", export.to_str().unwrap()]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert_eq!(json_file(export.join("models.json"))["models"].as_array().unwrap().len(), 2, "q8_0 and the adapter");
 
     let (_, ev) = ws.build_json(&[]);
     assert!(with_event(&ev, "start").is_empty(), "a second build is a no-op");

@@ -75,6 +75,24 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Serve the built models over HTTP: OpenAI's chat API, and `/list`, `/chat/NPC`, `/preload/NPC`.
     Serve(ServeArgs),
+    /// Write what a game ships: the GGUF files, models.json, Ollama Modelfiles, a llama.cpp server config.
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Model targets to export.
+    #[arg(required = true)]
+    pub targets: Vec<String>,
+    /// The directory to write (created; replaced only with --force).
+    #[arg(long)]
+    pub to: std::path::PathBuf,
+    /// Levels to export (default: every level each target quantizes to).
+    #[arg(long)]
+    pub level: Vec<String>,
+    /// Replace DIR if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -130,6 +148,10 @@ pub struct GenArgs {
     pub target: String,
     #[arg(long, value_enum, default_value = "merged")]
     pub stage: GenStage,
+    /// Generate with the quantized file `TARGET:gguf:LEVEL` instead (forge's runtime, the file
+    /// the benchmark measured), e.g. `--gguf q4_0`.
+    #[arg(long, value_name = "LEVEL", conflicts_with = "stage")]
+    pub gguf: Option<String>,
     /// The student's input: a file (text, a JSON sample, or JSON lines of samples: one answer
     /// each), `-` for stdin, or the text itself; JSON objects give their `input` field.
     #[arg(long)]

@@ -43,7 +43,64 @@ fn inputs(arg: &str, limit: usize) -> Result<Vec<String>, Failure> {
     Ok(vec![text])
 }
 
+/// One answer and what it cost.
+struct Answer {
+    text: String,
+    prompt_tokens: usize,
+    tokens: usize,
+    seconds: f64,
+}
+
+fn report(out: &Output, a: &GenArgs, input: &str, answer: &Answer, load_s: f64) {
+    if a.json {
+        crate::outln!(
+            "{}",
+            json!({
+                "input": input, "output": answer.text, "prompt_tokens": answer.prompt_tokens,
+                "tokens": answer.tokens, "seconds": answer.seconds, "load_seconds": load_s,
+            })
+        );
+    } else {
+        crate::outln!("{}", answer.text.trim_end());
+        if !out.quiet {
+            eprintln!(
+                "({} prompt tokens, {} generated in {:.2}s)",
+                answer.prompt_tokens, answer.tokens, answer.seconds
+            );
+        }
+    }
+}
+
+fn sampling(a: &GenArgs, i: usize) -> Sampling {
+    Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed.wrapping_add(i as u64),
+        max_tokens: a.max_tokens,
+    }
+}
+
+/// `forge gen --gguf LEVEL`: the quantized file, on forge's runtime.
+fn generate_gguf(g: &Global, out: &Output, a: &GenArgs, level: &str) -> Result<(), Failure> {
+    let ws = load(g, out, a.json)?;
+    let level = forge_manifest::QuantLevel::parse(level)
+        .ok_or_else(|| Failure::Usage(format!("--gguf {level}: not a level forge writes (q4_0, q8_0, f16, ...)")))?;
+    let dir = fresh_artifact_dir(&ws, out, &format!("{}:gguf:{level}", a.target))?;
+    let model = forge_infer::QModel::load(&dir.join("model.gguf")).map_err(|e| Failure::Internal(e.to_string()))?;
+    for (i, input) in inputs(&a.input, a.limit)?.into_iter().enumerate() {
+        let g = model.generate(&input, &sampling(a, i)).map_err(|e| Failure::Internal(e.to_string()))?;
+        let answer =
+            Answer { text: g.text, prompt_tokens: g.prompt_tokens, tokens: g.tokens, seconds: g.prompt_s + g.decode_s };
+        report(out, a, &input, &answer, model.load_s);
+    }
+    Ok(())
+}
+
 pub fn generate(g: &Global, out: &Output, a: GenArgs) -> Result<(), Failure> {
+    if let Some(level) = &a.gguf {
+        return generate_gguf(g, out, &a, level);
+    }
     let ws = load(g, out, a.json)?;
     let stage = match a.stage {
         GenStage::Merged => "merged",
@@ -79,31 +136,12 @@ pub fn generate(g: &Global, out: &Output, a: GenArgs) -> Result<(), Failure> {
     for (i, input) in inputs(&a.input, a.limit)?.into_iter().enumerate() {
         let prompt = tok.prompt(None, &input).map_err(|e| Failure::Internal(e.to_string()))?;
         let ids = tok.encode_prompt(&prompt).map_err(|e| Failure::Internal(e.to_string()))?;
-        let s = Sampling {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            top_k: a.top_k,
-            seed: a.seed.wrapping_add(i as u64),
-            max_tokens: a.max_tokens,
-        };
         let t = Instant::now();
-        let tokens = sample_tokens(&model, &ids, &stop, &s).map_err(|e| Failure::Internal(e.to_string()))?;
-        let secs = t.elapsed().as_secs_f64();
+        let tokens =
+            sample_tokens(&model, &ids, &stop, &sampling(&a, i)).map_err(|e| Failure::Internal(e.to_string()))?;
+        let seconds = t.elapsed().as_secs_f64();
         let text = tok.decode(&tokens).map_err(|e| Failure::Internal(e.to_string()))?;
-        if a.json {
-            crate::outln!(
-                "{}",
-                json!({
-                    "input": input, "output": text, "prompt_tokens": ids.len(), "tokens": tokens.len(),
-                    "seconds": secs, "load_seconds": load_s,
-                })
-            );
-        } else {
-            crate::outln!("{}", text.trim_end());
-            if !out.quiet {
-                eprintln!("({} prompt tokens, {} generated in {:.2}s)", ids.len(), tokens.len(), secs);
-            }
-        }
+        report(out, &a, &input, &Answer { text, prompt_tokens: ids.len(), tokens: tokens.len(), seconds }, load_s);
     }
     Ok(())
 }

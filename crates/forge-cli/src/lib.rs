@@ -4,6 +4,7 @@
 mod args;
 mod commands;
 mod data;
+mod export;
 mod generate;
 mod inspect;
 mod output;
@@ -75,6 +76,7 @@ pub fn run() -> i32 {
         Command::Data(c) => data::data(&cli.global, &out, c),
         Command::Gen(a) => generate::generate(&cli.global, &out, a),
         Command::Serve(a) => serve::serve(&cli.global, &out, a),
+        Command::Export(a) => export::export(&cli.global, &out, a),
         Command::Inspect(a) => inspect::inspect(&out, a),
     };
     match result {

@@ -8,6 +8,29 @@ use crate::args::{Global, ServeArgs};
 use crate::commands::{fresh_artifact_dir, load};
 use crate::output::Output;
 
+/// The target's NPC: its file, its benchmark's sampling, its recipe's judge.
+fn npc(ws: &forge_plan::Workspace, name: &str, file: std::path::PathBuf) -> Result<Npc, Failure> {
+    let mut npc = Npc::new(name, file);
+    let target = ws.manifest.targets.iter().find(|t| t.name.value == name).and_then(|t| t.model.as_ref());
+    if let Some(b) = target.and_then(|m| m.benchmark.as_ref()) {
+        npc.defaults = forge_serve::Defaults {
+            temperature: b.temperature,
+            top_p: b.top_p,
+            top_k: b.top_k.map(|k| k as usize),
+            max_tokens: Some(b.max_tokens as usize),
+            attempts: b.attempts.max(1) as usize,
+        };
+    }
+    let recipe = target.and_then(|m| m.recipe.as_ref()).and_then(|r| ws.manifest.recipes.get(&r.value));
+    if let Some(r) = recipe.filter(|r| !r.judge.is_empty()) {
+        // `llm` criteria need a judge model: the server grades with the verifiers alone.
+        let judge = forge_bench::judge::Judge::new(&r.judge, &ws.root, true)
+            .map_err(|e| Failure::Usage(format!("`{name}`'s judge: {e}")))?;
+        npc.judge = Some(std::sync::Arc::new(judge));
+    }
+    Ok(npc)
+}
+
 pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
     let ws = load(g, out, false)?;
     let level = QuantLevel::parse(&a.level).ok_or_else(|| {
@@ -38,7 +61,7 @@ pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
     let mut npcs = Vec::new();
     for t in &targets {
         let dir = fresh_artifact_dir(&ws, out, &format!("{t}:gguf:{level}"))?;
-        npcs.push(Npc { name: t.clone(), file: dir.join("model.gguf"), system: None });
+        npcs.push(npc(&ws, t, dir.join("model.gguf"))?);
     }
     let memory = forge_serve::parse_bytes(&a.memory).map_err(|e| Failure::Usage(format!("--memory: {e}")))?;
     let api_key = match &a.api_key_env {

@@ -1,5 +1,6 @@
 //! The HTTP surface: routes, request checks, OpenAI's wire format, and errors in its shape.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -237,6 +238,19 @@ struct Knobs {
     stop: Option<Stop>,
 }
 
+/// forge's own request fields: retry-until-success (DefameLM §4.2) with the NPC's verifiers.
+#[derive(Deserialize, Default)]
+struct ForgeExt {
+    /// Grade each answer with the target's verifiers and retry with the next seed until one
+    /// passes or `max_attempts` are spent.
+    #[serde(default)]
+    verify: bool,
+    max_attempts: Option<i64>,
+    /// The recipe node values `contains` criteria look for (e.g. `{"target": "the Baron"}`).
+    #[serde(default)]
+    values: BTreeMap<String, Value>,
+}
+
 #[derive(Deserialize)]
 struct ChatRequest {
     model: String,
@@ -244,6 +258,8 @@ struct ChatRequest {
     #[serde(default)]
     stream: bool,
     n: Option<i64>,
+    #[serde(default)]
+    forge: Option<ForgeExt>,
     #[serde(flatten)]
     knobs: Knobs,
 }
@@ -255,6 +271,8 @@ struct NpcRequest {
     #[serde(default)]
     history: Vec<MessageIn>,
     system: Option<String>,
+    #[serde(default)]
+    forge: Option<ForgeExt>,
     #[serde(flatten)]
     knobs: Knobs,
 }
@@ -308,26 +326,27 @@ fn messages(items: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
 }
 
 /// The request's sampling, checked, and its stop strings.
-fn sampling(k: &Knobs, config: &Config, room: usize) -> Result<(Sampling, Vec<String>), ApiError> {
-    let temperature = k.temperature.unwrap_or(1.0);
+fn sampling(k: &Knobs, d: &crate::Defaults, config: &Config, room: usize) -> Result<(Sampling, Vec<String>), ApiError> {
+    let temperature = k.temperature.unwrap_or(d.temperature);
     if !(0.0..=2.0).contains(&temperature) || !temperature.is_finite() {
         return Err(ApiError::invalid(
             "temperature",
             format!("temperature must be between 0 and 2, not {temperature}"),
         ));
     }
-    let top_p = k.top_p.unwrap_or(1.0);
+    let top_p = k.top_p.unwrap_or(d.top_p);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid("top_p", format!("top_p must be in (0, 1], not {top_p}")));
     }
     let top_k = match k.top_k {
-        None | Some(0) => None,
+        None => d.top_k,
+        Some(0) => None,
         Some(n) if n > 0 => Some(n as usize),
         Some(n) => return Err(ApiError::invalid("top_k", format!("top_k must be positive, not {n}"))),
     };
     let cap = config.max_tokens.min(room);
     let max_tokens = match k.max_completion_tokens.or(k.max_tokens) {
-        None => cap,
+        None => d.max_tokens.unwrap_or(cap).min(cap),
         Some(n) if n >= 1 && n as u64 <= config.max_tokens as u64 => (n as usize).min(room),
         Some(n) => {
             return Err(ApiError::invalid(
@@ -349,13 +368,15 @@ fn sampling(k: &Knobs, config: &Config, room: usize) -> Result<(Sampling, Vec<St
     Ok((Sampling { temperature, top_p, top_k, seed: k.seed.unwrap_or(0), max_tokens }, stops))
 }
 
-/// Renders the conversation in the model's chat format and queues it.
-fn submit(
-    st: &State,
-    model: &Loaded,
-    mut conversation: Vec<ChatMessage>,
-    knobs: &Knobs,
-) -> Result<(Receiver<Event>, usize), ApiError> {
+/// A conversation in the model's chat format: its text and token ids.
+struct Prompt {
+    text: String,
+    ids: Vec<u32>,
+    /// The last user message: what a verifier calls the input.
+    input: String,
+}
+
+fn prepare(model: &Loaded, mut conversation: Vec<ChatMessage>) -> Result<Prompt, ApiError> {
     if conversation.is_empty() {
         return Err(ApiError::invalid("messages", "the conversation has no messages"));
     }
@@ -364,24 +385,34 @@ fn submit(
     {
         conversation.insert(0, ChatMessage::new("system", system));
     }
+    let input = conversation.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
     let tok = &model.worker.model.tokenizer;
     let text = tok.render_chat(&conversation, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let prompt = tok.encode_prompt(&text).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let ids = tok.encode_prompt(&text).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let context = model.worker.model.cfg.max_positions;
-    let room = context.saturating_sub(prompt.len());
-    if room == 0 {
+    if ids.len() >= context {
         return Err(ApiError {
             code: Some("context_length_exceeded"),
             ..ApiError::invalid(
                 "messages",
-                format!("the conversation is {} tokens; the model's context is {context}", prompt.len()),
+                format!("the conversation is {} tokens; the model's context is {context}", ids.len()),
             )
         });
     }
-    let (sampling, stops) = sampling(knobs, &st.config, room)?;
+    Ok(Prompt { text, ids, input })
+}
+
+/// Queues one generation of `prompt`.
+fn queue(
+    st: &State,
+    model: &Loaded,
+    prompt: &Prompt,
+    sampling: Sampling,
+    stops: Vec<String>,
+) -> Result<Receiver<Event>, ApiError> {
     let (tx, rx) = channel(EVENTS);
-    let prompt_tokens = prompt.len();
-    model.worker.submit(Job { prompt, sampling, stops, events: tx }).map_err(|_| {
+    let job = Job { prompt: prompt.ids.clone(), sampling, stops, events: tx };
+    model.worker.submit(job).map_err(|_| {
         st.metrics.rejected();
         ApiError {
             retry_after: Some(1),
@@ -396,23 +427,120 @@ fn submit(
             )
         }
     })?;
-    Ok((rx, prompt_tokens))
+    Ok(rx)
+}
+
+/// A whole answer.
+struct Answer {
+    text: String,
+    finish: Finish,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    /// Retry-until-success: per attempt, the criteria that failed (empty: it passed).
+    attempts: Option<Vec<Vec<String>>>,
+}
+
+impl Answer {
+    /// forge's report of the attempts, for the response.
+    fn report(&self) -> Option<Value> {
+        self.attempts.as_ref().map(|a| {
+            json!({
+                "attempts": a.len(),
+                "passed": a.last().is_some_and(Vec::is_empty),
+                "failed": a.iter().map(|f| json!(f)).collect::<Vec<_>>(),
+            })
+        })
+    }
 }
 
 /// Collects a whole answer.
-async fn collect(st: &State, mut rx: Receiver<Event>) -> Result<(String, Finish, usize, usize), ApiError> {
+async fn collect(st: &State, mut rx: Receiver<Event>) -> Result<Answer, ApiError> {
     let mut text = String::new();
     while let Some(e) = rx.recv().await {
         match e {
             Event::Text(t) => text.push_str(&t),
             Event::Done { finish, prompt_tokens, completion_tokens } => {
                 st.metrics.tokens(prompt_tokens, completion_tokens);
-                return Ok((text, finish, prompt_tokens, completion_tokens));
+                return Ok(Answer { text, finish, prompt_tokens, completion_tokens, attempts: None });
             }
             Event::Error(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e, "server_error")),
         }
     }
     Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the model stopped before answering", "server_error"))
+}
+
+/// The attempts a request asked for, checked against the NPC (which must have verifiers).
+fn attempts(model: &Loaded, ext: Option<&ForgeExt>) -> Result<Option<usize>, ApiError> {
+    let Some(ext) = ext.filter(|e| e.verify || e.max_attempts.is_some()) else { return Ok(None) };
+    if model.npc.judge.is_none() {
+        return Err(ApiError::invalid(
+            "forge.verify",
+            format!("`{}` has no verifiers to grade answers with", model.npc.name),
+        ));
+    }
+    match ext.max_attempts {
+        None => Ok(Some(model.npc.defaults.attempts)),
+        Some(n) if (1..=MAX_ATTEMPTS as i64).contains(&n) => Ok(Some(n as usize)),
+        Some(n) => Err(ApiError::invalid(
+            "forge.max_attempts",
+            format!("max_attempts must be between 1 and {MAX_ATTEMPTS}, not {n}"),
+        )),
+    }
+}
+
+/// The most attempts one request may ask for.
+const MAX_ATTEMPTS: usize = 32;
+
+/// Generates an answer, or with `forge.verify` retries with the next seed until one passes
+/// the NPC's verifiers or the attempts are spent (then the last answer, marked failed).
+async fn answer(
+    st: &State,
+    model: &Loaded,
+    conversation: Vec<ChatMessage>,
+    knobs: &Knobs,
+    ext: Option<&ForgeExt>,
+) -> Result<Answer, ApiError> {
+    let prompt = prepare(model, conversation)?;
+    let room = model.worker.model.cfg.max_positions - prompt.ids.len();
+    let (sampling, stops) = sampling(knobs, &model.npc.defaults, &st.config, room)?;
+    let Some(tries) = attempts(model, ext)? else {
+        return collect(st, queue(st, model, &prompt, sampling, stops)?).await;
+    };
+    let judge = model.npc.judge.clone().expect("checked by attempts()");
+    let values = Arc::new(ext.map(|e| e.values.clone()).unwrap_or_default());
+    let prompt = Arc::new(prompt);
+    let mut failures = Vec::new();
+    loop {
+        let seed = sampling.seed.wrapping_add(failures.len() as u64);
+        let rx = queue(st, model, &prompt, Sampling { seed, ..sampling.clone() }, stops.clone())?;
+        let mut a = collect(st, rx).await?;
+        let (judge, values, prompt, output) = (judge.clone(), values.clone(), prompt.clone(), a.text.clone());
+        let failed = tokio::task::spawn_blocking(move || {
+            let subject = forge_bench::judge::Subject {
+                input: &prompt.input,
+                prompt: &prompt.text,
+                output: &output,
+                values: &values,
+            };
+            let grades = judge.grade_verifiers(&subject);
+            judge
+                .names()
+                .iter()
+                .zip(grades)
+                .filter(|(_, g)| g.as_ref().is_some_and(|o| !o.pass))
+                .map(|(n, _)| n.clone())
+                .collect::<Vec<String>>()
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("grading: {e}"), "server_error"))?;
+        let passed = failed.is_empty();
+        failures.push(failed);
+        st.metrics.attempt(passed);
+        if passed || failures.len() >= tries {
+            a.attempts = Some(failures);
+            return Ok(a);
+        }
+    }
 }
 
 fn now() -> u64 {
@@ -429,40 +557,63 @@ async fn chat_completions(
     }
     let conversation = messages(req.messages)?;
     let model = st.registry.get(&req.model).await?;
-    let (rx, _) = submit(&st, &model, conversation, &req.knobs)?;
     let id = format!("chatcmpl-{}", st.next_id.fetch_add(1, Ordering::Relaxed));
     let created = now();
-    if !req.stream {
-        let (text, finish, prompt_tokens, completion_tokens) = collect(&st, rx).await?;
-        return Ok(axum::Json(json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": req.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish.as_str(),
-                "logprobs": null,
-            }],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }))
-        .into_response());
-    }
+    let name = req.model.clone();
     let chunk = move |delta: Value, finish: Option<&str>| {
         json!({
             "id": id,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": req.model,
+            "model": name,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
         })
     };
-    Ok(Sse::new(sse(st.clone(), rx, chunk)).keep_alive(KeepAlive::default()).into_response())
+    let verified = attempts(&model, req.forge.as_ref())?.is_some();
+    if req.stream && !verified {
+        let prompt = prepare(&model, conversation)?;
+        let room = model.worker.model.cfg.max_positions - prompt.ids.len();
+        let (sampling, stops) = sampling(&req.knobs, &model.npc.defaults, &st.config, room)?;
+        let rx = queue(&st, &model, &prompt, sampling, stops)?;
+        return Ok(Sse::new(sse(st.clone(), rx, chunk)).keep_alive(KeepAlive::default()).into_response());
+    }
+    let a = answer(&st, &model, conversation, &req.knobs, req.forge.as_ref()).await?;
+    if req.stream {
+        // Verified answers stream once they pass: the role, the text, the finish and the report.
+        let mut last = chunk(json!({}), Some(a.finish.as_str()));
+        if let Some(r) = a.report() {
+            last["forge"] = r;
+        }
+        let events = vec![
+            chunk(json!({"role": "assistant", "content": ""}), None).to_string(),
+            chunk(json!({"content": a.text}), None).to_string(),
+            last.to_string(),
+            "[DONE]".to_string(),
+        ];
+        let s = stream::iter(events.into_iter().map(|e| Ok::<_, Infallible>(SseEvent::default().data(e))));
+        return Ok(Sse::new(s).into_response());
+    }
+    let mut body = json!({
+        "id": chunk(json!({}), None)["id"],
+        "object": "chat.completion",
+        "created": created,
+        "model": req.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": a.text},
+            "finish_reason": a.finish.as_str(),
+            "logprobs": null,
+        }],
+        "usage": {
+            "prompt_tokens": a.prompt_tokens,
+            "completion_tokens": a.completion_tokens,
+            "total_tokens": a.prompt_tokens + a.completion_tokens,
+        },
+    });
+    if let Some(r) = a.report() {
+        body["forge"] = r;
+    }
+    Ok(axum::Json(body).into_response())
 }
 
 /// The answer as OpenAI's stream of chunks: the role, the text as it comes, the finish reason,
@@ -521,13 +672,15 @@ async fn chat_npc(
     conversation.extend(messages(req.history)?);
     conversation.push(ChatMessage::new("user", &req.message));
     let model = st.registry.get(&npc).await?;
-    let (rx, _) = submit(&st, &model, conversation, &req.knobs)?;
-    let (text, finish, prompt_tokens, completion_tokens) = collect(&st, rx).await?;
-    Ok(axum::Json(json!({
+    let a = answer(&st, &model, conversation, &req.knobs, req.forge.as_ref()).await?;
+    let mut body = json!({
         "npc": npc,
-        "reply": text,
-        "finish_reason": finish.as_str(),
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-    }))
-    .into_response())
+        "reply": a.text,
+        "finish_reason": a.finish.as_str(),
+        "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens},
+    });
+    if let Some(r) = a.report() {
+        body["forge"] = r;
+    }
+    Ok(axum::Json(body).into_response())
 }

@@ -20,7 +20,7 @@ pub mod worker;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use registry::{Npc, Registry};
+pub use registry::{Defaults, Npc, Registry};
 
 /// How a server runs.
 #[derive(Clone, Debug)]

@@ -22,6 +22,8 @@ pub struct Metrics {
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     rejected: AtomicU64,
+    attempts_passed: AtomicU64,
+    attempts_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -39,6 +41,12 @@ impl Metrics {
     pub fn tokens(&self, prompt: usize, completion: usize) {
         self.prompt_tokens.fetch_add(prompt as u64, Ordering::Relaxed);
         self.completion_tokens.fetch_add(completion as u64, Ordering::Relaxed);
+    }
+
+    /// One graded attempt of retry-until-success.
+    pub fn attempt(&self, passed: bool) {
+        let c = if passed { &self.attempts_passed } else { &self.attempts_failed };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request turned away because its model's queue was full.
@@ -87,6 +95,10 @@ impl Metrics {
             "Requests turned away with 503: queue full.",
             self.rejected.load(Ordering::Relaxed),
         );
+        family(&mut s, "forge_verified_attempts_total", "counter", "Answers graded by retry-until-success.");
+        for (result, c) in [("pass", &self.attempts_passed), ("fail", &self.attempts_failed)] {
+            let _ = writeln!(s, "forge_verified_attempts_total{{result=\"{result}\"}} {}", c.load(Ordering::Relaxed));
+        }
         let c = registry.counts();
         counter(&mut s, "forge_model_loads_total", "Models loaded.", c.loads);
         counter(&mut s, "forge_model_load_failures_total", "Model loads that failed.", c.failed_loads);

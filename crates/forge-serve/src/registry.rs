@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::worker::Worker;
 
 /// A model the server can run: an NPC's GGUF file and how to talk to it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Npc {
     /// The name clients use (`/chat/{npc}`, the OpenAI `model` field).
     pub name: String,
@@ -26,6 +26,42 @@ pub struct Npc {
     pub file: PathBuf,
     /// A system message put before every conversation that has none.
     pub system: Option<String>,
+    /// Sampling for requests that do not say (the target's benchmark settings).
+    pub defaults: Defaults,
+    /// The target's recipe judge (its verifiers and command verifiers), for requests that ask
+    /// to retry until an answer passes.
+    pub judge: Option<Arc<forge_bench::judge::Judge>>,
+}
+
+impl std::fmt::Debug for Npc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Npc").field("name", &self.name).field("file", &self.file).finish_non_exhaustive()
+    }
+}
+
+/// Sampling defaults of an NPC.
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: Option<usize>,
+    pub max_tokens: Option<usize>,
+    /// Attempts for retry-until-success when a request asks for it without a number.
+    pub attempts: usize,
+}
+
+impl Default for Defaults {
+    /// OpenAI's: temperature 1, no truncation.
+    fn default() -> Self {
+        Defaults { temperature: 1.0, top_p: 1.0, top_k: None, max_tokens: None, attempts: 4 }
+    }
+}
+
+impl Npc {
+    /// An NPC with OpenAI's sampling defaults and no judge.
+    pub fn new(name: &str, file: PathBuf) -> Npc {
+        Npc { name: name.to_string(), file, system: None, defaults: Defaults::default(), judge: None }
+    }
 }
 
 /// A resident model and its decoding thread.

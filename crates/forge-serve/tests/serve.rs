@@ -23,7 +23,7 @@ fn npc(dir: &Path, name: &str, seed: u64) -> Npc {
     let model = Llama::random(ModelConfig::scratch(&shape, &tok), seed, &Device::Cpu).unwrap();
     let file = dir.join(format!("{name}.gguf"));
     forge_gguf::convert::write_model(&file, &model, &tok, QuantLevel::Q8_0, name, Default::default()).unwrap();
-    Npc { name: name.to_string(), file, system: None }
+    Npc::new(name, file)
 }
 
 struct Server {
@@ -35,6 +35,13 @@ struct Server {
 
 fn start(dir: &Path, names: &[&str], config: impl FnOnce(u64) -> Config) -> Server {
     let npcs: Vec<Npc> = names.iter().enumerate().map(|(i, n)| npc(dir, n, i as u64 + 1)).collect();
+    start_with(npcs, config)
+}
+
+fn start_with(npcs: Vec<Npc>, config: impl FnOnce(u64) -> Config) -> Server {
+    // reqwest's rustls backend (enabled in this workspace by the teacher client) needs a
+    // process-wide crypto provider, even for plain HTTP.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let one = QModel::load(&npcs[0].file).unwrap().bytes() as u64;
     let config = config(one);
     let files = npcs.iter().map(|n| n.file.clone()).collect();
@@ -320,4 +327,72 @@ fn an_api_key_is_required_when_the_server_has_one() {
             .status()
     });
     assert_eq!(ok, 200);
+}
+
+/// Retry-until-success: the server grades each answer with the NPC's verifiers and retries with
+/// the next seed until one passes; it returns only a passing answer (the very answer that seed
+/// gives), the number of attempts and what failed in each; when the attempts run out it says so.
+#[test]
+fn retry_until_success_returns_a_passing_answer_and_its_attempts() {
+    use forge_bench::judge::{Judge, Subject};
+    use forge_manifest::{Check, Criterion, Span, Spanned};
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = npc(dir.path(), "a", 1);
+    // The answers of seeds 0.. straight from the decoder.
+    let q = QModel::load(&a.file).unwrap();
+    let prompt = q.tokenizer.render_chat(&[ChatMessage::new("user", "Speak.")], true).unwrap();
+    let ids = q.tokenizer.encode_prompt(&prompt).unwrap();
+    let p = q.prefill(&ids, 12).unwrap();
+    let answers: Vec<String> = (0..16)
+        .map(|seed| {
+            let s = forge_infer::Sampling { temperature: 1.0, top_p: 1.0, top_k: None, seed, max_tokens: 12 };
+            q.generate_after(&p, &s).unwrap().text
+        })
+        .collect();
+    // A length limit that seed 0's answer breaks and a later one keeps.
+    let judge_for = |max: u32| {
+        let c = Criterion { name: Spanned::new("short".into(), Span::UNKNOWN), check: Check::MaxChars { max } };
+        Judge::new(&[c], dir.path(), true).unwrap()
+    };
+    let values = Default::default();
+    let passes = |j: &Judge, out: &str| {
+        let subject = Subject { input: "Speak.", prompt: &prompt, output: out, values: &values };
+        j.grade_verifiers(&subject).into_iter().all(|g| g.is_none_or(|o| o.pass))
+    };
+    let (max, first) = (1..200)
+        .find_map(|max| {
+            let j = judge_for(max);
+            let pass: Vec<bool> = answers.iter().map(|t| passes(&j, t)).collect();
+            (!pass[0]).then(|| pass.iter().position(|p| *p)).flatten().map(|f| (max, f))
+        })
+        .expect("some seed's answer is shorter than seed 0's");
+    a.judge = Some(std::sync::Arc::new(judge_for(max)));
+    let s = start_with(vec![a, npc(dir.path(), "plain", 2)], |_| Config::default());
+    let ask = |attempts: u64| {
+        let body = json!({
+            "model": "a", "messages": [{"role": "user", "content": "Speak."}],
+            "temperature": 1.0, "max_tokens": 12, "seed": 0,
+            "forge": {"verify": true, "max_attempts": attempts},
+        });
+        s.post("/v1/chat/completions", body)
+    };
+    let (status, v, _) = ask(16);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["forge"]["passed"], true, "{v}");
+    assert_eq!(v["forge"]["attempts"], first + 1, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], answers[first].as_str());
+    let failed = v["forge"]["failed"].as_array().unwrap();
+    assert!(failed[..first].iter().all(|f| f == &json!(["short"])) && failed[first] == json!([]), "{v}");
+
+    let (status, v, _) = ask(1);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["forge"], json!({"attempts": 1, "passed": false, "failed": [["short"]]}));
+
+    let (status, v, _) = s.post("/chat/plain", json!({"message": "Speak.", "forge": {"verify": true}}));
+    assert_eq!(status, 400, "an NPC without verifiers cannot verify: {v}");
+    assert!(is_openai_error(&v));
+    let (status, v, _) = ask(1000);
+    assert_eq!(status, 400, "{v}");
+    let (_, metrics) = s.get("/metrics");
+    assert!(metrics.contains("forge_verified_attempts_total{result=\"pass\"} 1"), "{metrics}");
 }

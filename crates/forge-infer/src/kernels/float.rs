@@ -173,7 +173,8 @@ unsafe fn tiles<const BF: bool>(
     unsafe {
         let mut r = rows.start;
         if m > 1 {
-            // Each quad of rows widened to f32 once (exactly), then multiplied by every input.
+            // Each quad of rows widened to f32 once (exactly), then multiplied by every input,
+            // 3 at a time. (16-lane tiles and inputs blocked for L1 measured no faster.)
             let mut wide = vec![0f32; 4 * k];
             let ty = if BF { Half::BF16 } else { Half::F16 };
             while r + 4 <= rows.end {
