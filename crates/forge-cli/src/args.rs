@@ -99,6 +99,10 @@ pub struct ExportArgs {
 pub struct ServeArgs {
     /// Model targets to serve (default: every target with a GGUF at `--level`).
     pub targets: Vec<String>,
+    /// Serve a GGUF file under a name instead (repeatable; no workspace needed), e.g.
+    /// `--model guard=exported/models/guard-q4_0.gguf`.
+    #[arg(long, value_name = "NAME=FILE")]
+    pub model: Vec<String>,
     /// Where to listen (loopback by default).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: String,

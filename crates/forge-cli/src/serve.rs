@@ -31,7 +31,34 @@ fn npc(ws: &forge_plan::Workspace, name: &str, file: std::path::PathBuf) -> Resu
     Ok(npc)
 }
 
+/// `--model NAME=FILE`s: GGUF files served as they are.
+fn files(a: &ServeArgs) -> Result<Vec<Npc>, Failure> {
+    let mut npcs: Vec<Npc> = Vec::new();
+    for m in &a.model {
+        let (name, file) = m.split_once('=').ok_or_else(|| Failure::Usage(format!("--model {m}: expected NAME=FILE")))?;
+        let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !valid {
+            return Err(Failure::Usage(format!("--model {m}: a name is letters, digits, `-`, `_` and `.`")));
+        }
+        if npcs.iter().any(|n| n.name == name) {
+            return Err(Failure::Usage(format!("--model {m}: `{name}` is named twice")));
+        }
+        let file = std::path::PathBuf::from(file);
+        forge_gguf::Gguf::open(&file).map_err(|e| Failure::Usage(format!("--model {m}: {e}")))?;
+        npcs.push(Npc::new(name, file));
+    }
+    Ok(npcs)
+}
+
 pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
+    if !a.model.is_empty() {
+        if !a.targets.is_empty() {
+            return Err(Failure::Usage("name targets or --model files, not both".into()));
+        }
+        let npcs = files(&a)?;
+        let names: Vec<String> = npcs.iter().map(|n| n.name.clone()).collect();
+        return run(&a, npcs, &names.join(", "));
+    }
     let ws = load(g, out, false)?;
     let level = QuantLevel::parse(&a.level).ok_or_else(|| {
         Failure::Usage(format!("--level {}: not a level forge writes (q4_0, q8_0, f16, ...)", a.level))
@@ -63,6 +90,11 @@ pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
         let dir = fresh_artifact_dir(&ws, out, &format!("{t}:gguf:{level}"))?;
         npcs.push(npc(&ws, t, dir.join("model.gguf"))?);
     }
+    run(&a, npcs, &format!("{} ({level})", targets.join(", ")))
+}
+
+/// Serves `npcs` until Ctrl-C.
+fn run(a: &ServeArgs, npcs: Vec<Npc>, what: &str) -> Result<(), Failure> {
     let memory = forge_serve::parse_bytes(&a.memory).map_err(|e| Failure::Usage(format!("--memory: {e}")))?;
     let api_key = match &a.api_key_env {
         None => None,
@@ -89,9 +121,8 @@ pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure::Usage(format!("listening on {addr}: {e}")))?;
         eprintln!(
-            "forge serve: http://{} — {} ({level}), up to {} resident; Ctrl-C stops",
+            "forge serve: http://{} — {what}, up to {} resident; Ctrl-C stops",
             listener.local_addr().map_or(addr, |a| a),
-            targets.join(", "),
             forge_serve::bytes(memory)
         );
         let shutdown = async {

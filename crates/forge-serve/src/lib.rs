@@ -52,10 +52,22 @@ pub async fn serve(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    return_freed_memory();
     let state = api::State::new(npcs, config);
     axum::serve(listener, api::router(Arc::new(state)).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Makes glibc return a dropped model's memory to the system: buffers of a megabyte and more
+/// are mapped on their own (glibc's default threshold grows with the first large free, after
+/// which freed weights stay in the heap and the process's memory only ever grows).
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 /// `n` bytes for a person: `1.5 GiB`, `340 MiB`, `12 KiB`.

@@ -4,9 +4,11 @@
 //! over at once; being loaded by another request, it waits for that load alone; absent, it
 //! starts the load itself, off the async threads. A load never holds the lock, so a request for
 //! a resident model never waits on another model's load. When a model arrives, the least
-//! recently used resident ones are dropped until the budget holds (bytes of weights, as
-//! [`QModel::bytes`] counts them); requests already running on a dropped model finish on it,
-//! and its memory goes with the last of them.
+//! recently used idle ones are dropped until the budget holds (bytes of weights, as
+//! [`QModel::bytes`] counts them, and a load reserves its file's size before it starts). A model
+//! that is answering requests is not dropped: when every resident model is busy a load waits
+//! for one to become idle (up to [`LOAD_WAIT`], then the request gets 503), so the models in
+//! memory never exceed the budget.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -85,7 +87,41 @@ enum Slot {
 struct Resident {
     slots: HashMap<String, Slot>,
     clock: u64,
+    /// Bytes reserved by loads in progress.
+    reserved: u64,
 }
+
+impl Resident {
+    /// Bytes of the resident models.
+    fn used(&self) -> u64 {
+        self.slots
+            .values()
+            .map(|s| match s {
+                Slot::Ready { model, .. } => model.bytes,
+                Slot::Loading(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Drops the least recently used model no request holds; false if there is none.
+    fn evict_idle(&mut self) -> bool {
+        let lru = self
+            .slots
+            .iter()
+            .filter_map(|(k, s)| match s {
+                Slot::Ready { model, used } if Arc::strong_count(model) == 1 => Some((*used, k.clone())),
+                _ => None,
+            })
+            .min();
+        match lru {
+            Some((_, victim)) => self.slots.remove(&victim).is_some(),
+            None => false,
+        }
+    }
+}
+
+/// How long a load waits for memory held by busy models before it gives up.
+pub const LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What the registry did, for the metrics.
 #[derive(Clone, Copy, Debug, Default)]
@@ -184,50 +220,12 @@ impl Registry {
 
     fn load(&self, npc: Npc, tx: watch::Sender<Option<Result<Arc<Loaded>, String>>>) {
         let name = npc.name.clone();
-        let loaded = QModel::load(&npc.file).map_err(|e| format!("loading `{name}` ({}): {e}", npc.file.display()));
-        let result = loaded.and_then(|mut model| {
-            model.set_threads(self.threads);
-            let bytes = model.bytes() as u64;
-            if bytes > self.budget {
-                return Err(format!(
-                    "`{name}` needs {} of memory, more than the whole budget of {}",
-                    crate::bytes(bytes),
-                    crate::bytes(self.budget)
-                ));
-            }
-            let architecture = model.architecture();
-            Ok(Arc::new(Loaded { worker: Worker::start(&name, model, self.queue), npc, bytes, architecture }))
-        });
+        let result = self.load_within_budget(npc);
         let mut r = self.resident.lock().expect("resident");
         let mut counts = self.counts.lock().expect("counts");
         match &result {
-            Ok(model) => {
+            Ok((model, _)) => {
                 counts.loads += 1;
-                // Drop the least recently used until the new one fits.
-                loop {
-                    let used: u64 = r
-                        .slots
-                        .values()
-                        .map(|s| match s {
-                            Slot::Ready { model, .. } => model.bytes,
-                            Slot::Loading(_) => 0,
-                        })
-                        .sum();
-                    if used + model.bytes <= self.budget {
-                        break;
-                    }
-                    let lru = r
-                        .slots
-                        .iter()
-                        .filter_map(|(k, s)| match s {
-                            Slot::Ready { used, .. } => Some((*used, k.clone())),
-                            Slot::Loading(_) => None,
-                        })
-                        .min();
-                    let Some((_, victim)) = lru else { break };
-                    r.slots.remove(&victim);
-                    counts.evictions += 1;
-                }
                 r.clock += 1;
                 let now = r.clock;
                 r.slots.insert(name, Slot::Ready { model: model.clone(), used: now });
@@ -237,7 +235,71 @@ impl Registry {
                 r.slots.remove(&name);
             }
         }
+        if let Ok((_, evicted)) = &result {
+            counts.evictions += evicted;
+        }
         drop((r, counts));
-        let _ = tx.send(Some(result));
+        let _ = tx.send(Some(result.map(|(m, _)| m)));
+    }
+
+    /// Makes room (dropping idle models, waiting for busy ones), loads the model, and returns it
+    /// with the number of models dropped for it.
+    fn load_within_budget(&self, npc: Npc) -> Result<(Arc<Loaded>, u64), String> {
+        let name = npc.name.clone();
+        let file = npc.file.display().to_string();
+        let estimate = std::fs::metadata(&npc.file).map_err(|e| format!("loading `{name}` ({file}): {e}"))?.len();
+        if estimate > self.budget {
+            return Err(format!(
+                "`{name}` ({}) is larger than the whole memory budget of {}",
+                crate::bytes(estimate),
+                crate::bytes(self.budget)
+            ));
+        }
+        let mut evicted = 0;
+        // Reserve the file's size, then load.
+        self.make_room(estimate, &mut evicted, &name)?;
+        let loaded = QModel::load(&npc.file).map_err(|e| format!("loading `{name}` ({file}): {e}"));
+        let mut r = self.resident.lock().expect("resident");
+        r.reserved -= estimate;
+        drop(r);
+        let mut model = loaded?;
+        model.set_threads(self.threads);
+        let bytes = model.bytes() as u64;
+        if bytes > self.budget {
+            return Err(format!(
+                "`{name}` needs {} of memory, more than the whole budget of {}",
+                crate::bytes(bytes),
+                crate::bytes(self.budget)
+            ));
+        }
+        // The model may hold more than its file (a tied head laid out for the kernels).
+        self.make_room(bytes, &mut evicted, &name)?;
+        self.resident.lock().expect("resident").reserved -= bytes;
+        let architecture = model.architecture();
+        Ok((Arc::new(Loaded { worker: Worker::start(&name, model, self.queue), npc, bytes, architecture }), evicted))
+    }
+
+    /// Reserves `bytes`, dropping idle models and waiting for busy ones to finish.
+    fn make_room(&self, bytes: u64, evicted: &mut u64, name: &str) -> Result<(), String> {
+        let t0 = std::time::Instant::now();
+        loop {
+            let mut r = self.resident.lock().expect("resident");
+            while r.used() + r.reserved + bytes > self.budget && r.evict_idle() {
+                *evicted += 1;
+            }
+            if r.used() + r.reserved + bytes <= self.budget {
+                r.reserved += bytes;
+                return Ok(());
+            }
+            drop(r);
+            if t0.elapsed() > LOAD_WAIT {
+                return Err(format!(
+                    "no memory for `{name}`: the models in the {} budget stayed busy for {} s",
+                    crate::bytes(self.budget),
+                    LOAD_WAIT.as_secs()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
