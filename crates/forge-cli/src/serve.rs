@@ -35,7 +35,8 @@ fn npc(ws: &forge_plan::Workspace, name: &str, file: std::path::PathBuf) -> Resu
 fn files(a: &ServeArgs) -> Result<Vec<Npc>, Failure> {
     let mut npcs: Vec<Npc> = Vec::new();
     for m in &a.model {
-        let (name, file) = m.split_once('=').ok_or_else(|| Failure::Usage(format!("--model {m}: expected NAME=FILE")))?;
+        let (name, file) =
+            m.split_once('=').ok_or_else(|| Failure::Usage(format!("--model {m}: expected NAME=FILE")))?;
         let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !valid {
             return Err(Failure::Usage(format!("--model {m}: a name is letters, digits, `-`, `_` and `.`")));
