@@ -106,7 +106,8 @@ pub struct ServeArgs {
     /// Where to listen (loopback by default).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: String,
-    /// Which of each target's GGUF files (`TARGET:gguf:LEVEL`).
+    /// Which of each target's GGUF files (`TARGET:gguf:LEVEL`; `adapter`: the LoRA adapter on its
+    /// base, `TARGET:gguf-adapter`, one base in memory for every NPC trained on it).
     #[arg(long, default_value = "q4_0")]
     pub level: String,
     /// Bytes of models resident at once (least recently used dropped first), e.g. 2GiB, 512MiB.

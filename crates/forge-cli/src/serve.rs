@@ -61,12 +61,28 @@ pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
         return run(&a, npcs, &names.join(", "));
     }
     let ws = load(g, out, false)?;
-    let level = QuantLevel::parse(&a.level).ok_or_else(|| {
-        Failure::Usage(format!("--level {}: not a level forge writes (q4_0, q8_0, f16, ...)", a.level))
-    })?;
-    let has_level = |t: &forge_manifest::Target| {
-        t.model.as_ref().and_then(|m| m.quantize.as_ref()).is_some_and(|q| q.levels.iter().any(|l| l.value == level))
+    // `--level adapter`: each target's LoRA adapter GGUF on its base (`TARGET:gguf-adapter`);
+    // NPCs on one base share it in memory.
+    let adapters = a.level == "adapter";
+    let level = match QuantLevel::parse(&a.level) {
+        Some(l) => Some(l),
+        None if adapters => None,
+        None => {
+            return Err(Failure::Usage(format!(
+                "--level {}: not a level forge writes (q4_0, q8_0, f16, ...) or `adapter`",
+                a.level
+            )));
+        }
     };
+    let has_level = |t: &forge_manifest::Target| match level {
+        Some(level) => t
+            .model
+            .as_ref()
+            .and_then(|m| m.quantize.as_ref())
+            .is_some_and(|q| q.levels.iter().any(|l| l.value == level)),
+        None => format!("{}:gguf-adapter", t.name.value).parse().is_ok_and(|id| ws.plan.node(&id).is_some()),
+    };
+    let level = a.level.clone();
     let targets: Vec<String> = if a.targets.is_empty() {
         ws.manifest.targets.iter().filter(|t| has_level(t)).map(|t| t.name.value.clone()).collect()
     } else {
@@ -74,9 +90,7 @@ pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
             match ws.manifest.targets.iter().find(|t| &t.name.value == name) {
                 None => return Err(Failure::Usage(format!("no target named `{name}` in the manifest"))),
                 Some(t) if !has_level(t) => {
-                    return Err(Failure::Usage(format!(
-                        "`{name}` has no {level} GGUF (its quantize stage does not list it)"
-                    )));
+                    return Err(Failure::Usage(format!("`{name}` builds no {} GGUF", a.level)));
                 }
                 Some(_) => {}
             }
@@ -84,12 +98,19 @@ pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
         a.targets.clone()
     };
     if targets.is_empty() {
-        return Err(Failure::Usage(format!("no target quantizes to {level}; name one, or pick another --level")));
+        return Err(Failure::Usage(format!("no target builds a {} GGUF; name one, or pick another --level", a.level)));
     }
     let mut npcs = Vec::new();
     for t in &targets {
-        let dir = fresh_artifact_dir(&ws, out, &format!("{t}:gguf:{level}"))?;
-        npcs.push(npc(&ws, t, dir.join("model.gguf"))?);
+        if adapters {
+            let dir = fresh_artifact_dir(&ws, out, &format!("{t}:gguf-adapter"))?;
+            let mut n = npc(&ws, t, dir.join("base.gguf"))?;
+            n.adapter = Some(dir.join("adapter.gguf"));
+            npcs.push(n);
+        } else {
+            let dir = fresh_artifact_dir(&ws, out, &format!("{t}:gguf:{level}"))?;
+            npcs.push(npc(&ws, t, dir.join("model.gguf"))?);
+        }
     }
     run(&a, npcs, &format!("{} ({level})", targets.join(", ")))
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use forge_model::Arch;
 
+use crate::adapter::{Adapter, Proj};
 use crate::generate::Cache;
 use crate::kernels::{self as simd, OutPtr};
 use crate::matmul::{Acts, Kernels, Mat};
@@ -15,7 +16,18 @@ use crate::{InferError, Result};
 impl QModel {
     /// Logits of the last of `ids`, which follow the tokens in `cache` (extended with them).
     pub fn step(&self, ids: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
+        self.step_with(ids, cache, None)
+    }
+
+    /// [`step`](Self::step) with a LoRA adapter on the weights (`None`: the base alone).
+    pub fn step_with(&self, ids: &[u32], cache: &mut Cache, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
+        // The adapter's update of projection `p` of this layer, added to its product with `x`.
+        let lora = |l: usize, p: Proj, x: &[f32], m: usize, y: &mut Vec<f32>| {
+            if let Some(lora) = adapter.and_then(|a| a.get(l, p)) {
+                lora.apply(x, m, y);
+            }
+        };
         let (t, past) = (ids.len(), cache.len);
         if t == 0 {
             return Err(InferError::Model("no tokens to decode".into()));
@@ -49,6 +61,9 @@ impl QModel {
         for (l, b) in self.blocks.iter().enumerate() {
             self.rms_norm_rows(&x, &b.attn_norm, eps, &mut h);
             self.matmuls(&mut [(&b.q, &mut q), (&b.k, &mut k), (&b.v, &mut v)], &h, t, &mut acts);
+            lora(l, Proj::Q, &h, t, &mut q);
+            lora(l, Proj::K, &h, t, &mut k);
+            lora(l, Proj::V, &h, t, &mut v);
             for (y, bias) in [(&mut q, &b.q_bias), (&mut k, &b.k_bias), (&mut v, &b.v_bias)] {
                 if let Some(bias) = bias {
                     for row in y.chunks_exact_mut(bias.len()) {
@@ -77,12 +92,15 @@ impl QModel {
             simd::round_f16(&mut vc[n0..]);
             self.attention(&q, kc, vc, past, t, b.window, &mut att);
             self.matmuls(&mut [(&b.o, &mut h)], &att, t, &mut acts);
+            lora(l, Proj::O, &att, t, &mut h);
             if let Some(w) = &b.post_attn_norm {
                 rms_norm_in_place(&mut h, w, eps);
             }
             x.iter_mut().zip(&h).for_each(|(x, o)| *x += o);
             self.rms_norm_rows(&x, &b.ffn_norm, eps, &mut h);
             self.matmuls(&mut [(&b.gate, &mut gate), (&b.up, &mut up)], &h, t, &mut acts);
+            lora(l, Proj::Gate, &h, t, &mut gate);
+            lora(l, Proj::Up, &h, t, &mut up);
             let gp = OutPtr(gate.as_mut_ptr());
             self.par_range(t, ffn * 8, &|rows| {
                 // SAFETY: each chunk writes its own rows of `gate`.
@@ -96,6 +114,7 @@ impl QModel {
                 }
             });
             self.matmuls(&mut [(&b.down, &mut h)], &gate, t, &mut acts);
+            lora(l, Proj::Down, &gate, t, &mut h);
             if let Some(w) = &b.post_ffn_norm {
                 rms_norm_in_place(&mut h, w, eps);
             }

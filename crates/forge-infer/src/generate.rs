@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::Result;
 use crate::model::QModel;
-use crate::sampling::{Sampling, sample};
+use crate::sampling::{Sampling, argmax, sample};
 
 /// Keys and values seen so far, per layer, position-major: `[position][kv head][head dim]`,
 /// rounded to `f16` as llama.cpp's default cache stores them.
@@ -190,9 +190,4 @@ fn cpu_seconds() -> f64 {
         return 0.0;
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
-/// The first index of the largest logit.
-fn argmax(logits: &[f32]) -> u32 {
-    logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &l)| if l > b.1 { (i, l) } else { b }).0 as u32
 }

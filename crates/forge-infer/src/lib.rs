@@ -61,6 +61,7 @@
 //! # Files
 //!
 //! - [`model`]: [`QModel`] and loading a GGUF file (one parse of its header, tensors read once);
+//! - [`adapter`]: LoRA adapters applied per request on a shared base;
 //! - [`forward`]: one step of the network (norms, attention, RoPE, the FFN);
 //! - [`matmul`]: weight matrices, the activations quantized for them, and which kernels run;
 //! - [`kernels`]: the SIMD kernels, one file per block family;
@@ -68,6 +69,7 @@
 //! - [`sampling`] and [`generate`]: picking tokens, the KV cache, prompts and answers;
 //! - [`tokenizer`]: chat prompts, stop tokens, and text streamed as it is generated.
 
+pub mod adapter;
 pub mod forward;
 pub mod generate;
 pub mod kernels;
@@ -77,6 +79,7 @@ pub mod pool;
 pub mod sampling;
 pub mod tokenizer;
 
+pub use adapter::Adapter;
 pub use generate::{BenchRun, Cache, Generation, Prefill};
 pub use matmul::Kernels;
 pub use model::QModel;

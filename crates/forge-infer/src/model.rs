@@ -36,6 +36,22 @@ pub(crate) struct Block {
     pub(crate) window: Option<usize>,
 }
 
+impl Block {
+    /// The weight of a projection an adapter may change.
+    pub(crate) fn projection(&self, p: crate::adapter::Proj) -> &Mat {
+        use crate::adapter::Proj;
+        match p {
+            Proj::Q => &self.q,
+            Proj::K => &self.k,
+            Proj::V => &self.v,
+            Proj::O => &self.o,
+            Proj::Gate => &self.gate,
+            Proj::Up => &self.up,
+            Proj::Down => &self.down,
+        }
+    }
+}
+
 /// A GGUF model ready to generate.
 pub struct QModel {
     pub cfg: ModelConfig,

@@ -59,7 +59,7 @@ impl<'a> TextStream<'a> {
         if !self.stopped {
             return self.text.len();
         }
-        self.first_stop(self.sent.min(self.text.len())).unwrap_or(self.text.len())
+        self.first_stop(floor_char_boundary(&self.text, self.sent.min(self.text.len()))).unwrap_or(self.text.len())
     }
 
     fn first_stop(&self, from: usize) -> Option<usize> {
@@ -74,7 +74,8 @@ impl<'a> TextStream<'a> {
 
     fn release(&mut self, all: bool) -> String {
         // A stop cannot begin inside text already handed out: that text was held while it could.
-        let from = self.sent.min(self.text.len());
+        // (A decoder may rewrite earlier text as tokens arrive; never cut inside a character.)
+        let from = floor_char_boundary(&self.text, self.sent.min(self.text.len()));
         let upto = match self.first_stop(from) {
             Some(p) => {
                 self.stopped = true;

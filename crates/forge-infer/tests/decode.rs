@@ -194,3 +194,78 @@ fn a_batched_prompt_equals_the_same_tokens_one_at_a_time() {
         );
     }
 }
+
+/// A LoRA adapter applied on its base at run time (`forge_infer::Adapter`, read from the adapter
+/// GGUF forge writes for llama.cpp) decodes as the merged model: logits within f32 rounding, the
+/// same greedy tokens — and the adapter matters (the base alone answers otherwise).
+#[test]
+fn an_adapter_on_its_base_decodes_as_the_merged_model() {
+    use forge_infer::{Adapter, Cache};
+    use forge_model::lora::{LoraSpec, install, merge, peft_key};
+    let (hidden, heads, kv, ffn) = (256, 4, 2, 512);
+    let (base, tok) = random(hidden, heads, kv, ffn, 13);
+    let hd = hidden / heads;
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let spec = LoraSpec {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        rslora: false,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+    };
+    let mut rng = forge_rng::SplitMix64::new(3);
+    let mut tensors = std::collections::HashMap::new();
+    for l in 0..base.cfg.layers {
+        for m in targets {
+            let (out, inp) = match m {
+                "q_proj" => (heads * hd, hidden),
+                "k_proj" | "v_proj" => (kv * hd, hidden),
+                "o_proj" => (hidden, heads * hd),
+                "gate_proj" | "up_proj" => (ffn, hidden),
+                _ => (hidden, ffn),
+            };
+            let mut t = |rows: usize, cols: usize| {
+                let v: Vec<f32> = (0..rows * cols).map(|_| (rng.next_f64() as f32 - 0.5) * 0.2).collect();
+                candle_core::Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+            };
+            tensors.insert(peft_key(l, m, 'A'), t(8, inp));
+            tensors.insert(peft_key(l, m, 'B'), t(out, 8));
+        }
+    }
+    let (mut adapted, _) = random(hidden, heads, kv, ffn, 13);
+    install(&mut adapted, &spec, &tensors).unwrap();
+    let merged = merge(&adapted).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (base_file, merged_file, adapter_file) =
+        (dir.path().join("base.gguf"), dir.path().join("merged.gguf"), dir.path().join("adapter.gguf"));
+    forge_gguf::convert::write_model(&base_file, &base, &tok, QuantLevel::F32, "t", Default::default()).unwrap();
+    forge_gguf::convert::write_model(&merged_file, &merged, &tok, QuantLevel::F32, "t", Default::default()).unwrap();
+    let (md, ts) = forge_gguf::adapter::convert(&base.cfg, &spec, &tensors, "t").unwrap();
+    forge_gguf::convert::write_file(&adapter_file, &md, &ts).unwrap();
+
+    let on_base = QModel::load(&base_file).unwrap();
+    let adapter = Adapter::load(&adapter_file, &on_base).unwrap();
+    assert!(adapter.bytes() > 0);
+    let whole = QModel::load(&merged_file).unwrap();
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 29 + 3) % tok.vocab_size() as u32).collect();
+    let greedy = |m: &QModel, a: Option<&Adapter>| -> (Vec<f32>, Vec<u32>) {
+        let mut cache = Cache::default();
+        let mut logits = m.step_with(&prompt, &mut cache, a).unwrap();
+        let first = logits.clone();
+        let mut out = Vec::new();
+        for _ in 0..16 {
+            let t = forge_infer::sampling::argmax(&logits);
+            out.push(t);
+            logits = m.step_with(&[t], &mut cache, a).unwrap();
+        }
+        (first, out)
+    };
+    let (la, ta) = greedy(&on_base, Some(&adapter));
+    let (lm, tm) = greedy(&whole, None);
+    let (lb, _) = greedy(&on_base, None);
+    let worst = la.iter().zip(&lm).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let moved = lb.iter().zip(&lm).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-3, "adapter on base vs merged: max |Δ logit| {worst}");
+    assert!(moved > 100.0 * worst.max(1e-5), "the adapter changes the logits ({moved})");
+    assert_eq!(ta, tm, "the same greedy tokens");
+}

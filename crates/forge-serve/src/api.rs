@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{Receiver, channel};
 
 use crate::metrics::Metrics;
-use crate::registry::{GetError, Loaded, Registry};
+use crate::registry::{GetError, Handle, Registry};
 use crate::worker::{Event, Finish, Job};
 use crate::{Config, Npc};
 
@@ -172,14 +172,10 @@ async fn models(AxState(st): AxState<Shared>) -> Response {
 }
 
 async fn list(AxState(st): AxState<Shared>) -> Response {
-    let resident = st.registry.resident();
     let npcs: Vec<Value> = st
         .registry
         .npcs()
-        .map(|n| {
-            let r = resident.iter().find(|r| r.0 == n.name);
-            json!({"name": n.name, "resident": r.is_some(), "bytes": r.map(|r| r.1)})
-        })
+        .map(|n| json!({"name": n.name, "resident": st.registry.is_resident(&n.name), "adapter": n.adapter.is_some()}))
         .collect();
     axum::Json(json!({"npcs": npcs})).into_response()
 }
@@ -190,8 +186,9 @@ async fn preload(AxState(st): AxState<Shared>, Path(npc): Path<String>) -> Resul
     Ok(axum::Json(json!({
         "npc": npc,
         "resident": true,
-        "bytes": m.bytes,
-        "architecture": m.architecture,
+        "bytes": m.model.bytes,
+        "adapter_bytes": m.adapter.as_ref().map(|a| a.bytes()),
+        "architecture": m.model.architecture,
         "seconds": t0.elapsed().as_secs_f64(),
     }))
     .into_response())
@@ -376,7 +373,7 @@ struct Prompt {
     input: String,
 }
 
-fn prepare(model: &Loaded, mut conversation: Vec<ChatMessage>) -> Result<Prompt, ApiError> {
+fn prepare(model: &Handle, mut conversation: Vec<ChatMessage>) -> Result<Prompt, ApiError> {
     if conversation.is_empty() {
         return Err(ApiError::invalid("messages", "the conversation has no messages"));
     }
@@ -386,10 +383,10 @@ fn prepare(model: &Loaded, mut conversation: Vec<ChatMessage>) -> Result<Prompt,
         conversation.insert(0, ChatMessage::new("system", system));
     }
     let input = conversation.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
-    let tok = &model.worker.model.tokenizer;
+    let tok = &model.model.worker.model.tokenizer;
     let text = tok.render_chat(&conversation, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let ids = tok.encode_prompt(&text).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let context = model.worker.model.cfg.max_positions;
+    let context = model.model.worker.model.cfg.max_positions;
     if ids.len() >= context {
         return Err(ApiError {
             code: Some("context_length_exceeded"),
@@ -405,14 +402,14 @@ fn prepare(model: &Loaded, mut conversation: Vec<ChatMessage>) -> Result<Prompt,
 /// Queues one generation of `prompt`.
 fn queue(
     st: &State,
-    model: &Loaded,
+    model: &Handle,
     prompt: &Prompt,
     sampling: Sampling,
     stops: Vec<String>,
 ) -> Result<Receiver<Event>, ApiError> {
     let (tx, rx) = channel(EVENTS);
-    let job = Job { prompt: prompt.ids.clone(), sampling, stops, events: tx };
-    model.worker.submit(job).map_err(|_| {
+    let job = Job { prompt: prompt.ids.clone(), sampling, stops, adapter: model.adapter.clone(), events: tx };
+    model.model.worker.submit(job).map_err(|_| {
         st.metrics.rejected();
         ApiError {
             retry_after: Some(1),
@@ -470,7 +467,7 @@ async fn collect(st: &State, mut rx: Receiver<Event>) -> Result<Answer, ApiError
 }
 
 /// The attempts a request asked for, checked against the NPC (which must have verifiers).
-fn attempts(model: &Loaded, ext: Option<&ForgeExt>) -> Result<Option<usize>, ApiError> {
+fn attempts(model: &Handle, ext: Option<&ForgeExt>) -> Result<Option<usize>, ApiError> {
     let Some(ext) = ext.filter(|e| e.verify || e.max_attempts.is_some()) else { return Ok(None) };
     if model.npc.judge.is_none() {
         return Err(ApiError::invalid(
@@ -495,13 +492,13 @@ const MAX_ATTEMPTS: usize = 32;
 /// the NPC's verifiers or the attempts are spent (then the last answer, marked failed).
 async fn answer(
     st: &State,
-    model: &Loaded,
+    model: &Handle,
     conversation: Vec<ChatMessage>,
     knobs: &Knobs,
     ext: Option<&ForgeExt>,
 ) -> Result<Answer, ApiError> {
     let prompt = prepare(model, conversation)?;
-    let room = model.worker.model.cfg.max_positions - prompt.ids.len();
+    let room = model.model.worker.model.cfg.max_positions - prompt.ids.len();
     let (sampling, stops) = sampling(knobs, &model.npc.defaults, &st.config, room)?;
     let Some(tries) = attempts(model, ext)? else {
         return collect(st, queue(st, model, &prompt, sampling, stops)?).await;
@@ -572,7 +569,7 @@ async fn chat_completions(
     let verified = attempts(&model, req.forge.as_ref())?.is_some();
     if req.stream && !verified {
         let prompt = prepare(&model, conversation)?;
-        let room = model.worker.model.cfg.max_positions - prompt.ids.len();
+        let room = model.model.worker.model.cfg.max_positions - prompt.ids.len();
         let (sampling, stops) = sampling(&req.knobs, &model.npc.defaults, &st.config, room)?;
         let rx = queue(&st, &model, &prompt, sampling, stops)?;
         return Ok(Sse::new(sse(st.clone(), rx, chunk)).keep_alive(KeepAlive::default()).into_response());

@@ -11,10 +11,11 @@
 //! memory never exceed the budget.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use forge_infer::QModel;
+use forge_infer::{Adapter, QModel};
 use tokio::sync::watch;
 
 use crate::worker::Worker;
@@ -24,8 +25,10 @@ use crate::worker::Worker;
 pub struct Npc {
     /// The name clients use (`/chat/{npc}`, the OpenAI `model` field).
     pub name: String,
-    /// The GGUF file.
+    /// The GGUF file (the base, when `adapter` is set).
     pub file: PathBuf,
+    /// A LoRA adapter GGUF applied on `file` per request; NPCs on one base share it in memory.
+    pub adapter: Option<PathBuf>,
     /// A system message put before every conversation that has none.
     pub system: Option<String>,
     /// Sampling for requests that do not say (the target's benchmark settings).
@@ -62,16 +65,39 @@ impl Default for Defaults {
 impl Npc {
     /// An NPC with OpenAI's sampling defaults and no judge.
     pub fn new(name: &str, file: PathBuf) -> Npc {
-        Npc { name: name.to_string(), file, system: None, defaults: Defaults::default(), judge: None }
+        Npc { name: name.to_string(), file, adapter: None, system: None, defaults: Defaults::default(), judge: None }
     }
 }
 
-/// A resident model and its decoding thread.
+/// A resident model (a GGUF file, shared by every NPC on it), its decoding thread, and the
+/// adapters loaded on it.
 pub struct Loaded {
-    pub npc: Npc,
+    /// The file's path: the registry's key.
+    pub key: String,
     pub worker: Worker,
     pub bytes: u64,
     pub architecture: &'static str,
+    adapters: Mutex<HashMap<PathBuf, Arc<Adapter>>>,
+    /// Bytes of the adapters.
+    adapter_bytes: AtomicU64,
+}
+
+impl Loaded {
+    /// Bytes of the model and its adapters.
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes + self.adapter_bytes.load(Ordering::Relaxed)
+    }
+
+    fn adapter(&self, path: &Path) -> Option<Arc<Adapter>> {
+        self.adapters.lock().expect("adapters").get(path).cloned()
+    }
+}
+
+/// What a request runs on: its NPC, the resident model, and the NPC's adapter.
+pub struct Handle {
+    pub npc: Npc,
+    pub model: Arc<Loaded>,
+    pub adapter: Option<Arc<Adapter>>,
 }
 
 enum Slot {
@@ -97,7 +123,7 @@ impl Resident {
         self.slots
             .values()
             .map(|s| match s {
-                Slot::Ready { model, .. } => model.bytes,
+                Slot::Ready { model, .. } => model.total_bytes(),
                 Slot::Loading(_) => 0,
             })
             .sum()
@@ -133,6 +159,8 @@ pub struct Counts {
 
 pub struct Registry {
     npcs: BTreeMap<String, Npc>,
+    /// Per NPC, the key of its model (see [`key`]).
+    keys: HashMap<String, String>,
     budget: u64,
     threads: usize,
     queue: usize,
@@ -151,7 +179,9 @@ pub enum GetError {
 
 impl Registry {
     pub fn new(npcs: Vec<Npc>, budget: u64, threads: usize, queue: usize) -> Registry {
+        let keys = npcs.iter().map(|n| (n.name.clone(), key(n))).collect();
         Registry {
+            keys,
             npcs: npcs.into_iter().map(|n| (n.name.clone(), n)).collect(),
             budget,
             threads,
@@ -174,14 +204,22 @@ impl Registry {
         *self.counts.lock().expect("counts")
     }
 
-    /// The resident models: name and bytes.
+    /// The resident models: file name and bytes (with their adapters).
     pub fn resident(&self) -> Vec<(String, u64)> {
         let r = self.resident.lock().expect("resident");
         let mut v: Vec<(String, u64)> = r
             .slots
-            .iter()
-            .filter_map(|(k, s)| match s {
-                Slot::Ready { model, .. } => Some((k.clone(), model.bytes)),
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready { model, .. } => {
+                    let name = match model.key.strip_prefix("blake3:") {
+                        Some(h) => format!("base-{}", &h[..12]),
+                        None => Path::new(&model.key)
+                            .file_name()
+                            .map_or(model.key.clone(), |n| n.to_string_lossy().into_owned()),
+                    };
+                    Some((name, model.total_bytes()))
+                }
                 Slot::Loading(_) => None,
             })
             .collect();
@@ -189,14 +227,67 @@ impl Registry {
         v
     }
 
-    /// The model `name`, loading it if it is not resident.
-    pub async fn get(self: &Arc<Self>, name: &str) -> Result<Arc<Loaded>, GetError> {
+    /// Whether NPC `name` would answer without a load: its model resident (with its adapter).
+    pub fn is_resident(&self, name: &str) -> bool {
+        let Some(npc) = self.npcs.get(name) else { return false };
+        let r = self.resident.lock().expect("resident");
+        match r.slots.get(&self.keys[name]) {
+            Some(Slot::Ready { model, .. }) => npc.adapter.as_ref().is_none_or(|a| model.adapter(a).is_some()),
+            _ => false,
+        }
+    }
+
+    /// NPC `name`'s model (loaded if need be) and adapter (likewise).
+    pub async fn get(self: &Arc<Self>, name: &str) -> Result<Handle, GetError> {
         let npc = self.npcs.get(name).ok_or_else(|| GetError::Unknown(name.to_string()))?.clone();
+        let model = self.model(&npc).await?;
+        let adapter = match &npc.adapter {
+            None => None,
+            Some(path) => match model.adapter(path) {
+                Some(a) => Some(a),
+                None => {
+                    let (me, m, p, n) = (self.clone(), model.clone(), path.clone(), npc.name.clone());
+                    let a = tokio::task::spawn_blocking(move || me.load_adapter(&m, &p, &n))
+                        .await
+                        .map_err(|e| GetError::Load(format!("loading `{name}`'s adapter: {e}")))?
+                        .map_err(GetError::Load)?;
+                    Some(a)
+                }
+            },
+        };
+        Ok(Handle { npc, model, adapter })
+    }
+
+    /// Loads an adapter onto its resident base, within the budget.
+    fn load_adapter(&self, model: &Arc<Loaded>, path: &Path, npc: &str) -> Result<Arc<Adapter>, String> {
+        if let Some(a) = model.adapter(path) {
+            return Ok(a);
+        }
+        let estimate = std::fs::metadata(path).map_err(|e| format!("`{npc}`'s adapter {}: {e}", path.display()))?.len();
+        let mut evicted = 0;
+        self.make_room(estimate, &mut evicted, npc)?;
+        let loaded = Adapter::load(path, &model.worker.model).map_err(|e| format!("`{npc}`'s adapter: {e}"));
+        let mut r = self.resident.lock().expect("resident");
+        r.reserved -= estimate;
+        self.counts.lock().expect("counts").evictions += evicted;
+        let adapter = Arc::new(loaded?);
+        let mut adapters = model.adapters.lock().expect("adapters");
+        let kept = adapters.entry(path.to_path_buf()).or_insert_with(|| {
+            model.adapter_bytes.fetch_add(adapter.bytes() as u64, Ordering::Relaxed);
+            adapter.clone()
+        });
+        Ok(kept.clone())
+    }
+
+    /// The model of `npc`'s file, loading it if it is not resident.
+    async fn model(self: &Arc<Self>, npc: &Npc) -> Result<Arc<Loaded>, GetError> {
+        let name = self.keys[&npc.name].clone();
+        let npc = npc.clone();
         let mut rx = {
             let mut r = self.resident.lock().expect("resident");
             r.clock += 1;
             let now = r.clock;
-            match r.slots.get_mut(name) {
+            match r.slots.get_mut(&name) {
                 Some(Slot::Ready { model, used }) => {
                     *used = now;
                     return Ok(model.clone());
@@ -204,9 +295,9 @@ impl Registry {
                 Some(Slot::Loading(rx)) => rx.clone(),
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    r.slots.insert(name.to_string(), Slot::Loading(rx.clone()));
-                    let me = self.clone();
-                    tokio::task::spawn_blocking(move || me.load(npc, tx));
+                    r.slots.insert(name.clone(), Slot::Loading(rx.clone()));
+                    let (me, key) = (self.clone(), name.clone());
+                    tokio::task::spawn_blocking(move || me.load(npc, key, tx));
                     rx
                 }
             }
@@ -218,9 +309,8 @@ impl Registry {
         done.clone().expect("waited for it").map_err(GetError::Load)
     }
 
-    fn load(&self, npc: Npc, tx: watch::Sender<Option<Result<Arc<Loaded>, String>>>) {
-        let name = npc.name.clone();
-        let result = self.load_within_budget(npc);
+    fn load(&self, npc: Npc, name: String, tx: watch::Sender<Option<Result<Arc<Loaded>, String>>>) {
+        let result = self.load_within_budget(npc, name.clone());
         let mut r = self.resident.lock().expect("resident");
         let mut counts = self.counts.lock().expect("counts");
         match &result {
@@ -244,7 +334,7 @@ impl Registry {
 
     /// Makes room (dropping idle models, waiting for busy ones), loads the model, and returns it
     /// with the number of models dropped for it.
-    fn load_within_budget(&self, npc: Npc) -> Result<(Arc<Loaded>, u64), String> {
+    fn load_within_budget(&self, npc: Npc, key: String) -> Result<(Arc<Loaded>, u64), String> {
         let name = npc.name.clone();
         let file = npc.file.display().to_string();
         let estimate = std::fs::metadata(&npc.file).map_err(|e| format!("loading `{name}` ({file}): {e}"))?.len();
@@ -276,7 +366,10 @@ impl Registry {
         self.make_room(bytes, &mut evicted, &name)?;
         self.resident.lock().expect("resident").reserved -= bytes;
         let architecture = model.architecture();
-        Ok((Arc::new(Loaded { worker: Worker::start(&name, model, self.queue), npc, bytes, architecture }), evicted))
+        let worker = Worker::start(&name, model, self.queue);
+        let loaded =
+            Loaded { key, worker, bytes, architecture, adapters: Mutex::default(), adapter_bytes: AtomicU64::new(0) };
+        Ok((Arc::new(loaded), evicted))
     }
 
     /// Reserves `bytes`, dropping idle models and waiting for busy ones to finish.
@@ -302,4 +395,18 @@ impl Registry {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
+}
+
+/// The registry's key for an NPC's model: its file, so that NPCs on one file share it; for an
+/// NPC with an adapter, the base's content (every target's adapter artifact holds its own copy
+/// of the base: equal bytes, one model in memory).
+fn key(npc: &Npc) -> String {
+    let path = std::fs::canonicalize(&npc.file).unwrap_or_else(|_| npc.file.clone());
+    if npc.adapter.is_some() {
+        let mut h = blake3::Hasher::new();
+        if h.update_mmap_rayon(&path).is_ok() {
+            return format!("blake3:{}", h.finalize().to_hex());
+        }
+    }
+    path.display().to_string()
 }

@@ -17,6 +17,8 @@ pub struct Job {
     pub sampling: Sampling,
     /// Strings that end the answer (not part of it).
     pub stops: Vec<String>,
+    /// The NPC's LoRA adapter on this model, if it has one.
+    pub adapter: Option<Arc<forge_infer::Adapter>>,
     /// Bounded: a client that stops reading a stream holds the model until it reads on or
     /// hangs up (then the answer stops).
     pub events: Sender<Event>,
@@ -124,7 +126,8 @@ fn run(model: &QModel, jobs: Receiver<Job>, pending: &AtomicUsize) {
 fn answer(model: &QModel, stop_ids: &[u32], job: Job) -> forge_infer::Result<Option<Event>> {
     let s = &job.sampling;
     let mut cache = Cache::with_capacity(model, job.prompt.len() + s.max_tokens);
-    let mut logits = model.step(&job.prompt, &mut cache)?;
+    let adapter = job.adapter.as_deref();
+    let mut logits = model.step_with(&job.prompt, &mut cache, adapter)?;
     let mut rng = forge_infer::sampling::Rng::new(s.seed);
     let mut text = TextStream::new(&model.tokenizer, &job.stops);
     let mut finish = Finish::Length;
@@ -150,7 +153,7 @@ fn answer(model: &QModel, stop_ids: &[u32], job: Job) -> forge_infer::Result<Opt
         if n == s.max_tokens || cache.len() + 1 > model.cfg.max_positions {
             break;
         }
-        logits = model.step(&[token], &mut cache)?;
+        logits = model.step_with(&[token], &mut cache, adapter)?;
     }
     let rest = text.finish();
     if !rest.is_empty() {

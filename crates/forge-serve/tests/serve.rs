@@ -396,3 +396,106 @@ fn retry_until_success_returns_a_passing_answer_and_its_attempts() {
     let (_, metrics) = s.get("/metrics");
     assert!(metrics.contains("forge_verified_attempts_total{result=\"pass\"} 1"), "{metrics}");
 }
+
+/// Writes a random LoRA adapter GGUF (rank 4 on every projection) for `base`.
+fn adapter_for(base: &Llama, path: &Path, seed: u64) {
+    use forge_model::lora::{LoraSpec, peft_key};
+    let cfg = &base.cfg;
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let spec =
+        LoraSpec { rank: 4, alpha: 8.0, dropout: 0.0, rslora: false, targets: targets.map(String::from).to_vec() };
+    let mut rng = forge_rng::SplitMix64::new(seed);
+    let mut tensors = std::collections::HashMap::new();
+    let (q, kv) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+    for l in 0..cfg.layers {
+        for m in targets {
+            let (out, inp) = match m {
+                "q_proj" => (q, cfg.hidden),
+                "k_proj" | "v_proj" => (kv, cfg.hidden),
+                "o_proj" => (cfg.hidden, q),
+                "gate_proj" | "up_proj" => (cfg.intermediate, cfg.hidden),
+                _ => (cfg.hidden, cfg.intermediate),
+            };
+            let mut t = |rows: usize, cols: usize| {
+                let v: Vec<f32> = (0..rows * cols).map(|_| (rng.next_f64() as f32 - 0.5) * 0.3).collect();
+                candle_core::Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+            };
+            tensors.insert(peft_key(l, m, 'A'), t(4, inp));
+            tensors.insert(peft_key(l, m, 'B'), t(out, 4));
+        }
+    }
+    let (md, ts) = forge_gguf::adapter::convert(cfg, &spec, &tensors, "npc").unwrap();
+    forge_gguf::convert::write_file(path, &md, &ts).unwrap();
+}
+
+/// NPCs trained as adapters on one base share it in memory: two NPCs whose adapter artifacts
+/// each hold a copy of the base are resident together in a budget with room for one base (and
+/// the adapters), and each answers exactly as the decoder does with its adapter on the base.
+#[test]
+fn npcs_with_adapters_share_their_base_in_memory() {
+    use forge_infer::{Adapter, Cache};
+    let dir = tempfile::tempdir().unwrap();
+    let texts = ["HEAR YE! The baron hoards grain. Beware the miller, who waters the ale.".to_string()];
+    let tok = Tokenizer::train_bpe(texts.into_iter().cycle().take(8), 300).unwrap();
+    let shape =
+        ScratchShape { layers: 2, hidden: 128, heads: 4, kv_heads: 2, ffn: 256, context: 256, rope_theta: 10_000.0 };
+    let base = Llama::random(ModelConfig::scratch(&shape, &tok), 5, &Device::Cpu).unwrap();
+    let mut npcs = Vec::new();
+    for (i, name) in ["aldric", "maud"].iter().enumerate() {
+        // Each NPC's own copy of the base, as each target's gguf-adapter artifact has.
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        forge_gguf::convert::write_model(
+            &d.join("base.gguf"),
+            &base,
+            &tok,
+            QuantLevel::Q8_0,
+            "base",
+            Default::default(),
+        )
+        .unwrap();
+        adapter_for(&base, &d.join("adapter.gguf"), i as u64 + 7);
+        let mut npc = Npc::new(name, d.join("base.gguf"));
+        npc.adapter = Some(d.join("adapter.gguf"));
+        npcs.push(npc);
+    }
+    let files: Vec<(PathBuf, PathBuf)> = npcs.iter().map(|n| (n.file.clone(), n.adapter.clone().unwrap())).collect();
+    let s = start_with(npcs, |one| Config { memory: one + one / 2, ..Config::default() });
+    for name in ["aldric", "maud"] {
+        let (status, v, _) = s.post(&format!("/preload/{name}"), json!({}));
+        assert_eq!(status, 200, "{v}");
+    }
+    let (_, list) = s.get("/list");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert!(list["npcs"].as_array().unwrap().iter().all(|n| n["resident"] == true), "both resident: {list}");
+    let (_, metrics) = s.get("/metrics");
+    assert!(metrics.contains("forge_models_resident 1"), "one base in memory: {metrics}");
+
+    let mut answers = Vec::new();
+    for (name, (base_file, adapter_file)) in ["aldric", "maud"].iter().zip(&files) {
+        let (status, v, _) =
+            s.post("/v1/chat/completions", chat(name, "Who hoards the grain?", json!({"max_tokens": 10})));
+        assert_eq!(status, 200, "{v}");
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+        // The decoder's greedy answer with the NPC's adapter on the base.
+        let q = QModel::load(base_file).unwrap();
+        let a = Adapter::load(adapter_file, &q).unwrap();
+        let prompt = q.tokenizer.render_chat(&[ChatMessage::new("user", "Who hoards the grain?")], true).unwrap();
+        let ids = q.tokenizer.encode_prompt(&prompt).unwrap();
+        let stop = q.tokenizer.stop_ids(&q.cfg.eos);
+        let mut cache = Cache::default();
+        let mut logits = q.step_with(&ids, &mut cache, Some(&a)).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            let t = forge_infer::sampling::argmax(&logits);
+            if stop.contains(&t) {
+                break;
+            }
+            out.push(t);
+            logits = q.step_with(&[t], &mut cache, Some(&a)).unwrap();
+        }
+        assert_eq!(text, q.tokenizer.decode(&out).unwrap(), "{name}");
+        answers.push(text);
+    }
+    assert_ne!(answers[0], answers[1], "each NPC answers with its own adapter");
+}
