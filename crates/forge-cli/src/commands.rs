@@ -458,6 +458,25 @@ pub fn cache(g: &Global, out: &Output, c: CacheCommand) -> Result<(), Failure> {
     }
 }
 
+/// Loads the workspace without printing anything (for a background watcher): `None` when the
+/// manifest does not load (a save mid-edit).
+pub(crate) fn load_quietly(g: &Global) -> Option<Workspace> {
+    let dir = g.directory.clone().unwrap_or_else(|| std::path::PathBuf::from("."));
+    let opts = LoadOptions { cache_dir: g.cache_dir.clone(), registry: registry(), ..LoadOptions::default() };
+    Workspace::load(&dir, opts).ok()
+}
+
+/// The directory of a built, fresh artifact, or `None` (not built, stale, or not in the plan).
+pub(crate) fn fresh_dir(ws: &Workspace, artifact: &str) -> Option<std::path::PathBuf> {
+    let id: ArtifactId = artifact.parse().ok()?;
+    let n = ws.plan.node(&id)?;
+    let engine = Engine::new(ws);
+    match &evaluate(ws, &engine, &ws.plan.closure(&[n]))[&n] {
+        Status::Fresh { tree, .. } => Some(ws.cache.cas_dir(&tree.digest())),
+        _ => None,
+    }
+}
+
 /// The directory of a built, fresh artifact; explains and fails otherwise.
 pub(crate) fn fresh_artifact_dir(ws: &Workspace, out: &Output, artifact: &str) -> Result<std::path::PathBuf, Failure> {
     let id: ArtifactId =

@@ -52,13 +52,14 @@ fn files(a: &ServeArgs) -> Result<Vec<Npc>, Failure> {
 }
 
 pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
+    let s = settings(&a)?;
     if !a.model.is_empty() {
         if !a.targets.is_empty() {
             return Err(Failure::Usage("name targets or --model files, not both".into()));
         }
         let npcs = files(&a)?;
         let names: Vec<String> = npcs.iter().map(|n| n.name.clone()).collect();
-        return run(&a, npcs, &names.join(", "));
+        return run(&a, s, npcs, &names.join(", "), None);
     }
     let ws = load(g, out, false)?;
     // `--level adapter`: each target's LoRA adapter GGUF on its base (`TARGET:gguf-adapter`);
@@ -100,23 +101,69 @@ pub fn serve(g: &Global, out: &Output, a: ServeArgs) -> Result<(), Failure> {
     if targets.is_empty() {
         return Err(Failure::Usage(format!("no target builds a {} GGUF; name one, or pick another --level", a.level)));
     }
+    let artifact = |t: &str| if adapters { format!("{t}:gguf-adapter") } else { format!("{t}:gguf:{level}") };
     let mut npcs = Vec::new();
     for t in &targets {
-        if adapters {
-            let dir = fresh_artifact_dir(&ws, out, &format!("{t}:gguf-adapter"))?;
-            let mut n = npc(&ws, t, dir.join("base.gguf"))?;
-            n.adapter = Some(dir.join("adapter.gguf"));
-            npcs.push(n);
-        } else {
-            let dir = fresh_artifact_dir(&ws, out, &format!("{t}:gguf:{level}"))?;
-            npcs.push(npc(&ws, t, dir.join("model.gguf"))?);
-        }
+        let dir = fresh_artifact_dir(&ws, out, &artifact(t))?;
+        npcs.push(npc_in(&ws, t, &dir, adapters)?);
     }
-    run(&a, npcs, &format!("{} ({level})", targets.join(", ")))
+    // Hot reload: a rebuild that publishes a new artifact points its NPC at the new files;
+    // requests in flight finish on the old model.
+    let watch = Watch {
+        global: g.clone(),
+        targets: targets.clone(),
+        artifacts: targets.iter().map(|t| artifact(t)).collect(),
+        adapters,
+    };
+    run(&a, s, npcs, &format!("{} ({level})", targets.join(", ")), Some(watch))
 }
 
-/// Serves `npcs` until Ctrl-C.
-fn run(a: &ServeArgs, npcs: Vec<Npc>, what: &str) -> Result<(), Failure> {
+/// An NPC from its artifact directory (`TARGET:gguf:LEVEL` or `TARGET:gguf-adapter`).
+fn npc_in(ws: &forge_plan::Workspace, name: &str, dir: &std::path::Path, adapters: bool) -> Result<Npc, Failure> {
+    if adapters {
+        let mut n = npc(ws, name, dir.join("base.gguf"))?;
+        n.adapter = Some(dir.join("adapter.gguf"));
+        Ok(n)
+    } else {
+        npc(ws, name, dir.join("model.gguf"))
+    }
+}
+
+/// What the reload watcher follows.
+struct Watch {
+    global: Global,
+    targets: Vec<String>,
+    artifacts: Vec<String>,
+    adapters: bool,
+}
+
+impl Watch {
+    /// Every 2 s, the targets' artifacts as the workspace now has them; an NPC whose fresh
+    /// artifact moved is pointed at it. Stale artifacts (a rebuild in progress) are left alone.
+    fn run(self, registry: std::sync::Arc<forge_serve::Registry>) {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            let Some(ws) = crate::commands::load_quietly(&self.global) else { continue };
+            for (t, artifact) in self.targets.iter().zip(&self.artifacts) {
+                let Some(dir) = crate::commands::fresh_dir(&ws, artifact) else { continue };
+                if let Ok(npc) = npc_in(&ws, t, &dir, self.adapters)
+                    && registry.replace(npc)
+                {
+                    eprintln!("forge serve: {t}: now serving the rebuilt {artifact} ({})", dir.display());
+                }
+            }
+        }
+    }
+}
+
+/// The server's settings from the arguments, checked before anything loads.
+struct Settings {
+    memory: u64,
+    api_key: Option<String>,
+    addr: std::net::SocketAddr,
+}
+
+fn settings(a: &ServeArgs) -> Result<Settings, Failure> {
     let memory = forge_serve::parse_bytes(&a.memory).map_err(|e| Failure::Usage(format!("--memory: {e}")))?;
     let api_key = match &a.api_key_env {
         None => None,
@@ -130,6 +177,12 @@ fn run(a: &ServeArgs, npcs: Vec<Npc>, what: &str) -> Result<(), Failure> {
     if !addr.ip().is_loopback() && api_key.is_none() {
         eprintln!("warning: serving on {addr}, reachable from other machines, without --api-key-env");
     }
+    Ok(Settings { memory, api_key, addr })
+}
+
+/// Serves `npcs` until Ctrl-C (following rebuilds with `watch`).
+fn run(a: &ServeArgs, s: Settings, npcs: Vec<Npc>, what: &str, watch: Option<Watch>) -> Result<(), Failure> {
+    let Settings { memory, api_key, addr } = s;
     let threads = a.threads.unwrap_or_else(forge_infer::default_threads).max(1);
     let config =
         Config { memory, threads, queue: a.queue, api_key, max_tokens: a.max_tokens.max(1), ..Config::default() };
@@ -150,7 +203,15 @@ fn run(a: &ServeArgs, npcs: Vec<Npc>, what: &str) -> Result<(), Failure> {
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        forge_serve::serve(listener, npcs, config, shutdown)
+        let state = std::sync::Arc::new(forge_serve::api::State::new(npcs, config));
+        if let Some(w) = watch {
+            let registry = state.registry.clone();
+            std::thread::Builder::new()
+                .name("forge-serve-reload".into())
+                .spawn(move || w.run(registry))
+                .map_err(|e| Failure::Internal(format!("starting the reload watcher: {e}")))?;
+        }
+        forge_serve::serve_state(listener, state, shutdown)
             .await
             .map_err(|e| Failure::Internal(format!("serving: {e}")))
     })

@@ -149,7 +149,7 @@ async fn health(AxState(st): AxState<Shared>) -> Response {
     let resident = st.registry.resident();
     axum::Json(json!({
         "status": "ok",
-        "models": st.registry.npcs().count(),
+        "models": st.registry.npcs().len(),
         "resident": resident.len(),
         "resident_bytes": resident.iter().map(|r| r.1).sum::<u64>(),
     }))
@@ -166,6 +166,7 @@ async fn models(AxState(st): AxState<Shared>) -> Response {
     let data: Vec<Value> = st
         .registry
         .npcs()
+        .iter()
         .map(|n| json!({"id": n.name, "object": "model", "created": created, "owned_by": "forge"}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
@@ -175,7 +176,15 @@ async fn list(AxState(st): AxState<Shared>) -> Response {
     let npcs: Vec<Value> = st
         .registry
         .npcs()
-        .map(|n| json!({"name": n.name, "resident": st.registry.is_resident(&n.name), "adapter": n.adapter.is_some()}))
+        .iter()
+        .map(|n| {
+            json!({
+                "name": n.name,
+                "resident": st.registry.is_resident(&n.name),
+                "file": n.file,
+                "adapter": n.adapter,
+            })
+        })
         .collect();
     axum::Json(json!({"npcs": npcs})).into_response()
 }

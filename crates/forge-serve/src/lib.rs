@@ -52,9 +52,18 @@ pub async fn serve(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_state(listener, Arc::new(api::State::new(npcs, config)), shutdown).await
+}
+
+/// Serves a server's state (whose registry the caller may keep, to point NPCs at rebuilt
+/// files) on `listener` until `shutdown` resolves.
+pub async fn serve_state(
+    listener: tokio::net::TcpListener,
+    state: Arc<api::State>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     return_freed_memory();
-    let state = api::State::new(npcs, config);
-    axum::serve(listener, api::router(Arc::new(state)).into_make_service_with_connect_info::<SocketAddr>())
+    axum::serve(listener, api::router(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await
 }

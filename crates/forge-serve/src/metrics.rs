@@ -102,6 +102,7 @@ impl Metrics {
         let c = registry.counts();
         counter(&mut s, "forge_model_loads_total", "Models loaded.", c.loads);
         counter(&mut s, "forge_model_load_failures_total", "Model loads that failed.", c.failed_loads);
+        counter(&mut s, "forge_model_reloads_total", "NPCs pointed at a rebuild's new files.", c.reloads);
         counter(&mut s, "forge_model_evictions_total", "Models dropped to keep the memory budget.", c.evictions);
         let resident = registry.resident();
         let gauge = |s: &mut String, name: &str, help: &str, v: u64| {

@@ -153,14 +153,16 @@ pub const LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Counts {
     pub loads: u64,
+    /// NPCs pointed at new files by a rebuild.
+    pub reloads: u64,
     pub evictions: u64,
     pub failed_loads: u64,
 }
 
 pub struct Registry {
-    npcs: BTreeMap<String, Npc>,
-    /// Per NPC, the key of its model (see [`key`]).
-    keys: HashMap<String, String>,
+    /// The NPCs by name, and per NPC the key of its model (see [`key`]); a rebuild replaces
+    /// an NPC's files ([`Registry::replace`]).
+    npcs: std::sync::RwLock<(BTreeMap<String, Npc>, HashMap<String, String>)>,
     budget: u64,
     threads: usize,
     queue: usize,
@@ -181,8 +183,7 @@ impl Registry {
     pub fn new(npcs: Vec<Npc>, budget: u64, threads: usize, queue: usize) -> Registry {
         let keys = npcs.iter().map(|n| (n.name.clone(), key(n))).collect();
         Registry {
-            keys,
-            npcs: npcs.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            npcs: std::sync::RwLock::new((npcs.into_iter().map(|n| (n.name.clone(), n)).collect(), keys)),
             budget,
             threads,
             queue,
@@ -191,9 +192,32 @@ impl Registry {
         }
     }
 
-    /// Every model the server can run, by name.
-    pub fn npcs(&self) -> impl Iterator<Item = &Npc> {
-        self.npcs.values()
+    /// Every NPC the server can run, by name.
+    pub fn npcs(&self) -> Vec<Npc> {
+        self.npcs.read().expect("npcs").0.values().cloned().collect()
+    }
+
+    /// Points NPC `npc.name` at new files (a rebuild published them); returns whether they
+    /// changed. Requests already running finish on the old model, which is dropped from memory
+    /// once no NPC uses it and they are done.
+    pub fn replace(&self, npc: Npc) -> bool {
+        let new_key = key(&npc);
+        let mut guard = self.npcs.write().expect("npcs");
+        let (npcs, keys) = &mut *guard;
+        let unchanged = npcs.get(&npc.name).is_some_and(|old| old.file == npc.file && old.adapter == npc.adapter);
+        if unchanged && keys.get(&npc.name) == Some(&new_key) {
+            return false;
+        }
+        let old_key = keys.insert(npc.name.clone(), new_key);
+        npcs.insert(npc.name.clone(), npc);
+        if let Some(old) = old_key.filter(|k| !keys.values().any(|v| v == k)) {
+            let mut r = self.resident.lock().expect("resident");
+            if matches!(r.slots.get(&old), Some(Slot::Ready { .. })) {
+                r.slots.remove(&old);
+            }
+        }
+        self.counts.lock().expect("counts").reloads += 1;
+        true
     }
 
     pub fn budget(&self) -> u64 {
@@ -229,9 +253,15 @@ impl Registry {
 
     /// Whether NPC `name` would answer without a load: its model resident (with its adapter).
     pub fn is_resident(&self, name: &str) -> bool {
-        let Some(npc) = self.npcs.get(name) else { return false };
+        let (npc, key) = {
+            let g = self.npcs.read().expect("npcs");
+            match (g.0.get(name), g.1.get(name)) {
+                (Some(n), Some(k)) => (n.clone(), k.clone()),
+                _ => return false,
+            }
+        };
         let r = self.resident.lock().expect("resident");
-        match r.slots.get(&self.keys[name]) {
+        match r.slots.get(&key) {
             Some(Slot::Ready { model, .. }) => npc.adapter.as_ref().is_none_or(|a| model.adapter(a).is_some()),
             _ => false,
         }
@@ -239,8 +269,14 @@ impl Registry {
 
     /// NPC `name`'s model (loaded if need be) and adapter (likewise).
     pub async fn get(self: &Arc<Self>, name: &str) -> Result<Handle, GetError> {
-        let npc = self.npcs.get(name).ok_or_else(|| GetError::Unknown(name.to_string()))?.clone();
-        let model = self.model(&npc).await?;
+        let (npc, key) = {
+            let g = self.npcs.read().expect("npcs");
+            match (g.0.get(name), g.1.get(name)) {
+                (Some(n), Some(k)) => (n.clone(), k.clone()),
+                _ => return Err(GetError::Unknown(name.to_string())),
+            }
+        };
+        let model = self.model(&npc, key).await?;
         let adapter = match &npc.adapter {
             None => None,
             Some(path) => match model.adapter(path) {
@@ -280,8 +316,7 @@ impl Registry {
     }
 
     /// The model of `npc`'s file, loading it if it is not resident.
-    async fn model(self: &Arc<Self>, npc: &Npc) -> Result<Arc<Loaded>, GetError> {
-        let name = self.keys[&npc.name].clone();
+    async fn model(self: &Arc<Self>, npc: &Npc, name: String) -> Result<Arc<Loaded>, GetError> {
         let npc = npc.clone();
         let mut rx = {
             let mut r = self.resident.lock().expect("resident");
