@@ -44,7 +44,7 @@ impl QModel {
         let (nh, nkv, hd, hidden) = (cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.hidden);
         let ffn = self.blocks.first().map_or(0, |b| b.up.n);
         let eps = cfg.rms_eps as f32;
-        let mut x = self.embed.rows(ids)?;
+        let mut x = self.embed.rows(ids, &self.output)?;
         let gemma = self.cfg.arch == Arch::Gemma3;
         if gemma {
             let scale = (hidden as f32).sqrt();

@@ -228,6 +228,74 @@ impl Mat {
         Ok(Mat { n, k, w })
     }
 
+    /// Whether [`row_into`](Self::row_into) can give this matrix's rows back.
+    pub(crate) fn has_rows(&self) -> bool {
+        match &self.w {
+            Weights::Packed(_, ty, _) | Weights::Packed8(_, ty) => *ty == GgmlType::Q8_0,
+            _ => true,
+        }
+    }
+
+    /// Row `r`'s values (an embedding, for a tied head).
+    pub(crate) fn row_into(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        let (n, k) = (self.n, self.k);
+        if r >= n || out.len() != k {
+            return Err(InferError::Model(format!("row {r} of a {n}×{k} matrix")));
+        }
+        let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        match &self.w {
+            Weights::F32(w, _) => out.copy_from_slice(&w[r * k..(r + 1) * k]),
+            Weights::Half(w, half) => {
+                out.iter_mut().zip(&w[r * k..(r + 1) * k]).for_each(|(o, &b)| *o = half.to_f32(b))
+            }
+            Weights::KQuant(w, ty) => {
+                let rb = ty.bytes_for(&[k])?;
+                forge_gguf::quant::dequantize_into(*ty, &w[r * rb..(r + 1) * rb], out)?;
+            }
+            Weights::Blocks(b) => b.row_into(r, k, out)?,
+            Weights::Packed(w, _, kernels) => {
+                // q8_0 by quads: per block the 4 scales, then the 4 rows' values; the last
+                // n % 4 rows plain.
+                let (nb, flip) = (k / 32, if *kernels == Kernels::Vnni { 0x80 } else { 0 });
+                let quads = n / 4;
+                for (b, o) in out.chunks_exact_mut(32).enumerate() {
+                    let (d, vals) = if r < quads * 4 {
+                        let blk = &w[((r / 4) * nb + b) * 136..][..136];
+                        (f16(blk, 2 * (r % 4)), &blk[8 + 32 * (r % 4)..][..32])
+                    } else {
+                        let blk = &w[quads * nb * 136 + ((r - quads * 4) * nb + b) * 34..][..34];
+                        (f16(blk, 0), &blk[2..34])
+                    };
+                    o.iter_mut().zip(vals).for_each(|(o, &v)| *o = (v ^ flip) as i8 as f32 * d);
+                }
+            }
+            Weights::Packed8(w, _) => {
+                // q8_0 by octets: per block the 8 scales, then 8 groups of 4 values of each row
+                // (stored + 128); the last n % 8 rows plain.
+                let nb = k / 32;
+                let octs = n / 8;
+                for (b, o) in out.chunks_exact_mut(32).enumerate() {
+                    if r < octs * 8 {
+                        let blk = &w[((r / 8) * nb + b) * 272..][..272];
+                        let d = f16(blk, 2 * (r % 8));
+                        for g in 0..8 {
+                            let vals = &blk[16 + 32 * g + 4 * (r % 8)..][..4];
+                            o[4 * g..4 * g + 4]
+                                .iter_mut()
+                                .zip(vals)
+                                .for_each(|(o, &v)| *o = (v ^ 0x80) as i8 as f32 * d);
+                        }
+                    } else {
+                        let blk = &w[octs * nb * 272 + ((r - octs * 8) * nb + b) * 34..][..34];
+                        let d = f16(blk, 0);
+                        o.iter_mut().zip(&blk[2..34]).for_each(|(o, &v)| *o = v as i8 as f32 * d);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of memory the weights take.
     pub(crate) fn bytes(&self) -> usize {
         match &self.w {
@@ -295,6 +363,8 @@ fn blocks<T: Block>(data: &[u8]) -> Result<Vec<T>> {
 trait BlockRows: Send + Sync {
     fn needs(&self) -> Need;
     fn bytes(&self) -> usize;
+    /// Row `r` (of `k` values) decoded.
+    fn row_into(&self, r: usize, k: usize, out: &mut [f32]) -> Result<()>;
     /// # Safety
     /// As [`Mat::compute`].
     unsafe fn rows(&self, k: usize, rows: Range<usize>, acts: &Acts, m: usize, out: *mut f32, ld: usize);
@@ -311,6 +381,12 @@ where
 
     fn bytes(&self) -> usize {
         std::mem::size_of_val(self.as_slice())
+    }
+
+    fn row_into(&self, r: usize, k: usize, out: &mut [f32]) -> Result<()> {
+        let nb = k / T::BLCK_SIZE;
+        T::to_float(&self[r * nb..(r + 1) * nb], out);
+        Ok(())
     }
 
     unsafe fn rows(&self, k: usize, rows: Range<usize>, acts: &Acts, m: usize, out: *mut f32, ld: usize) {
@@ -506,6 +582,39 @@ mod tests {
                         assert!((g - r).abs() <= 1e-5 * scale, "{ty} {n}×{k}, {m} inputs: [{i}] {g} vs {r}");
                     }
                 }
+            }
+        }
+    }
+
+    /// A tied head keeps one copy of the embedding table: every layout that says it has rows
+    /// gives back exactly the file's values, for rows in the quads and octets and after them.
+    #[test]
+    fn matrices_give_back_their_rows() {
+        let types = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+        ];
+        for kernels in [Kernels::Candle, require(Kernels::Avx2), require(Kernels::Vnni)] {
+            for ty in types {
+                let (n, k) = (13, 256);
+                let data = forge_gguf::quant::quantize(ty, &values(n * k, 5)).unwrap();
+                let want = forge_gguf::quant::dequantize(ty, &data, n * k).unwrap();
+                let mat = Mat::new(ty, n, k, data, kernels).unwrap();
+                if !mat.has_rows() {
+                    assert!(ty != GgmlType::Q8_0, "{kernels:?}: q8_0 rows come back");
+                    continue;
+                }
+                let mut row = vec![0f32; k];
+                for r in 0..n {
+                    mat.row_into(r, &mut row).unwrap();
+                    assert_eq!(row, want[r * k..(r + 1) * k], "{kernels:?} {ty} row {r}");
+                }
+                assert!(mat.row_into(n, &mut row).is_err());
             }
         }
     }

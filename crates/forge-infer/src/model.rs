@@ -95,14 +95,21 @@ impl QModel {
         let tokenizer = forge_gguf::tokenizer::tokenizer(&gguf)?;
         let gemma = cfg.arch == Arch::Gemma3;
         let mut tensors = Tensors { gguf: &gguf, r, bytes: 0 };
-        let embed = tensors.embedding("token_embd.weight", cfg.hidden, cfg.vocab)?;
+        let mut embed = tensors.embedding("token_embd.weight", cfg.hidden, cfg.vocab)?;
         let norm = tensors.vector("output_norm.weight", cfg.hidden)?;
         let output = match gguf.tensor("output.weight") {
             Some(_) => tensors.matrix("output.weight", kernels)?,
             None => {
-                // A tied head: the embedding table again, laid out for the kernels.
+                // A tied head: the embedding table laid out for the kernels. Where that layout
+                // gives rows back (q8_0, the 16-bit types, k-quants, candle's blocks), it is the
+                // only copy: the embeddings are read from it.
                 let mat = Mat::new(embed.ty, cfg.vocab, cfg.hidden, embed.data.clone(), kernels)?;
                 tensors.bytes += mat.bytes();
+                if mat.has_rows() {
+                    tensors.bytes -= embed.data.len();
+                    embed.data = Vec::new();
+                    embed.tied = true;
+                }
                 mat
             }
         };
@@ -262,18 +269,25 @@ impl QModel {
 /// A model's token embeddings, kept in the file's type and decoded a row at a time.
 pub(crate) struct Embedding {
     pub(crate) ty: GgmlType,
+    /// The table as the file has it (empty when `tied`).
     pub(crate) data: Vec<u8>,
     pub(crate) hidden: usize,
     row_bytes: usize,
+    /// The rows come from the output matrix (a tied head).
+    pub(crate) tied: bool,
 }
 
 impl Embedding {
     /// The embeddings of `ids` (checked against the vocabulary), one row of `hidden` each.
-    pub(crate) fn rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+    pub(crate) fn rows(&self, ids: &[u32], output: &Mat) -> Result<Vec<f32>> {
         let mut x = vec![0f32; ids.len() * self.hidden];
         for (&id, row) in ids.iter().zip(x.chunks_exact_mut(self.hidden)) {
-            let bytes = &self.data[id as usize * self.row_bytes..][..self.row_bytes];
-            forge_gguf::quant::dequantize_into(self.ty, bytes, row)?;
+            if self.tied {
+                output.row_into(id as usize, row)?;
+            } else {
+                let bytes = &self.data[id as usize * self.row_bytes..][..self.row_bytes];
+                forge_gguf::quant::dequantize_into(self.ty, bytes, row)?;
+            }
         }
         Ok(x)
     }
@@ -331,6 +345,6 @@ impl<R: std::io::Read + std::io::Seek> Tensors<'_, R> {
         let row_bytes = t.ty.bytes_for(&[hidden])?;
         let data = self.read(&t)?;
         self.bytes += data.len();
-        Ok(Embedding { ty: t.ty, data, hidden, row_bytes })
+        Ok(Embedding { ty: t.ty, data, hidden, row_bytes, tied: false })
     }
 }
