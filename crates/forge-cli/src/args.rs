@@ -116,7 +116,10 @@ pub struct ServeArgs {
     /// Decoding threads per model (default: the CPU count).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Requests that may wait per model before the server answers 503.
+    /// Requests each model answers together (their next tokens in one forward pass).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Requests that may wait per model beyond those, before the server answers 503.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
     /// Require `Authorization: Bearer <key>`, the key read from this environment variable.

@@ -184,8 +184,15 @@ fn settings(a: &ServeArgs) -> Result<Settings, Failure> {
 fn run(a: &ServeArgs, s: Settings, npcs: Vec<Npc>, what: &str, watch: Option<Watch>) -> Result<(), Failure> {
     let Settings { memory, api_key, addr } = s;
     let threads = a.threads.unwrap_or_else(forge_infer::default_threads).max(1);
-    let config =
-        Config { memory, threads, queue: a.queue, api_key, max_tokens: a.max_tokens.max(1), ..Config::default() };
+    let config = Config {
+        memory,
+        threads,
+        batch: a.batch.max(1),
+        queue: a.queue,
+        api_key,
+        max_tokens: a.max_tokens.max(1),
+        ..Config::default()
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -8,6 +8,13 @@ use forge_model::Arch;
 
 use crate::adapter::{Adapter, Proj};
 use crate::generate::Cache;
+
+/// The rows of a forward pass that belong to one sequence, its cache and its adapter.
+struct Seq<'a> {
+    cache: &'a mut Cache,
+    rows: Range<usize>,
+    adapter: Option<&'a Adapter>,
+}
 use crate::kernels::{self as simd, OutPtr};
 use crate::matmul::{Acts, Kernels, Mat};
 use crate::model::QModel;
@@ -21,22 +28,40 @@ impl QModel {
 
     /// [`step`](Self::step) with a LoRA adapter on the weights (`None`: the base alone).
     pub fn step_with(&self, ids: &[u32], cache: &mut Cache, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        let mut seqs = [Seq { cache, rows: 0..ids.len(), adapter }];
+        Ok(self.forward(ids, &mut seqs)?.pop().expect("one sequence"))
+    }
+
+    /// One new token for each of several sequences — each with its cache and perhaps an
+    /// adapter — in one forward pass: the matrix products run on all the rows together (the
+    /// weights read once for the batch), attention per sequence. Each sequence's logits are
+    /// what [`step_with`](Self::step_with) gives it alone, bit for bit.
+    pub fn step_many(&self, next: &mut [(u32, &mut Cache, Option<&Adapter>)]) -> Result<Vec<Vec<f32>>> {
+        let ids: Vec<u32> = next.iter().map(|n| n.0).collect();
+        let mut seqs: Vec<Seq<'_>> =
+            next.iter_mut().enumerate().map(|(i, n)| Seq { cache: &mut *n.1, rows: i..i + 1, adapter: n.2 }).collect();
+        self.forward(&ids, &mut seqs)
+    }
+
+    /// The forward pass of `ids`, whose rows belong to `seqs` (each a contiguous range, its
+    /// tokens following those in its cache); the logits after each sequence's last row.
+    fn forward(&self, ids: &[u32], seqs: &mut [Seq<'_>]) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
-        // The adapter's update of projection `p` of this layer, added to its product with `x`.
-        let lora = |l: usize, p: Proj, x: &[f32], m: usize, y: &mut Vec<f32>| {
-            if let Some(lora) = adapter.and_then(|a| a.get(l, p)) {
-                lora.apply(x, m, y);
-            }
-        };
-        let (t, past) = (ids.len(), cache.len);
-        if t == 0 {
+        let t = ids.len();
+        if t == 0 || seqs.is_empty() || seqs.iter().any(|s| s.rows.is_empty() || s.rows.end > t) {
             return Err(InferError::Model("no tokens to decode".into()));
         }
-        if past + t > cfg.max_positions {
-            return Err(InferError::Model(format!("{} tokens exceed the context of {}", past + t, cfg.max_positions)));
-        }
-        if cache.layers.len() != self.blocks.len() {
-            cache.layers = (0..self.blocks.len()).map(|_| (Vec::new(), Vec::new())).collect();
+        for s in seqs.iter_mut() {
+            if s.cache.len + s.rows.len() > cfg.max_positions {
+                return Err(InferError::Model(format!(
+                    "{} tokens exceed the context of {}",
+                    s.cache.len + s.rows.len(),
+                    cfg.max_positions
+                )));
+            }
+            if s.cache.layers.len() != self.blocks.len() {
+                s.cache.layers = (0..self.blocks.len()).map(|_| (Vec::new(), Vec::new())).collect();
+            }
         }
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab) {
             return Err(InferError::Model(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab)));
@@ -44,26 +69,37 @@ impl QModel {
         let (nh, nkv, hd, hidden) = (cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.hidden);
         let ffn = self.blocks.first().map_or(0, |b| b.up.n);
         let eps = cfg.rms_eps as f32;
+        // The adapters' update of projection `p` of layer `l`, added to its product `y` with `x`
+        // (rows of `xw` and `yw` values), each sequence's rows with its own adapter.
+        let lora = |seqs: &[Seq<'_>], l: usize, p: Proj, x: &[f32], xw: usize, y: &mut [f32], yw: usize| {
+            for s in seqs {
+                if let Some(lora) = s.adapter.and_then(|a| a.get(l, p)) {
+                    let r = &s.rows;
+                    lora.apply(&x[r.start * xw..r.end * xw], r.len(), &mut y[r.start * yw..r.end * yw]);
+                }
+            }
+        };
         let mut x = self.embed.rows(ids, &self.output)?;
         let gemma = self.cfg.arch == Arch::Gemma3;
         if gemma {
             let scale = (hidden as f32).sqrt();
             x.iter_mut().for_each(|x| *x *= scale);
         }
+        let (qw, kw) = (nh * hd, nkv * hd);
         let mut h = vec![0f32; t * hidden];
-        let mut q = vec![0f32; t * nh * hd];
-        let mut k = vec![0f32; t * nkv * hd];
-        let mut v = vec![0f32; t * nkv * hd];
-        let mut att = vec![0f32; t * nh * hd];
+        let mut q = vec![0f32; t * qw];
+        let mut k = vec![0f32; t * kw];
+        let mut v = vec![0f32; t * kw];
+        let mut att = vec![0f32; t * qw];
         let mut gate = vec![0f32; t * ffn];
         let mut up = vec![0f32; t * ffn];
         let mut acts = Acts { forge: self.kernels != Kernels::Candle, ..Acts::default() };
         for (l, b) in self.blocks.iter().enumerate() {
             self.rms_norm_rows(&x, &b.attn_norm, eps, &mut h);
             self.matmuls(&mut [(&b.q, &mut q), (&b.k, &mut k), (&b.v, &mut v)], &h, t, &mut acts);
-            lora(l, Proj::Q, &h, t, &mut q);
-            lora(l, Proj::K, &h, t, &mut k);
-            lora(l, Proj::V, &h, t, &mut v);
+            lora(seqs, l, Proj::Q, &h, hidden, &mut q, qw);
+            lora(seqs, l, Proj::K, &h, hidden, &mut k, kw);
+            lora(seqs, l, Proj::V, &h, hidden, &mut v, kw);
             for (y, bias) in [(&mut q, &b.q_bias), (&mut k, &b.k_bias), (&mut v, &b.v_bias)] {
                 if let Some(bias) = bias {
                     for row in y.chunks_exact_mut(bias.len()) {
@@ -76,31 +112,38 @@ impl QModel {
                 rms_norm_in_place(&mut k, kn, eps);
             }
             let local = b.window.is_some();
-            self.rope(&mut q, nh, past, local);
-            self.rope(&mut k, nkv, past, local);
+            for s in seqs.iter() {
+                let (r, past) = (&s.rows, s.cache.len);
+                self.rope(&mut q[r.start * qw..r.end * qw], nh, past, local);
+                self.rope(&mut k[r.start * kw..r.end * kw], nkv, past, local);
+            }
             if gemma {
                 // Gemma 3 (all but 27B): queries scaled by 1/√head_dim before attention.
                 let scale = 1.0 / (hd as f32).sqrt();
                 q.iter_mut().for_each(|q| *q *= scale);
             }
-            let (kc, vc) = &mut cache.layers[l];
-            // llama.cpp's default cache holds keys and values as f16.
-            let n0 = kc.len();
-            kc.extend_from_slice(&k);
-            vc.extend_from_slice(&v);
-            simd::round_f16(&mut kc[n0..]);
-            simd::round_f16(&mut vc[n0..]);
-            self.attention(&q, kc, vc, past, t, b.window, &mut att);
+            for s in seqs.iter_mut() {
+                let (r, past) = (s.rows.clone(), s.cache.len);
+                let (kc, vc) = &mut s.cache.layers[l];
+                // llama.cpp's default cache holds keys and values as f16.
+                let n0 = kc.len();
+                kc.extend_from_slice(&k[r.start * kw..r.end * kw]);
+                vc.extend_from_slice(&v[r.start * kw..r.end * kw]);
+                simd::round_f16(&mut kc[n0..]);
+                simd::round_f16(&mut vc[n0..]);
+                let out = &mut att[r.start * qw..r.end * qw];
+                self.attention(&q[r.start * qw..r.end * qw], kc, vc, past, r.len(), b.window, out);
+            }
             self.matmuls(&mut [(&b.o, &mut h)], &att, t, &mut acts);
-            lora(l, Proj::O, &att, t, &mut h);
+            lora(seqs, l, Proj::O, &att, qw, &mut h, hidden);
             if let Some(w) = &b.post_attn_norm {
                 rms_norm_in_place(&mut h, w, eps);
             }
             x.iter_mut().zip(&h).for_each(|(x, o)| *x += o);
             self.rms_norm_rows(&x, &b.ffn_norm, eps, &mut h);
             self.matmuls(&mut [(&b.gate, &mut gate), (&b.up, &mut up)], &h, t, &mut acts);
-            lora(l, Proj::Gate, &h, t, &mut gate);
-            lora(l, Proj::Up, &h, t, &mut up);
+            lora(seqs, l, Proj::Gate, &h, hidden, &mut gate, ffn);
+            lora(seqs, l, Proj::Up, &h, hidden, &mut up, ffn);
             let gp = OutPtr(gate.as_mut_ptr());
             self.par_range(t, ffn * 8, &|rows| {
                 // SAFETY: each chunk writes its own rows of `gate`.
@@ -114,19 +157,22 @@ impl QModel {
                 }
             });
             self.matmuls(&mut [(&b.down, &mut h)], &gate, t, &mut acts);
-            lora(l, Proj::Down, &gate, t, &mut h);
+            lora(seqs, l, Proj::Down, &gate, ffn, &mut h, hidden);
             if let Some(w) = &b.post_ffn_norm {
                 rms_norm_in_place(&mut h, w, eps);
             }
             x.iter_mut().zip(&h).for_each(|(x, d)| *x += d);
         }
-        cache.len += t;
-        let last = &x[(t - 1) * hidden..];
-        let mut hl = vec![0f32; hidden];
-        rms_norm(last, &self.norm, eps, &mut hl);
-        let mut logits = vec![0f32; self.output.n];
-        self.matmuls(&mut [(&self.output, &mut logits)], &hl, 1, &mut acts);
-        Ok(logits)
+        // Each sequence's last row, normed, through the head in one product.
+        let mut hl = vec![0f32; seqs.len() * hidden];
+        for (s, out) in seqs.iter_mut().zip(hl.chunks_exact_mut(hidden)) {
+            s.cache.len += s.rows.len();
+            let last = s.rows.end - 1;
+            rms_norm(&x[last * hidden..(last + 1) * hidden], &self.norm, eps, out);
+        }
+        let mut logits = vec![0f32; seqs.len() * self.output.n];
+        self.matmuls(&mut [(&self.output, &mut logits)], &hl, seqs.len(), &mut acts);
+        Ok(logits.chunks_exact(self.output.n).map(<[f32]>::to_vec).collect())
     }
 
     /// `outs[j] = x · mats[j]ᵀ` for the `m` rows of `x`, all matrices in one parallel pass.

@@ -14,13 +14,13 @@ pub struct TextStream<'a> {
     /// The text decoded so far, and how many of its bytes were handed out.
     text: String,
     sent: usize,
-    stops: &'a [String],
+    stops: Vec<String>,
     stopped: bool,
 }
 
 impl<'a> TextStream<'a> {
     /// A stream that ends at the first of `stops` (which is not part of the answer).
-    pub fn new(tok: &'a Tokenizer, stops: &'a [String]) -> TextStream<'a> {
+    pub fn new(tok: &'a Tokenizer, stops: Vec<String>) -> TextStream<'a> {
         TextStream { tok, ids: Vec::new(), text: String::new(), sent: 0, stops, stopped: false }
     }
 
@@ -121,7 +121,7 @@ mod tests {
     fn streamed_pieces_add_up_to_the_decoded_text() {
         let tok = tokenizer();
         let ids = tok.encode("The baron 🐉 hoards Ærøskøbing grain").unwrap();
-        let mut s = TextStream::new(&tok, &[]);
+        let mut s = TextStream::new(&tok, Vec::new());
         let mut out = String::new();
         for &id in &ids {
             let piece = s.push(id).unwrap();
@@ -140,7 +140,7 @@ mod tests {
         let tok = tokenizer();
         let stops = vec!["END".to_string()];
         let ids = tok.encode("HEAR YE! END of poster").unwrap();
-        let mut s = TextStream::new(&tok, &stops);
+        let mut s = TextStream::new(&tok, stops.clone());
         let mut out = String::new();
         for &id in &ids {
             out.push_str(&s.push(id).unwrap());
@@ -152,7 +152,7 @@ mod tests {
 
         let stops = vec!["END!".to_string()];
         let ids = tok.encode("HEAR YE END").unwrap();
-        let mut s = TextStream::new(&tok, &stops);
+        let mut s = TextStream::new(&tok, stops.clone());
         let mut out = String::new();
         for &id in &ids {
             out.push_str(&s.push(id).unwrap());

@@ -269,3 +269,37 @@ fn an_adapter_on_its_base_decodes_as_the_merged_model() {
     assert!(moved > 100.0 * worst.max(1e-5), "the adapter changes the logits ({moved})");
     assert_eq!(ta, tm, "the same greedy tokens");
 }
+
+/// Several sequences' next tokens in one forward pass (`step_many`, what a server runs for its
+/// concurrent requests) give each sequence exactly the logits and cache it gets alone.
+#[test]
+fn a_batch_of_sequences_equals_each_sequence_alone() {
+    use forge_infer::Cache;
+    let (model, tok) = random(256, 4, 2, 512, 17);
+    let dir = tempfile::tempdir().unwrap();
+    let prompts: Vec<Vec<u32>> =
+        (0..5).map(|s| (0..(3 + 2 * s)).map(|i| (i * 41 + 7 * s + 1) % tok.vocab_size() as u32).collect()).collect();
+    let bits = |l: &[f32]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for level in [QuantLevel::F16, QuantLevel::Q8_0, QuantLevel::Q4_1, QuantLevel::Q4KM] {
+        let path = dir.path().join(format!("{level}.gguf"));
+        forge_gguf::convert::write_model(&path, &model, &tok, level, "t", Default::default()).unwrap();
+        let mut q = QModel::load(&path).unwrap();
+        q.set_parallel_threshold(0);
+        q.set_threads(2);
+        let mut alone: Vec<Cache> = prompts.iter().map(|_| Cache::default()).collect();
+        let mut together: Vec<Cache> = prompts.iter().map(|_| Cache::default()).collect();
+        for ((p, a), b) in prompts.iter().zip(&mut alone).zip(&mut together) {
+            q.step(p, a).unwrap();
+            q.step(p, b).unwrap();
+        }
+        for round in 0..3u32 {
+            let next: Vec<u32> = (0..prompts.len() as u32).map(|s| (s * 13 + round * 5 + 2) % 300).collect();
+            let want: Vec<Vec<u32>> =
+                next.iter().zip(&mut alone).map(|(&t, c)| bits(&q.step(&[t], c).unwrap())).collect();
+            let mut batch: Vec<(u32, &mut Cache, Option<&forge_infer::Adapter>)> =
+                next.iter().zip(together.iter_mut()).map(|(&t, c)| (t, c, None)).collect();
+            let got: Vec<Vec<u32>> = q.step_many(&mut batch).unwrap().iter().map(|l| bits(l)).collect();
+            assert!(got == want, "{level}, round {round}: batched logits differ from each sequence alone");
+        }
+    }
+}

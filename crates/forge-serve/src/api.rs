@@ -36,7 +36,7 @@ pub struct State {
 
 impl State {
     pub fn new(npcs: Vec<Npc>, config: Config) -> State {
-        let registry = Arc::new(Registry::new(npcs, config.memory, config.threads, config.queue));
+        let registry = Arc::new(Registry::new(npcs, config.memory, config.threads, config.batch, config.queue));
         State { registry, config, metrics: Metrics::default(), next_id: AtomicU64::new(1) }
     }
 }
@@ -426,8 +426,8 @@ fn queue(
             ..ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
-                    "`{}` is answering a request and {} more are waiting; try again shortly",
-                    model.npc.name, st.config.queue
+                    "`{}` is answering {} requests and {} more are waiting; try again shortly",
+                    model.npc.name, st.config.batch, st.config.queue
                 ),
                 "server_error",
             )

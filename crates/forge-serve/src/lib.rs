@@ -29,7 +29,9 @@ pub struct Config {
     pub memory: u64,
     /// Decoding threads per model.
     pub threads: usize,
-    /// Requests that may wait for each model beyond the one it is answering.
+    /// Requests each model answers together, their next tokens in one forward pass.
+    pub batch: usize,
+    /// Requests that may wait for each model beyond those it is answering.
     pub queue: usize,
     /// Requests must carry `Authorization: Bearer <key>` (not `/health`).
     pub api_key: Option<String>,
@@ -41,7 +43,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { memory: 2 << 30, threads: 2, queue: 16, api_key: None, max_tokens: 4096, max_body: 1 << 20 }
+        Config { memory: 2 << 30, threads: 2, batch: 8, queue: 16, api_key: None, max_tokens: 4096, max_body: 1 << 20 }
     }
 }
 

@@ -165,6 +165,7 @@ pub struct Registry {
     npcs: std::sync::RwLock<(BTreeMap<String, Npc>, HashMap<String, String>)>,
     budget: u64,
     threads: usize,
+    batch: usize,
     queue: usize,
     resident: Mutex<Resident>,
     counts: Mutex<Counts>,
@@ -180,12 +181,13 @@ pub enum GetError {
 }
 
 impl Registry {
-    pub fn new(npcs: Vec<Npc>, budget: u64, threads: usize, queue: usize) -> Registry {
+    pub fn new(npcs: Vec<Npc>, budget: u64, threads: usize, batch: usize, queue: usize) -> Registry {
         let keys = npcs.iter().map(|n| (n.name.clone(), key(n))).collect();
         Registry {
             npcs: std::sync::RwLock::new((npcs.into_iter().map(|n| (n.name.clone(), n)).collect(), keys)),
             budget,
             threads,
+            batch,
             queue,
             resident: Mutex::new(Resident::default()),
             counts: Mutex::new(Counts::default()),
@@ -401,7 +403,7 @@ impl Registry {
         self.make_room(bytes, &mut evicted, &name)?;
         self.resident.lock().expect("resident").reserved -= bytes;
         let architecture = model.architecture();
-        let worker = Worker::start(&name, model, self.queue);
+        let worker = Worker::start(&name, model, self.batch, self.queue);
         let loaded =
             Loaded { key, worker, bytes, architecture, adapters: Mutex::default(), adapter_bytes: AtomicU64::new(0) };
         Ok((Arc::new(loaded), evicted))

@@ -70,15 +70,16 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the thread of `model`, with room for `queue` waiting jobs.
-    pub fn start(name: &str, model: QModel, queue: usize) -> Worker {
-        let room = queue + 1;
+    pub fn start(name: &str, model: QModel, batch: usize, queue: usize) -> Worker {
+        let batch = batch.max(1);
+        let room = batch + queue;
         let (jobs, rx) = sync_channel(room);
         let model = Arc::new(model);
         let pending = Arc::new(AtomicUsize::new(0));
         let (theirs, left) = (model.clone(), pending.clone());
         std::thread::Builder::new()
             .name(format!("forge-serve-{name}"))
-            .spawn(move || run(&theirs, rx, &left))
+            .spawn(move || run(&theirs, rx, &left, batch))
             .expect("spawning a model thread");
         Worker { jobs, pending, room, model }
     }
@@ -99,18 +100,41 @@ impl Worker {
     }
 }
 
-/// The thread: jobs one after another until the model is dropped (every sender gone).
-fn run(model: &QModel, jobs: Receiver<Job>, pending: &AtomicUsize) {
+/// An answer being generated.
+struct Active<'m> {
+    job: Job,
+    cache: Cache,
+    logits: Vec<f32>,
+    rng: forge_infer::sampling::Rng,
+    text: TextStream<'m>,
+    tokens: usize,
+}
+
+/// Why an active answer left the batch.
+enum Leave {
+    Done(Finish),
+    Gone,
+    Error(String),
+}
+
+/// The thread: up to `batch` answers at a time, their next tokens in one forward pass
+/// (`QModel::step_many`), new requests joining between tokens; until the model is dropped.
+fn run(model: &QModel, jobs: Receiver<Job>, pending: &AtomicUsize, batch: usize) {
     let stop_ids = model.tokenizer.stop_ids(&model.cfg.eos);
-    while let Ok(job) = jobs.recv() {
-        let events = job.events.clone();
-        let last = if events.is_closed() {
-            None
-        } else {
-            match answer(model, &stop_ids, job) {
-                Ok(done) => done,
-                Err(e) => Some(Event::Error(e.to_string())),
+    let mut active: Vec<Active<'_>> = Vec::new();
+    let finish = |a: Active<'_>, how: Leave| {
+        let events = a.job.events.clone();
+        let last = match how {
+            Leave::Done(finish) => {
+                let mut text = a.text;
+                let rest = text.finish();
+                if !rest.is_empty() {
+                    let _ = events.blocking_send(Event::Text(rest));
+                }
+                Some(Event::Done { finish, prompt_tokens: a.job.prompt.len(), completion_tokens: a.tokens })
             }
+            Leave::Gone => None,
+            Leave::Error(e) => Some(Event::Error(e)),
         };
         // Free the slot before the client hears the answer is over, so that its next request
         // finds room.
@@ -118,46 +142,100 @@ fn run(model: &QModel, jobs: Receiver<Job>, pending: &AtomicUsize) {
         if let Some(e) = last {
             let _ = events.blocking_send(e);
         }
+    };
+    loop {
+        // New requests: wait for one when idle, else take what has arrived.
+        while active.len() < batch {
+            let job = if active.is_empty() {
+                match jobs.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            };
+            if job.events.is_closed() {
+                pending.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
+            let mut cache = Cache::with_capacity(model, job.prompt.len() + job.sampling.max_tokens);
+            match model.step_with(&job.prompt, &mut cache, job.adapter.as_deref()) {
+                Ok(logits) => {
+                    let rng = forge_infer::sampling::Rng::new(job.sampling.seed);
+                    let text = TextStream::new(&model.tokenizer, job.stops.clone());
+                    active.push(Active { job, cache, logits, rng, text, tokens: 0 });
+                }
+                Err(e) => {
+                    let events = job.events.clone();
+                    pending.fetch_sub(1, Ordering::AcqRel);
+                    let _ = events.blocking_send(Event::Error(e.to_string()));
+                }
+            }
+        }
+        // One token for each answer whose client keeps up (a full channel waits a round).
+        let mut leaving: Vec<(usize, Leave)> = Vec::new();
+        let mut next: Vec<(usize, u32)> = Vec::new();
+        for (i, a) in active.iter_mut().enumerate() {
+            if a.job.events.is_closed() {
+                leaving.push((i, Leave::Gone));
+                continue;
+            }
+            if a.job.events.capacity() == 0 {
+                continue;
+            }
+            let token = sample(&a.logits, &a.job.sampling, &mut a.rng);
+            if stop_ids.contains(&token) {
+                leaving.push((i, Leave::Done(Finish::Stop)));
+                continue;
+            }
+            a.tokens += 1;
+            match a.text.push(token) {
+                Ok(piece) => {
+                    if !piece.is_empty() && a.job.events.try_send(Event::Text(piece)).is_err() {
+                        leaving.push((i, Leave::Gone));
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    leaving.push((i, Leave::Error(e.to_string())));
+                    continue;
+                }
+            }
+            if a.text.stopped() {
+                leaving.push((i, Leave::Done(Finish::Stop)));
+            } else if a.tokens == a.job.sampling.max_tokens || a.cache.len() + 1 > model.cfg.max_positions {
+                leaving.push((i, Leave::Done(Finish::Length)));
+            } else {
+                next.push((i, token));
+            }
+        }
+        if !next.is_empty() {
+            let mut refs: Vec<Option<&mut Active<'_>>> = active.iter_mut().map(Some).collect();
+            let mut batch_rows: Vec<(u32, &mut Cache, Option<&forge_infer::Adapter>)> = Vec::with_capacity(next.len());
+            let mut logits_of: Vec<usize> = Vec::with_capacity(next.len());
+            let mut outs: Vec<&mut Vec<f32>> = Vec::with_capacity(next.len());
+            for &(i, token) in &next {
+                let a = refs[i].take().expect("once");
+                batch_rows.push((token, &mut a.cache, a.job.adapter.as_deref()));
+                outs.push(&mut a.logits);
+                logits_of.push(i);
+            }
+            match model.step_many(&mut batch_rows) {
+                Ok(all) => {
+                    for (out, l) in outs.into_iter().zip(all) {
+                        *out = l;
+                    }
+                }
+                Err(e) => leaving.extend(logits_of.iter().map(|&i| (i, Leave::Error(e.to_string())))),
+            }
+        }
+        leaving.sort_by_key(|l| std::cmp::Reverse(l.0));
+        leaving.dedup_by_key(|l| l.0);
+        for (i, how) in leaving {
+            finish(active.swap_remove(i), how);
+        }
     }
-}
-
-/// Generates the answer, sending its text; returns the final event to send (none when the
-/// client has gone).
-fn answer(model: &QModel, stop_ids: &[u32], job: Job) -> forge_infer::Result<Option<Event>> {
-    let s = &job.sampling;
-    let mut cache = Cache::with_capacity(model, job.prompt.len() + s.max_tokens);
-    let adapter = job.adapter.as_deref();
-    let mut logits = model.step_with(&job.prompt, &mut cache, adapter)?;
-    let mut rng = forge_infer::sampling::Rng::new(s.seed);
-    let mut text = TextStream::new(&model.tokenizer, &job.stops);
-    let mut finish = Finish::Length;
-    let mut n = 0;
-    while n < s.max_tokens {
-        if job.events.is_closed() {
-            return Ok(None);
-        }
-        let token = sample(&logits, s, &mut rng);
-        if stop_ids.contains(&token) {
-            finish = Finish::Stop;
-            break;
-        }
-        n += 1;
-        let piece = text.push(token)?;
-        if !piece.is_empty() && job.events.blocking_send(Event::Text(piece)).is_err() {
-            return Ok(None);
-        }
-        if text.stopped() {
-            finish = Finish::Stop;
-            break;
-        }
-        if n == s.max_tokens || cache.len() + 1 > model.cfg.max_positions {
-            break;
-        }
-        logits = model.step_with(&[token], &mut cache, adapter)?;
-    }
-    let rest = text.finish();
-    if !rest.is_empty() {
-        let _ = job.events.blocking_send(Event::Text(rest));
-    }
-    Ok(Some(Event::Done { finish, prompt_tokens: job.prompt.len(), completion_tokens: n }))
 }

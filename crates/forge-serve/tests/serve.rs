@@ -207,7 +207,7 @@ fn the_memory_budget_holds_with_more_npcs_than_fit() {
 #[test]
 fn a_full_queue_answers_503_and_a_hung_up_stream_frees_the_model() {
     let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), &["a"], |_| Config { queue: 0, ..Config::default() });
+    let s = start(dir.path(), &["a"], |_| Config { batch: 1, queue: 0, ..Config::default() });
     let (status, _, _) = s.post("/preload/a", json!({}));
     assert_eq!(status, 200);
     // The answer is long (greedy, no stop token for 200 tokens), and its client reads only the
@@ -498,4 +498,32 @@ fn npcs_with_adapters_share_their_base_in_memory() {
         answers.push(text);
     }
     assert_ne!(answers[0], answers[1], "each NPC answers with its own adapter");
+}
+
+/// Concurrent requests to one model decode together (their next tokens in one forward pass),
+/// and each gets the answer it gets alone.
+#[test]
+fn concurrent_requests_batched_together_get_their_own_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), &["a"], |_| Config::default());
+    let prompts = ["Who hoards the grain?", "Beware the miller!", "HEAR YE", "ale", "The baron hoards grain.", "geese"];
+    let body = |p: &str, seed: u64| chat("a", p, json!({"max_tokens": 24, "temperature": 0.8, "seed": seed}));
+    let alone: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            s.post("/v1/chat/completions", body(p, i as u64)).1["choices"][0]["message"]["content"].to_string()
+        })
+        .collect();
+    let together: Vec<String> = s.block(async {
+        let calls =
+            prompts.iter().enumerate().map(|(i, p)| {
+                let req = s.client.post(format!("{}/v1/chat/completions", s.base)).json(&body(p, i as u64)).send();
+                async move {
+                    req.await.unwrap().json::<Value>().await.unwrap()["choices"][0]["message"]["content"].to_string()
+                }
+            });
+        futures_util::future::join_all(calls).await
+    });
+    assert_eq!(together, alone);
 }
