@@ -232,6 +232,10 @@ fn run(model: &QModel, jobs: Receiver<Job>, pending: &AtomicUsize, batch: usize)
                 Err(e) => leaving.extend(logits_of.iter().map(|&i| (i, Leave::Error(e.to_string())))),
             }
         }
+        if next.is_empty() && leaving.is_empty() {
+            // Every answer waits for its client to read on: do not spin.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         leaving.sort_by_key(|l| std::cmp::Reverse(l.0));
         leaving.dedup_by_key(|l| l.0);
         for (i, how) in leaving {
