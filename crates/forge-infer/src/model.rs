@@ -103,13 +103,15 @@ impl QModel {
                 // A tied head: the embedding table laid out for the kernels. Where that layout
                 // gives rows back (q8_0, the 16-bit types, k-quants, candle's blocks), it is the
                 // only copy: the embeddings are read from it.
-                let mat = Mat::new(embed.ty, cfg.vocab, cfg.hidden, embed.data.clone(), kernels)?;
-                tensors.bytes += mat.bytes();
-                if mat.has_rows() {
+                let data = if Mat::gives_rows(embed.ty, kernels) {
                     tensors.bytes -= embed.data.len();
-                    embed.data = Vec::new();
                     embed.tied = true;
-                }
+                    std::mem::take(&mut embed.data)
+                } else {
+                    embed.data.clone()
+                };
+                let mat = Mat::new(embed.ty, cfg.vocab, cfg.hidden, data, kernels)?;
+                tensors.bytes += mat.bytes();
                 mat
             }
         };

@@ -203,13 +203,20 @@ impl Registry {
     /// changed. Requests already running finish on the old model, which is dropped from memory
     /// once no NPC uses it and they are done.
     pub fn replace(&self, npc: Npc) -> bool {
-        let new_key = key(&npc);
-        let mut guard = self.npcs.write().expect("npcs");
-        let (npcs, keys) = &mut *guard;
-        let unchanged = npcs.get(&npc.name).is_some_and(|old| old.file == npc.file && old.adapter == npc.adapter);
-        if unchanged && keys.get(&npc.name) == Some(&new_key) {
+        // Artifacts are immutable: the same paths are the same files (and hashing a base for
+        // its key every time the watcher looks would read it all again).
+        let unchanged = |g: &(BTreeMap<String, Npc>, HashMap<String, String>)| {
+            g.0.get(&npc.name).is_some_and(|old| old.file == npc.file && old.adapter == npc.adapter)
+        };
+        if unchanged(&self.npcs.read().expect("npcs")) {
             return false;
         }
+        let new_key = key(&npc);
+        let mut guard = self.npcs.write().expect("npcs");
+        if unchanged(&guard) {
+            return false;
+        }
+        let (npcs, keys) = &mut *guard;
         let old_key = keys.insert(npc.name.clone(), new_key);
         npcs.insert(npc.name.clone(), npc);
         if let Some(old) = old_key.filter(|k| !keys.values().any(|v| v == k)) {

@@ -329,22 +329,11 @@ kernel!(
     "avx2,fma,f16c",
     34,
     mins = false,
-    quad | p | {
-        [
-            _mm256_loadu_si256(p as *const __m256i),
-            _mm256_loadu_si256(p.add(32) as *const __m256i),
-            _mm256_loadu_si256(p.add(64) as *const __m256i),
-            _mm256_loadu_si256(p.add(96) as *const __m256i),
-        ]
-    },
+    quad | p | { quad_bytes(p) },
     plain | p | { _mm256_loadu_si256(p as *const __m256i) },
     dot | x,
     y,
-    _c | {
-        let ax = _mm256_sign_epi8(x, x);
-        let sy = _mm256_sign_epi8(y, x);
-        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
-    }
+    _c | { sign_dot(x, y) }
 );
 // q8_0, VNNI: the stored x + 128 times y, minus 128·Σy.
 kernel!(
@@ -353,14 +342,7 @@ kernel!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     34,
     mins = false,
-    quad | p | {
-        [
-            _mm256_loadu_si256(p as *const __m256i),
-            _mm256_loadu_si256(p.add(32) as *const __m256i),
-            _mm256_loadu_si256(p.add(64) as *const __m256i),
-            _mm256_loadu_si256(p.add(96) as *const __m256i),
-        ]
-    },
+    quad | p | { quad_bytes(p) },
     plain | p | { _mm256_xor_si256(_mm256_loadu_si256(p as *const __m256i), _mm256_set1_epi8(-128)) },
     dot | x,
     y,
@@ -373,26 +355,11 @@ kernel!(
     "avx2,fma,f16c",
     18,
     mins = false,
-    quad | p | {
-        let m = _mm256_set1_epi8(0x0F);
-        let eight = _mm256_set1_epi8(8);
-        let v01 = _mm256_loadu_si256(p as *const __m256i);
-        let v23 = _mm256_loadu_si256(p.add(32) as *const __m256i);
-        [
-            _mm256_sub_epi8(_mm256_and_si256(v01, m), eight),
-            _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(v01), m), eight),
-            _mm256_sub_epi8(_mm256_and_si256(v23, m), eight),
-            _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(v23), m), eight),
-        ]
-    },
+    quad | p | { quad_nibbles(p).map(|v| _mm256_sub_epi8(v, _mm256_set1_epi8(8))) },
     plain | p | { _mm256_sub_epi8(nibbles(p), _mm256_set1_epi8(8)) },
     dot | x,
     y,
-    _c | {
-        let ax = _mm256_sign_epi8(x, x);
-        let sy = _mm256_sign_epi8(y, x);
-        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
-    }
+    _c | { sign_dot(x, y) }
 );
 // q4_0, VNNI: nibbles times y, minus 8·Σy.
 kernel!(
@@ -401,17 +368,7 @@ kernel!(
     "avx2,fma,f16c,avx512vnni,avx512vl",
     18,
     mins = false,
-    quad | p | {
-        let m = _mm256_set1_epi8(0x0F);
-        let v01 = _mm256_loadu_si256(p as *const __m256i);
-        let v23 = _mm256_loadu_si256(p.add(32) as *const __m256i);
-        [
-            _mm256_and_si256(v01, m),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(v01), m),
-            _mm256_and_si256(v23, m),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(v23), m),
-        ]
-    },
+    quad | p | { quad_nibbles(p) },
     plain | p | { nibbles(p) },
     dot | x,
     y,
@@ -469,6 +426,24 @@ kernel!(
     _c | { _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y) }
 );
 
+/// The 4 rows' bytes of a repacked `q8_0` quad's block: 128 bytes, a row after the other.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quad_bytes(p: *const u8) -> [__m256i; 4] {
+    unsafe { [0, 1, 2, 3].map(|j| _mm256_loadu_si256(p.add(32 * j) as *const __m256i)) }
+}
+
+/// The 8 lane sums (of 4 products) of signed bytes `x` times signed bytes `y`: candle's sign
+/// trick, `|x|` times `y` with `x`'s sign, through `maddubs` and `madd`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn sign_dot(x: __m256i, y: __m256i) -> __m256i {
+    let ax = _mm256_sign_epi8(x, x);
+    let sy = _mm256_sign_epi8(y, x);
+    _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
+}
+
 /// The 4 rows' 4-bit values (0..=15) of a repacked quad's block: 64 bytes, rows paired by nibble.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -520,12 +495,7 @@ kernel!(
     plain | p | { _mm256_or_si256(nibbles(p.add(4)), high_bits(p)) },
     dot | x,
     y,
-    _c | {
-        let xs = _mm256_sub_epi8(x, _mm256_set1_epi8(16));
-        let ax = _mm256_sign_epi8(xs, xs);
-        let sy = _mm256_sign_epi8(y, xs);
-        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
-    }
+    _c | { sign_dot(_mm256_sub_epi8(x, _mm256_set1_epi8(16)), y) }
 );
 kernel!(
     q5_0_vnni,
