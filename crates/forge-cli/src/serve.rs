@@ -193,6 +193,7 @@ fn run(a: &ServeArgs, s: Settings, npcs: Vec<Npc>, what: &str, watch: Option<Wat
         max_tokens: a.max_tokens.max(1),
         ..Config::default()
     };
+    forge_serve::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -59,9 +59,7 @@ impl QModel {
                     cfg.max_positions
                 )));
             }
-            if s.cache.layers.len() != self.blocks.len() {
-                s.cache.layers = (0..self.blocks.len()).map(|_| (Vec::new(), Vec::new())).collect();
-            }
+            s.cache.fit(self.blocks.len(), cfg.kv_heads * cfg.head_dim, s.cache.len + s.rows.len());
         }
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab) {
             return Err(InferError::Model(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab)));
@@ -124,13 +122,11 @@ impl QModel {
             }
             for s in seqs.iter_mut() {
                 let (r, past) = (s.rows.clone(), s.cache.len);
-                let (kc, vc) = &mut s.cache.layers[l];
+                let (kc, vc) = s.cache.layer(l);
+                let (kc, vc) = (&mut kc[..(past + r.len()) * kw], &mut vc[..(past + r.len()) * kw]);
                 // llama.cpp's default cache holds keys and values as f16.
-                let n0 = kc.len();
-                kc.extend_from_slice(&k[r.start * kw..r.end * kw]);
-                vc.extend_from_slice(&v[r.start * kw..r.end * kw]);
-                simd::round_f16(&mut kc[n0..]);
-                simd::round_f16(&mut vc[n0..]);
+                simd::to_f16(&k[r.start * kw..r.end * kw], &mut kc[past * kw..]);
+                simd::to_f16(&v[r.start * kw..r.end * kw], &mut vc[past * kw..]);
                 let out = &mut att[r.start * qw..r.end * qw];
                 self.attention(&q[r.start * qw..r.end * qw], kc, vc, past, r.len(), b.window, out);
             }
@@ -295,8 +291,8 @@ impl QModel {
     fn attention(
         &self,
         q: &[f32],
-        kc: &[f32],
-        vc: &[f32],
+        kc: &[u16],
+        vc: &[u16],
         past: usize,
         t: usize,
         window: Option<usize>,

@@ -9,23 +9,50 @@ use crate::Result;
 use crate::model::QModel;
 use crate::sampling::{Sampling, argmax, sample};
 
-/// Keys and values seen so far, per layer, position-major: `[position][kv head][head dim]`,
-/// rounded to `f16` as llama.cpp's default cache stores them.
+/// Keys and values seen so far, stored as `f16` bits as llama.cpp's default cache stores
+/// them, in one allocation (so that a finished answer's cache goes back to the system at once,
+/// not as dozens of pieces the allocator keeps): per layer, keys then values, each
+/// position-major (`[position][kv head][head dim]`) with room for `cap` positions.
 #[derive(Default, Clone, Debug)]
 pub struct Cache {
-    pub(crate) layers: Vec<(Vec<f32>, Vec<f32>)>,
+    data: Vec<u16>,
+    layers: usize,
+    /// Values per position of one layer's keys (or values).
+    row: usize,
+    cap: usize,
     pub(crate) len: usize,
 }
 
 impl Cache {
     /// An empty cache with room for `positions` tokens of `model` (it grows past them if need be).
     pub fn with_capacity(model: &QModel, positions: usize) -> Cache {
-        let row = model.cfg.kv_heads * model.cfg.head_dim;
-        let n = positions.min(model.cfg.max_positions) * row;
-        Cache {
-            layers: (0..model.blocks.len()).map(|_| (Vec::with_capacity(n), Vec::with_capacity(n))).collect(),
-            len: 0,
+        let mut c = Cache::default();
+        c.fit(model.blocks.len(), model.cfg.kv_heads * model.cfg.head_dim, positions.min(model.cfg.max_positions));
+        c
+    }
+
+    /// Makes room for `positions` positions of `layers` layers of `row` values (keeping what
+    /// is cached, which must have the same shape).
+    pub(crate) fn fit(&mut self, layers: usize, row: usize, positions: usize) {
+        if (layers, row) != (self.layers, self.row) {
+            *self = Cache { layers, row, ..Cache::default() };
         }
+        if positions <= self.cap {
+            return;
+        }
+        let cap = positions.max(2 * self.cap);
+        let mut data = vec![0u16; layers * 2 * cap * row];
+        for part in 0..layers * 2 {
+            let old = &self.data[part * self.cap * row..][..self.len * row];
+            data[part * cap * row..][..old.len()].copy_from_slice(old);
+        }
+        (self.data, self.cap) = (data, cap);
+    }
+
+    /// Layer `l`'s keys and values, room for every position.
+    pub(crate) fn layer(&mut self, l: usize) -> (&mut [u16], &mut [u16]) {
+        let n = self.cap * self.row;
+        self.data[2 * l * n..(2 * l + 2) * n].split_at_mut(n)
     }
 
     /// Tokens seen so far.
@@ -37,12 +64,13 @@ impl Cache {
         self.len == 0
     }
 
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        2 * self.data.len()
+    }
+
     /// Forgets every token, keeping the memory.
     pub fn clear(&mut self) {
-        for (k, v) in &mut self.layers {
-            k.clear();
-            v.clear();
-        }
         self.len = 0;
     }
 }

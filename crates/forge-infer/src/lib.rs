@@ -22,7 +22,7 @@
 //!
 //! One step (the prompt in one batch, or one new token) is plain loops over `f32` buffers, no
 //! tensor graph: RMSNorm, then Q, K and V in one parallel pass, RoPE, the new keys and values
-//! appended to a growable position-major cache, attention, the output projection, then gate and
+//! written to the cache (one allocation, f16, position-major), attention, the output projection, then gate and
 //! up in one pass, the activation, down. Every matrix product quantizes its input once per
 //! dot-product type (`q8_0` for `q8_0`/`q4_0`/`q5_0` weights, `q8_1`, `q8_K` for the k-quants)
 //! and runs:
@@ -40,7 +40,7 @@
 //!   `bf16`).
 //!
 //! Attention follows llama.cpp's default (no flash attention, an `f16` KV cache): keys and values
-//! are stored rounded to `f16`, each query is rounded to `f16` before its dot products with the
+//! are stored as `f16`, each query is rounded to `f16` before its dot products with the
 //! keys, the softmax sums in `f64` and the probabilities are rounded to `f16` before they weight
 //! the values; RoPE angles are computed in `f32` as ggml computes them. So the numbers llama.cpp's
 //! own decoding rounds are rounded here too: on forge's `q8_0` files the logits after a prompt
@@ -92,6 +92,9 @@ pub enum InferError {
     Model(String),
     #[error("{0}")]
     Io(String),
+    /// The memory a load needs was refused.
+    #[error("{0}")]
+    Memory(String),
     #[error(transparent)]
     Gguf(#[from] forge_gguf::GgufError),
     #[error(transparent)]

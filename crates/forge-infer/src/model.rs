@@ -86,12 +86,25 @@ impl QModel {
 
     /// Loads a GGUF file for `kernels` (at most what this CPU runs).
     pub fn load_with(path: &Path, kernels: Kernels) -> Result<QModel> {
+        QModel::load_reserving(path, kernels, &mut |_| Ok(()))
+    }
+
+    /// [`QModel::load_with`], first asking `reserve` for the most memory the load will hold at
+    /// once (its [`load_peak`], known from the header before any tensor is read); an error from
+    /// `reserve` ends the load before it allocates.
+    pub fn load_reserving(
+        path: &Path,
+        kernels: Kernels,
+        reserve: &mut dyn FnMut(u64) -> std::result::Result<(), String>,
+    ) -> Result<QModel> {
         let kernels = kernels.min(Kernels::cpu());
         let t0 = Instant::now();
         let file = forge_gguf::format::open_file(path)?;
         let mut r = BufReader::with_capacity(1 << 16, file);
         let gguf = forge_gguf::format::read(&mut r).map_err(|e| e.in_file(path))?;
         let cfg = forge_gguf::load::config(&gguf)?;
+        reserve(load_peak(&gguf, &cfg, kernels)).map_err(InferError::Memory)?;
+        let tokenizer_bytes = forge_gguf::tokenizer::memory_estimate(&gguf) as usize;
         let tokenizer = forge_gguf::tokenizer::tokenizer(&gguf)?;
         let gemma = cfg.arch == Arch::Gemma3;
         let mut tensors = Tensors { gguf: &gguf, r, bytes: 0 };
@@ -213,7 +226,7 @@ impl QModel {
             (cos, sin, Vec::new(), Vec::new())
         };
         let interleaved = cfg.arch == Arch::Llama;
-        let bytes = tensors.bytes + 4 * (cos.len() + sin.len() + cos_local.len() + sin_local.len());
+        let bytes = tensors.bytes + 4 * (cos.len() + sin.len() + cos_local.len() + sin_local.len()) + tokenizer_bytes;
         Ok(QModel {
             cfg,
             tokenizer,
@@ -234,9 +247,26 @@ impl QModel {
         })
     }
 
-    /// Bytes of weights this model holds in memory (what a server's memory budget counts).
+    /// Bytes this model holds in memory while idle: its weights as the kernels lay them out, the
+    /// RoPE tables and the tokenizer (estimated, [`forge_gguf::tokenizer::memory_estimate`]).
+    /// What a sequence adds while it runs is [`QModel::sequence_bytes`].
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Bytes of KV cache a position takes: keys and values of every layer, as `f16`.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.blocks.len() * self.cfg.kv_heads * self.cfg.head_dim * 2 * 2
+    }
+
+    /// Bytes a sequence holds while it runs: the KV cache of `positions` positions (its prompt
+    /// and answer), its logits, and the activations of its `prompt`-token first pass.
+    pub fn sequence_bytes(&self, prompt: usize, positions: usize) -> usize {
+        let c = &self.cfg;
+        let (qw, kw, ffn) = (c.heads * c.head_dim, c.kv_heads * c.head_dim, self.blocks.first().map_or(0, |b| b.up.n));
+        // x, h, q, k, v, att, gate, up and down's input in f32, plus its quantized copy.
+        let rows = prompt * (4 * (2 * c.hidden + 2 * qw + 2 * kw + 3 * ffn) + ffn.max(c.hidden) * 2);
+        positions.min(c.max_positions) * self.kv_bytes_per_position() + rows + 8 * self.output.n
     }
 
     /// The file's architecture: `llama`, `qwen2` or `gemma3`.
@@ -266,6 +296,22 @@ impl QModel {
     pub fn kernels(&self) -> Kernels {
         self.kernels
     }
+}
+
+/// The most memory loading `gguf` holds at once: every tensor as read (a tied head that the
+/// kernels cannot read rows from keeps the table twice), the largest tensor once more (read
+/// while its repacked copy is made), the RoPE tables, the tokenizer, and the parsed header
+/// (about five times its bytes: every array element is a value of its own).
+pub fn load_peak(gguf: &Gguf, cfg: &ModelConfig, kernels: Kernels) -> u64 {
+    let tensors: u64 = gguf.tensors.iter().map(|t| t.bytes).sum();
+    let largest = gguf.tensors.iter().map(|t| t.bytes).max().unwrap_or(0);
+    let tied = match (gguf.tensor("output.weight"), gguf.tensor("token_embd.weight")) {
+        (None, Some(e)) if !Mat::gives_rows(e.ty, kernels.min(Kernels::cpu())) => e.bytes,
+        _ => 0,
+    };
+    let tables = if cfg.arch == Arch::Gemma3 { 2 } else { 1 };
+    let rope = (tables * 4 * cfg.max_positions * cfg.head_dim) as u64;
+    tensors + largest + tied + rope + forge_gguf::tokenizer::memory_estimate(gguf) + 5 * gguf.data_start
 }
 
 /// A model's token embeddings, kept in the file's type and decoded a row at a time.

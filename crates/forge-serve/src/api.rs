@@ -470,9 +470,19 @@ async fn collect(st: &State, mut rx: Receiver<Event>) -> Result<Answer, ApiError
                 return Ok(Answer { text, finish, prompt_tokens, completion_tokens, attempts: None });
             }
             Event::Error(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e, "server_error")),
+            Event::NoMemory(e) => return Err(no_memory(e)),
         }
     }
     Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the model stopped before answering", "server_error"))
+}
+
+/// 503: the memory budget stayed full.
+fn no_memory(why: String) -> ApiError {
+    ApiError {
+        retry_after: Some(1),
+        code: Some("memory_full"),
+        ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why, "server_error")
+    }
 }
 
 /// The attempts a request asked for, checked against the NPC (which must have verifiers).
@@ -657,6 +667,7 @@ fn sse(
                     let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e, "server_error").body();
                     Some((data(err), (rx, Phase::Done, st, chunk)))
                 }
+                Some(Event::NoMemory(e)) => Some((data(no_memory(e).body()), (rx, Phase::Done, st, chunk))),
                 None => None,
             },
             Phase::Done => Some((Ok(SseEvent::default().data("[DONE]")), (rx, Phase::Over, st, chunk))),

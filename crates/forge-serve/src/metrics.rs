@@ -109,8 +109,20 @@ impl Metrics {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
         gauge(&mut s, "forge_models_resident", "Models in memory.", resident.len() as u64);
-        gauge(&mut s, "forge_resident_bytes", "Bytes of model weights in memory.", resident.iter().map(|r| r.1).sum());
-        gauge(&mut s, "forge_memory_budget_bytes", "The memory budget for model weights.", registry.budget());
+        let working = registry.working_bytes();
+        gauge(
+            &mut s,
+            "forge_resident_bytes",
+            "Bytes counted against the budget: resident models, their answers, loads under way.",
+            registry.used_bytes(),
+        );
+        gauge(&mut s, "forge_answer_bytes", "Bytes the running answers hold (KV caches, activations).", working);
+        gauge(
+            &mut s,
+            "forge_memory_budget_bytes",
+            "The memory budget: models (weights, tokenizers, adapters) and their running answers.",
+            registry.budget(),
+        );
         family(&mut s, "forge_model_resident_bytes", "gauge", "Bytes of each resident model.");
         for (name, b) in &resident {
             let _ = writeln!(s, "forge_model_resident_bytes{{model=\"{name}\"}} {b}");

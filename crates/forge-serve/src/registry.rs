@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use forge_infer::{Adapter, QModel};
 use tokio::sync::watch;
 
-use crate::worker::Worker;
+use crate::worker::{Memory, Worker};
 
 /// A model the server can run: an NPC's GGUF file and how to talk to it.
 #[derive(Clone)]
@@ -80,6 +80,11 @@ pub struct Loaded {
     adapters: Mutex<HashMap<PathBuf, Arc<Adapter>>>,
     /// Bytes of the adapters.
     adapter_bytes: AtomicU64,
+    /// When it became resident.
+    since: std::time::Instant,
+    /// A load waits for its memory: the model finishes the answers it has and takes no more,
+    /// then it is dropped (requests for it wait, then load it again).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Loaded {
@@ -102,7 +107,9 @@ pub struct Handle {
 
 enum Slot {
     /// Being loaded: the watch turns `Some` when the load ends.
-    Loading(watch::Receiver<Option<Result<Arc<Loaded>, String>>>),
+    /// (Not the model itself: a watch value outlives the load's last look at it, and a model
+    /// held there would look busy to the eviction.)
+    Loading(watch::Receiver<Option<Result<(), String>>>),
     Ready {
         model: Arc<Loaded>,
         used: u64,
@@ -115,22 +122,84 @@ struct Resident {
     clock: u64,
     /// Bytes reserved by loads in progress.
     reserved: u64,
+    /// Bytes held by running answers (their KV caches and activations).
+    working: u64,
+    /// Models dropped for room, and their bytes: counted until their threads have freed them
+    /// ([`Registry::reap`]), so that a load never allocates into memory not yet given back.
+    /// Each with whether a reservation already counts its bytes (it was dropped to make room
+    /// for that reservation, which waits for the reap).
+    dropping: Vec<(Arc<Loaded>, bool)>,
+    /// Bytes of the dropped models no reservation counts.
+    freeing: u64,
+    /// Bytes of answers ended since the heap was last trimmed.
+    released: u64,
 }
 
 impl Resident {
-    /// Bytes of the resident models.
+    /// Bytes of the resident models, the answers they run, and the loads under way.
     fn used(&self) -> u64 {
-        self.slots
+        let models: u64 = self
+            .slots
             .values()
             .map(|s| match s {
                 Slot::Ready { model, .. } => model.total_bytes(),
                 Slot::Loading(_) => 0,
             })
-            .sum()
+            .sum();
+        models + self.working + self.reserved + self.freeing
     }
 
-    /// Drops the least recently used model no request holds; false if there is none.
-    fn evict_idle(&mut self) -> bool {
+    /// A load waits for memory that busy models hold: the least recently used of those that had
+    /// their [`MIN_TURN`] finishes what it runs and takes no more, so that every model gets its
+    /// turn when more are wanted than fit (else the busiest few would hold the memory for ever).
+    fn drain_one(&mut self, except: Option<&str>) {
+        if self.slots.values().any(|s| matches!(s, Slot::Ready { model, .. } if model.draining.load(Ordering::Relaxed)))
+        {
+            return;
+        }
+        let lru = self
+            .slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready { model, used } if model.since.elapsed() >= MIN_TURN && except != Some(&model.key) => {
+                    Some((*used, model))
+                }
+                _ => None,
+            })
+            .min_by_key(|(used, _)| *used);
+        if let Some((_, model)) = lru {
+            model.draining.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops idle models (counted in `evicted`) until `bytes` more fit in `budget` once they
+    /// are freed, then reserves them, which takes over the dropped models' bytes (the caller
+    /// reaps them, [`Registry::reap`], before it uses the memory); false if they cannot fit.
+    fn try_reserve(&mut self, bytes: u64, budget: u64, evicted: &mut u64) -> bool {
+        let (mut freed, first) = (0, self.dropping.len());
+        while self.used() - freed + bytes > budget {
+            match self.evict_idle() {
+                Some(b) => {
+                    freed += b;
+                    *evicted += 1;
+                }
+                None => break,
+            }
+        }
+        let fits = self.used() - freed + bytes <= budget;
+        if fits {
+            self.reserved += bytes;
+            for d in &mut self.dropping[first..] {
+                d.1 = true;
+            }
+            self.freeing -= freed;
+        }
+        fits
+    }
+
+    /// Drops the least recently used model no request holds (to [`Resident::dropping`]); its
+    /// bytes, or `None` if there is none.
+    fn evict_idle(&mut self) -> Option<u64> {
         let lru = self
             .slots
             .iter()
@@ -139,12 +208,27 @@ impl Resident {
                 _ => None,
             })
             .min();
-        match lru {
-            Some((_, victim)) => self.slots.remove(&victim).is_some(),
-            None => false,
-        }
+        let (_, victim) = lru?;
+        let Some(Slot::Ready { model, .. }) = self.slots.remove(&victim) else { return None };
+        let bytes = model.total_bytes();
+        self.freeing += bytes;
+        self.dropping.push((model, false));
+        Some(bytes)
     }
 }
+
+/// What a resident model holds beyond [`QModel::bytes`] and its answers' bytes: its threads'
+/// stacks, the tokenizer's cache of words, allocator slack (measured: with 4 models resident
+/// under 64 clients, the process held at most 9 MiB beyond the count and its idle size).
+pub const MODEL_OVERHEAD: u64 = 3 << 20;
+
+/// The bytes the budget counts for a resident model while it is idle.
+pub fn resident_bytes(model: &QModel) -> u64 {
+    model.bytes() as u64 + MODEL_OVERHEAD
+}
+
+/// The least time a model stays resident before a load that needs its memory drains it.
+pub const MIN_TURN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a load waits for memory held by busy models before it gives up.
 pub const LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -179,6 +263,54 @@ pub enum GetError {
     #[error("{0}")]
     Load(String),
 }
+
+/// The registry as a model's worker sees it: memory for its answers.
+struct Answers {
+    registry: std::sync::Weak<Registry>,
+    /// The model's key.
+    key: String,
+}
+
+impl Memory for Answers {
+    fn reserve(&self, bytes: u64) -> bool {
+        let Some(reg) = self.registry.upgrade() else { return false };
+        let mut evicted = 0;
+        let fits = reg.grow(bytes, &mut evicted);
+        let mut r = reg.resident.lock().expect("resident");
+        if fits {
+            r.reserved -= bytes;
+            r.working += bytes;
+        } else {
+            // Other models' answers hold the memory: one of them takes no more.
+            r.drain_one(Some(&self.key));
+        }
+        drop(r);
+        reg.counts.lock().expect("counts").evictions += evicted;
+        fits
+    }
+
+    fn release(&self, bytes: u64) {
+        let Some(reg) = self.registry.upgrade() else { return };
+        let trim = {
+            let mut r = reg.resident.lock().expect("resident");
+            r.working -= bytes;
+            r.released += bytes;
+            // Answers' caches and activations are many pieces under glibc's mapping threshold:
+            // freed, they stay with the allocator (and the process) until trimmed.
+            let trim = r.released >= TRIM_EVERY;
+            if trim {
+                r.released = 0;
+            }
+            trim
+        };
+        if trim {
+            crate::trim_heap();
+        }
+    }
+}
+
+/// Freed answer memory is handed back to the system after this many bytes.
+const TRIM_EVERY: u64 = 8 << 20;
 
 impl Registry {
     pub fn new(npcs: Vec<Npc>, budget: u64, threads: usize, batch: usize, queue: usize) -> Registry {
@@ -231,6 +363,46 @@ impl Registry {
 
     pub fn budget(&self) -> u64 {
         self.budget
+    }
+
+    /// Reserves `bytes` now if they fit, dropping idle models (counted in `evicted`) and
+    /// waiting until their memory is freed.
+    fn grow(&self, bytes: u64, evicted: &mut u64) -> bool {
+        let fits = self.resident.lock().expect("resident").try_reserve(bytes, self.budget, evicted);
+        self.reap();
+        fits
+    }
+
+    /// Ends the threads of the models dropped for room, which frees their memory, and then
+    /// stops counting it.
+    fn reap(&self) {
+        let gone = std::mem::take(&mut self.resident.lock().expect("resident").dropping);
+        if gone.is_empty() {
+            return;
+        }
+        for (model, promised) in gone {
+            let bytes = model.total_bytes();
+            // Out of its slot and held by no request (that is why it was dropped): the last.
+            match Arc::try_unwrap(model) {
+                Ok(loaded) => loaded.worker.stop(),
+                Err(model) => drop(model),
+            }
+            if !promised {
+                self.resident.lock().expect("resident").freeing -= bytes;
+            }
+        }
+        crate::trim_heap();
+    }
+
+    /// Bytes counted against the budget now: resident models, running answers, loads under
+    /// way, and dropped models not yet freed.
+    pub fn used_bytes(&self) -> u64 {
+        self.resident.lock().expect("resident").used()
+    }
+
+    /// Bytes the running answers hold (KV caches and activations), out of the budget.
+    pub fn working_bytes(&self) -> u64 {
+        self.resident.lock().expect("resident").working
     }
 
     pub fn counts(&self) -> Counts {
@@ -309,8 +481,7 @@ impl Registry {
             return Ok(a);
         }
         let estimate = std::fs::metadata(path).map_err(|e| format!("`{npc}`'s adapter {}: {e}", path.display()))?.len();
-        let mut evicted = 0;
-        self.make_room(estimate, &mut evicted, npc)?;
+        let evicted = self.make_room(estimate, npc)?;
         let loaded = Adapter::load(path, &model.worker.model).map_err(|e| format!("`{npc}`'s adapter: {e}"));
         let mut r = self.resident.lock().expect("resident");
         r.reserved -= estimate;
@@ -326,34 +497,44 @@ impl Registry {
 
     /// The model of `npc`'s file, loading it if it is not resident.
     async fn model(self: &Arc<Self>, npc: &Npc, name: String) -> Result<Arc<Loaded>, GetError> {
-        let npc = npc.clone();
-        let mut rx = {
-            let mut r = self.resident.lock().expect("resident");
-            r.clock += 1;
-            let now = r.clock;
-            match r.slots.get_mut(&name) {
-                Some(Slot::Ready { model, used }) => {
-                    *used = now;
-                    return Ok(model.clone());
+        loop {
+            let rx = {
+                let mut r = self.resident.lock().expect("resident");
+                r.clock += 1;
+                let now = r.clock;
+                match r.slots.get_mut(&name) {
+                    Some(Slot::Ready { model, used }) if !model.draining.load(Ordering::Relaxed) => {
+                        *used = now;
+                        return Ok(model.clone());
+                    }
+                    // Draining for another model's load: it comes back after that.
+                    Some(Slot::Ready { .. }) => None,
+                    Some(Slot::Loading(rx)) => Some(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        r.slots.insert(name.clone(), Slot::Loading(rx.clone()));
+                        let (me, key, npc) = (self.clone(), name.clone(), npc.clone());
+                        tokio::task::spawn_blocking(move || me.load(npc, key, tx));
+                        Some(rx)
+                    }
                 }
-                Some(Slot::Loading(rx)) => rx.clone(),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    r.slots.insert(name.clone(), Slot::Loading(rx.clone()));
-                    let (me, key) = (self.clone(), name.clone());
-                    tokio::task::spawn_blocking(move || me.load(npc, key, tx));
-                    rx
-                }
+            };
+            let Some(mut rx) = rx else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            };
+            let done = rx
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| GetError::Load(format!("loading `{name}` was abandoned")))?;
+            // Loaded: take it from its slot (next turn of the loop); failed: say why.
+            if let Some(Err(e)) = &*done {
+                return Err(GetError::Load(e.clone()));
             }
-        };
-        let done = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| GetError::Load(format!("loading `{name}` was abandoned")))?;
-        done.clone().expect("waited for it").map_err(GetError::Load)
+        }
     }
 
-    fn load(&self, npc: Npc, name: String, tx: watch::Sender<Option<Result<Arc<Loaded>, String>>>) {
+    fn load(self: &Arc<Self>, npc: Npc, name: String, tx: watch::Sender<Option<Result<(), String>>>) {
         let result = self.load_within_budget(npc, name.clone());
         let mut r = self.resident.lock().expect("resident");
         let mut counts = self.counts.lock().expect("counts");
@@ -363,6 +544,7 @@ impl Registry {
                 r.clock += 1;
                 let now = r.clock;
                 r.slots.insert(name, Slot::Ready { model: model.clone(), used: now });
+                r.reserved -= model.bytes;
             }
             Err(_) => {
                 counts.failed_loads += 1;
@@ -373,62 +555,107 @@ impl Registry {
             counts.evictions += evicted;
         }
         drop((r, counts));
-        let _ = tx.send(Some(result.map(|(m, _)| m)));
+        let _ = tx.send(Some(result.map(|_| ())));
     }
 
-    /// Makes room (dropping idle models, waiting for busy ones), loads the model, and returns it
-    /// with the number of models dropped for it.
-    fn load_within_budget(&self, npc: Npc, key: String) -> Result<(Arc<Loaded>, u64), String> {
+    /// Makes room (dropping idle models, waiting for busy ones) for the most the load holds at
+    /// once, loads the model, and returns it with the number of models dropped for it.
+    fn load_within_budget(self: &Arc<Self>, npc: Npc, key: String) -> Result<(Arc<Loaded>, u64), String> {
         let name = npc.name.clone();
         let file = npc.file.display().to_string();
-        let estimate = std::fs::metadata(&npc.file).map_err(|e| format!("loading `{name}` ({file}): {e}"))?.len();
-        if estimate > self.budget {
-            return Err(format!(
-                "`{name}` ({}) is larger than the whole memory budget of {}",
-                crate::bytes(estimate),
+        let size = std::fs::metadata(&npc.file).map_err(|e| format!("loading `{name}` ({file}): {e}"))?.len();
+        let too_big = |what: &str, bytes: u64| {
+            format!(
+                "`{name}` {what} {}, more than the whole memory budget of {}",
+                crate::bytes(bytes),
                 crate::bytes(self.budget)
-            ));
+            )
+        };
+        if size > self.budget {
+            return Err(too_big("is a file of", size));
         }
-        let mut evicted = 0;
-        // Reserve the file's size, then load.
-        self.make_room(estimate, &mut evicted, &name)?;
-        let loaded = QModel::load(&npc.file).map_err(|e| format!("loading `{name}` ({file}): {e}"));
-        let mut r = self.resident.lock().expect("resident");
-        r.reserved -= estimate;
-        drop(r);
-        let mut model = loaded?;
+        // The header is read within the file's size; the rest within the load's peak, which
+        // the header tells. A load never waits while it holds memory (two loads each holding
+        // part of what the other needs would wait for ever): if the peak does not fit at once,
+        // it lets everything go, waits for room for the whole peak, and reads the file again.
+        let release = |n: u64| self.resident.lock().expect("resident").reserved -= n;
+        let (mut need, mut evicted) = (size, 0);
+        let (mut model, held) = loop {
+            evicted += self.make_room(need, &name)?;
+            let mut held = need;
+            let mut wanted = None;
+            let mut reserve = |peak: u64| {
+                // And what the model holds beyond its bytes once it runs.
+                let peak = peak + MODEL_OVERHEAD;
+                if peak > self.budget {
+                    return Err(too_big("needs", peak));
+                }
+                if peak > held {
+                    if !self.grow(peak - held, &mut evicted) {
+                        wanted = Some(peak);
+                        return Err(format!("waiting for {} of memory", crate::bytes(peak)));
+                    }
+                    held = peak;
+                }
+                Ok(())
+            };
+            let loaded = QModel::load_reserving(&npc.file, forge_infer::Kernels::best(), &mut reserve);
+            match (loaded, wanted) {
+                (Ok(m), _) => break (m, held),
+                (Err(_), Some(peak)) => {
+                    release(held);
+                    need = peak;
+                }
+                (Err(e), None) => {
+                    release(held);
+                    return Err(format!("loading `{name}` ({file}): {e}"));
+                }
+            }
+        };
+        // The header's values and the tensors as read are freed: give them back.
+        crate::trim_heap();
         model.set_threads(self.threads);
-        let bytes = model.bytes() as u64;
+        // Kept: what the model holds idle (the load's transient copies are gone) — within the
+        // peak; were it more, the memory is in use all the same, and counted.
+        let bytes = resident_bytes(&model);
+        if bytes > held && !self.grow(bytes - held, &mut evicted) {
+            self.resident.lock().expect("resident").reserved += bytes - held;
+        }
+        release(held.saturating_sub(bytes));
+        let architecture = model.architecture();
+        let memory: Arc<dyn Memory> = Arc::new(Answers { registry: Arc::downgrade(self), key: key.clone() });
+        let worker = Worker::start(&name, model, self.batch, self.queue, memory);
+        let loaded = Loaded {
+            key,
+            worker,
+            bytes,
+            architecture,
+            adapters: Mutex::default(),
+            adapter_bytes: AtomicU64::new(0),
+            since: std::time::Instant::now(),
+            draining: Default::default(),
+        };
+        // `bytes` stay reserved until the model is in its slot ([`Registry::load`]).
+        Ok((Arc::new(loaded), evicted))
+    }
+
+    /// Reserves `bytes`, dropping idle models and waiting for busy ones to finish; returns the
+    /// number of models dropped.
+    fn make_room(&self, bytes: u64, name: &str) -> Result<u64, String> {
         if bytes > self.budget {
             return Err(format!(
-                "`{name}` needs {} of memory, more than the whole budget of {}",
+                "`{name}` needs {}, more than the whole memory budget of {}",
                 crate::bytes(bytes),
                 crate::bytes(self.budget)
             ));
         }
-        // The model may hold more than its file (a tied head laid out for the kernels).
-        self.make_room(bytes, &mut evicted, &name)?;
-        self.resident.lock().expect("resident").reserved -= bytes;
-        let architecture = model.architecture();
-        let worker = Worker::start(&name, model, self.batch, self.queue);
-        let loaded =
-            Loaded { key, worker, bytes, architecture, adapters: Mutex::default(), adapter_bytes: AtomicU64::new(0) };
-        Ok((Arc::new(loaded), evicted))
-    }
-
-    /// Reserves `bytes`, dropping idle models and waiting for busy ones to finish.
-    fn make_room(&self, bytes: u64, evicted: &mut u64, name: &str) -> Result<(), String> {
         let t0 = std::time::Instant::now();
+        let mut evicted = 0;
         loop {
-            let mut r = self.resident.lock().expect("resident");
-            while r.used() + r.reserved + bytes > self.budget && r.evict_idle() {
-                *evicted += 1;
+            if self.grow(bytes, &mut evicted) {
+                return Ok(evicted);
             }
-            if r.used() + r.reserved + bytes <= self.budget {
-                r.reserved += bytes;
-                return Ok(());
-            }
-            drop(r);
+            self.resident.lock().expect("resident").drain_one(None);
             if t0.elapsed() > LOAD_WAIT {
                 return Err(format!(
                     "no memory for `{name}`: the models in the {} budget stayed busy for {} s",

@@ -1,10 +1,13 @@
 //! One decoding thread per resident model, fed by a bounded queue: a request that finds the
-//! queue full is turned away at once (503) rather than piling up. The thread streams each
-//! answer's text back as it is generated and stops an answer whose client has gone.
+//! queue full is turned away at once (503) rather than piling up. An answer starts when the
+//! memory budget has room for its KV cache and activations ([`Memory`]); the thread streams
+//! each answer's text back as it is generated and stops an answer whose client has gone.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
 
 use forge_infer::sampling::sample;
 use forge_infer::tokenizer::TextStream;
@@ -53,6 +56,16 @@ pub enum Event {
         completion_tokens: usize,
     },
     Error(String),
+    /// The memory budget stayed full (other models' answers held it) for
+    /// [`crate::registry::LOAD_WAIT`].
+    NoMemory(String),
+}
+
+/// Memory for the answers a worker runs, out of the server's budget.
+pub trait Memory: Send + Sync {
+    /// Reserves `bytes` (dropping idle models if need be); false if they do not fit now.
+    fn reserve(&self, bytes: u64) -> bool;
+    fn release(&self, bytes: u64);
 }
 
 /// The queue is full.
@@ -66,22 +79,38 @@ pub struct Worker {
     room: usize,
     /// The model, for its tokenizer and context length (the thread decodes with it).
     pub model: Arc<QModel>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Worker {
-    /// Starts the thread of `model`, with room for `queue` waiting jobs.
-    pub fn start(name: &str, model: QModel, batch: usize, queue: usize) -> Worker {
+    /// Starts the thread of `model`, with room for `queue` waiting jobs, its answers' memory
+    /// reserved from `memory`.
+    pub fn start(name: &str, model: QModel, batch: usize, queue: usize, memory: Arc<dyn Memory>) -> Worker {
         let batch = batch.max(1);
         let room = batch + queue;
         let (jobs, rx) = sync_channel(room);
         let model = Arc::new(model);
         let pending = Arc::new(AtomicUsize::new(0));
         let (theirs, left) = (model.clone(), pending.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("forge-serve-{name}"))
-            .spawn(move || run(&theirs, rx, &left, batch))
+            .spawn(move || {
+                run(&theirs, rx, &left, batch, &*memory);
+                // Evicted: the weights go back to the system now, and so does what the
+                // allocator kept of the tokenizer's many small pieces.
+                drop(theirs);
+                crate::trim_heap();
+            })
             .expect("spawning a model thread");
-        Worker { jobs, pending, room, model }
+        Worker { jobs, pending, room, model, thread }
+    }
+
+    /// Closes the queue and waits for the thread to end: the model's memory is back with the
+    /// system when this returns.
+    pub fn stop(self) {
+        let Worker { jobs, model, thread, .. } = self;
+        drop((jobs, model));
+        let _ = thread.join();
     }
 
     /// Queues a job, or says the queue is full (the model is answering one request and as many
@@ -108,6 +137,8 @@ struct Active<'m> {
     rng: forge_infer::sampling::Rng,
     text: TextStream<'m>,
     tokens: usize,
+    /// Bytes reserved for it.
+    bytes: u64,
 }
 
 /// Why an active answer left the batch.
@@ -119,10 +150,18 @@ enum Leave {
 
 /// The thread: up to `batch` answers at a time, their next tokens in one forward pass
 /// (`QModel::step_many`), new requests joining between tokens; until the model is dropped.
-fn run(model: &QModel, jobs: Receiver<Job>, pending: &AtomicUsize, batch: usize) {
+fn run(model: &QModel, jobs: Receiver<Job>, pending: &AtomicUsize, batch: usize, memory: &dyn Memory) {
     let stop_ids = model.tokenizer.stop_ids(&model.cfg.eos);
     let mut active: Vec<Active<'_>> = Vec::new();
+    // Taken from the queue, waiting for memory (oldest first), and since when.
+    let mut waiting: VecDeque<(Job, Instant)> = VecDeque::new();
+    let refuse = |job: Job, event: Event| {
+        let events = job.events.clone();
+        pending.fetch_sub(1, Ordering::AcqRel);
+        let _ = events.blocking_send(event);
+    };
     let finish = |a: Active<'_>, how: Leave| {
+        memory.release(a.bytes);
         let events = a.job.events.clone();
         let last = match how {
             Leave::Done(finish) => {
@@ -144,9 +183,9 @@ fn run(model: &QModel, jobs: Receiver<Job>, pending: &AtomicUsize, batch: usize)
         }
     };
     loop {
-        // New requests: wait for one when idle, else take what has arrived.
-        while active.len() < batch {
-            let job = if active.is_empty() {
+        // New requests: wait for one when nothing runs, else take what has arrived.
+        while active.len() + waiting.len() < batch {
+            let job = if active.is_empty() && waiting.is_empty() {
                 match jobs.recv() {
                     Ok(j) => j,
                     Err(_) => return,
@@ -154,26 +193,52 @@ fn run(model: &QModel, jobs: Receiver<Job>, pending: &AtomicUsize, batch: usize)
             } else {
                 match jobs.try_recv() {
                     Ok(j) => j,
-                    Err(_) => break,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
                 }
             };
+            waiting.push_back((job, Instant::now()));
+        }
+        // Start the oldest while the batch and the budget have room for them.
+        while active.len() < batch {
+            let Some((job, since)) = waiting.pop_front() else { break };
             if job.events.is_closed() {
                 pending.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
-            let mut cache = Cache::with_capacity(model, job.prompt.len() + job.sampling.max_tokens);
+            let positions = job.prompt.len() + job.sampling.max_tokens;
+            let bytes = model.sequence_bytes(job.prompt.len(), positions) as u64;
+            if !memory.reserve(bytes) {
+                if active.is_empty() && since.elapsed() > crate::registry::LOAD_WAIT {
+                    let why = format!(
+                        "no memory for this answer ({}): other models' answers held the budget for {} s",
+                        crate::bytes(bytes),
+                        crate::registry::LOAD_WAIT.as_secs()
+                    );
+                    refuse(job, Event::NoMemory(why));
+                    continue;
+                }
+                // Its turn comes when an answer here or elsewhere ends.
+                waiting.push_front((job, since));
+                break;
+            }
+            let mut cache = Cache::with_capacity(model, positions);
             match model.step_with(&job.prompt, &mut cache, job.adapter.as_deref()) {
                 Ok(logits) => {
                     let rng = forge_infer::sampling::Rng::new(job.sampling.seed);
                     let text = TextStream::new(&model.tokenizer, job.stops.clone());
-                    active.push(Active { job, cache, logits, rng, text, tokens: 0 });
+                    active.push(Active { job, cache, logits, rng, text, tokens: 0, bytes });
                 }
                 Err(e) => {
-                    let events = job.events.clone();
-                    pending.fetch_sub(1, Ordering::AcqRel);
-                    let _ = events.blocking_send(Event::Error(e.to_string()));
+                    memory.release(bytes);
+                    refuse(job, Event::Error(e.to_string()));
                 }
             }
+        }
+        if active.is_empty() {
+            // Waiting for memory that other models' answers hold: look again soon.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
         }
         // One token for each answer whose client keeps up (a full channel waits a round).
         let mut leaving: Vec<(usize, Leave)> = Vec::new();

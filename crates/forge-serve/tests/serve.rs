@@ -42,7 +42,7 @@ fn start_with(npcs: Vec<Npc>, config: impl FnOnce(u64) -> Config) -> Server {
     // reqwest's rustls backend (enabled in this workspace by the teacher client) needs a
     // process-wide crypto provider, even for plain HTTP.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let one = QModel::load(&npcs[0].file).unwrap().bytes() as u64;
+    let one = forge_serve::resident_bytes(&QModel::load(&npcs[0].file).unwrap());
     let config = config(one);
     let files = npcs.iter().map(|n| n.file.clone()).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -198,7 +198,7 @@ fn the_memory_budget_holds_with_more_npcs_than_fit() {
         metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().parse().unwrap()
     };
     assert!(value("forge_resident_bytes") <= value("forge_memory_budget_bytes"));
-    assert_eq!(value("forge_model_evictions_total"), 2.0);
+    assert_eq!(value("forge_model_evictions_total"), 2.0, "{metrics}");
     assert_eq!(value("forge_model_loads_total"), 4.0);
 }
 
@@ -526,4 +526,96 @@ fn concurrent_requests_batched_together_get_their_own_answers() {
         futures_util::future::join_all(calls).await
     });
     assert_eq!(together, alone);
+}
+
+/// Answers hold memory too (KV cache, activations): with room for the model and one answer,
+/// concurrent requests take turns instead of overrunning the budget, and all are answered.
+#[test]
+fn answers_wait_for_memory_instead_of_overrunning_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = npc(dir.path(), "a", 1);
+    let model = QModel::load(&a.file).unwrap();
+    let gguf = forge_gguf::format::Gguf::open(&a.file).unwrap();
+    let cfg = forge_gguf::load::config(&gguf).unwrap();
+    let peak = forge_infer::model::load_peak(&gguf, &cfg, forge_infer::Kernels::best());
+    let body = |i: u64| chat("a", &format!("Tell me about the baron, please ({i})."), json!({"max_tokens": 32}));
+    // Room for the model and one and a half answers of these prompts' length (and for the
+    // load's peak).
+    let s = start_with(vec![a.clone()], |_| Config::default());
+    let (status, v, _) = s.post("/v1/chat/completions", body(0));
+    assert_eq!(status, 200, "{v}");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    let answer = model.sequence_bytes(prompt, prompt + 32) as u64;
+    let one = forge_serve::resident_bytes(&model);
+    assert!(answer > 0 && peak > model.bytes() as u64, "{answer} {peak}");
+    let budget = (one + answer * 3 / 2).max(peak);
+    let room = (budget - one) / answer;
+    assert!(room < 6, "the budget must hold fewer answers than are asked at once: {room}");
+    let s = start_with(vec![a], |_| Config { memory: budget, ..Config::default() });
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (statuses, most) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut most = 0f64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let (_, m) = s.get("/metrics");
+                let v = |name: &str| -> f64 {
+                    m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap().parse().unwrap()
+                };
+                assert!(v("forge_resident_bytes") <= v("forge_memory_budget_bytes"), "{m}");
+                most = most.max(v("forge_answer_bytes"));
+            }
+            most
+        });
+        let statuses = s.block(async {
+            let calls = (1..7).map(|i| {
+                let req = s.client.post(format!("{}/v1/chat/completions", s.base)).json(&body(i)).send();
+                async move { req.await.unwrap().status().as_u16() }
+            });
+            futures_util::future::join_all(calls).await
+        });
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (statuses, watcher.join().unwrap())
+    });
+    assert_eq!(statuses, [200; 6]);
+    assert!(most <= (room * answer) as f64, "answers held {most} bytes, room for {room} of {answer}");
+}
+
+/// With room for one model, an NPC whose model is busy without pause does not keep the memory
+/// for ever: a request for another NPC drains it (after its turn), loads, and is answered.
+#[test]
+fn a_busy_model_gives_its_memory_to_another_npc_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), &["a", "b"], |one| Config { memory: one + one / 2, ..Config::default() });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (b_status, a_answers) = s.block(async {
+        let busy: Vec<_> = (0..3)
+            .map(|i| {
+                let (client, base, stop) = (s.client.clone(), s.base.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut ok = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let body = chat("a", &format!("Again ({i})."), json!({"max_tokens": 16}));
+                        let r = client.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+                        ok += (r.status() == 200) as usize;
+                    }
+                    ok
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t0 = std::time::Instant::now();
+        let b = s.client.post(format!("{}/v1/chat/completions", s.base)).json(&chat("b", "Hello?", json!({})));
+        let status = b.send().await.unwrap().status().as_u16();
+        assert!(t0.elapsed() < forge_serve::registry::LOAD_WAIT, "b waited {:?}", t0.elapsed());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut a = 0;
+        for t in busy {
+            a += t.await.unwrap();
+        }
+        (status, a)
+    });
+    assert_eq!(b_status, 200);
+    assert!(a_answers > 0);
+    let (_, metrics) = s.get("/metrics");
+    assert!(!metrics.contains("forge_model_evictions_total 0"), "{metrics}");
 }

@@ -58,8 +58,8 @@ fn round_f16_f16c(x: &mut [f32]) -> usize {
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_fma() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { dot_f32_avx2(a, b) };
+        // SAFETY: the CPU has AVX2, FMA and F16C.
+        return unsafe { dot_avx2(a, b) };
     }
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -72,28 +72,126 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
-/// `scores[j - keys.start] = (q · k_j) * scale` for the keys `k_j = kc[j * stride + off..][..q.len()]`,
-/// each dot product as [`dot_f32`] computes it.
-pub fn scores(q: &[f32], kc: &[f32], stride: usize, off: usize, keys: Range<usize>, scale: f32, out: &mut Vec<f32>) {
+/// `src` rounded to `f16` (ties to even) as raw `f16` bits into `out` (as long): KV cache rows.
+pub fn to_f16(src: &[f32], out: &mut [u16]) {
+    assert_eq!(src.len(), out.len());
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the CPU has AVX2 and F16C; both slices hold `src.len()` values.
+        unsafe {
+            while i + 8 <= src.len() {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr().add(i)));
+                _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, h);
+                i += 8;
+            }
+        }
+    }
+    for (o, v) in out[i..].iter_mut().zip(&src[i..]) {
+        *o = half::f16::from_f32(*v).to_bits();
+    }
+}
+
+/// `f16` bits as `f32`s (exact).
+fn widen_f16(h: &[u16], out: &mut [f32]) {
+    out.iter_mut().zip(h).for_each(|(o, h)| *o = half::f16::from_bits(*h).to_f32());
+}
+
+/// `scores[j - keys.start] = (q · k_j) * scale` for the `f16` keys `k_j = kc[j * stride + off..][..q.len()]`,
+/// each dot product as [`dot_f32`] computes it on the keys widened to `f32`.
+pub fn scores(q: &[f32], kc: &[u16], stride: usize, off: usize, keys: Range<usize>, scale: f32, out: &mut Vec<f32>) {
     let hd = q.len();
     let key = |j: usize| &kc[j * stride + off..][..hd];
     let mut j = keys.start;
     #[cfg(target_arch = "x86_64")]
-    if has_fma() && hd.is_multiple_of(16) {
-        while j + 4 <= keys.end {
-            // SAFETY: the CPU has AVX2 and FMA; the 4 keys hold hd floats each.
-            let d = unsafe { dot4_f32_avx2(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]) };
-            out.extend(d.map(|d| d * scale));
-            j += 4;
+    if has_fma() {
+        if hd.is_multiple_of(16) {
+            while j + 4 <= keys.end {
+                // SAFETY: the CPU has AVX2, FMA and F16C; the 4 keys hold hd values each.
+                let d = unsafe { dot4_f16_avx2(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]) };
+                out.extend(d.map(|d| d * scale));
+                j += 4;
+            }
         }
+        // SAFETY: as above.
+        out.extend((j..keys.end).map(|j| unsafe { dot_avx2(q, key(j)) } * scale));
+        return;
     }
-    out.extend((j..keys.end).map(|j| dot_f32(q, key(j)) * scale));
+    let mut k = vec![0f32; hd];
+    for j in j..keys.end {
+        widen_f16(key(j), &mut k);
+        out.push(dot_f32(q, &k) * scale);
+    }
 }
 
-/// Four [`dot_f32`]s of `q` (a multiple of 16 long) sharing its loads.
+/// Values a dot product with `f32`s reads 8 at a time, widened to `f32`: cached keys (`f16`
+/// bits) or `f32`s.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot4_f32_avx2(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+trait Lanes: Copy {
+    /// 8 values from `p` as `f32`s.
+    ///
+    /// # Safety
+    /// 8 values are readable at `p`; the CPU has AVX2 and F16C.
+    unsafe fn load8(p: *const Self) -> __m256;
+    fn to_f32(self) -> f32;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for u16 {
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const u16) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::from_bits(self).to_f32()
+    }
+}
+
+/// `a · b` (`b` widened to `f32`): two accumulators over 16 values at a time, then 8, candle's
+/// horizontal sum, then the rest one by one — [`dot_f32`]'s order whatever `b` holds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_avx2<T: Lanes>(a: &[f32], b: &[T]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut i = 0;
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    unsafe {
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), T::load8(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), T::load8(pb.add(i + 8)), acc1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), T::load8(pb.add(i)), acc0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += *pa.add(i) * (*pb.add(i)).to_f32();
+            i += 1;
+        }
+        s
+    }
+}
+
+/// Four [`dot_avx2`]s of `q` (a multiple of 16 long) sharing its loads.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_f16_avx2(q: &[f32], k: [&[u16]; 4]) -> [f32; 4] {
     let n = q.len();
     let mut acc = [[_mm256_setzero_ps(); 2]; 4];
     let mut i = 0;
@@ -102,8 +200,8 @@ fn dot4_f32_avx2(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
             let q0 = _mm256_loadu_ps(q.as_ptr().add(i));
             let q1 = _mm256_loadu_ps(q.as_ptr().add(i + 8));
             for (acc, k) in acc.iter_mut().zip(&k) {
-                acc[0] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k.as_ptr().add(i)), acc[0]);
-                acc[1] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k.as_ptr().add(i + 8)), acc[1]);
+                acc[0] = _mm256_fmadd_ps(q0, u16::load8(k.as_ptr().add(i)), acc[0]);
+                acc[1] = _mm256_fmadd_ps(q1, u16::load8(k.as_ptr().add(i + 8)), acc[1]);
             }
             i += 16;
         }
@@ -111,15 +209,15 @@ fn dot4_f32_avx2(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
     [0, 1, 2, 3].map(|j| hsum(_mm256_add_ps(acc[j][0], acc[j][1])))
 }
 
-/// `out = Σ_j p[j - first] · v_j` over `v_j = vc[j * stride + off..][..out.len()]`, each
-/// element accumulated in `j` order with FMAs, as repeated [`axpy`]s from zero do.
-pub fn weighted_sum(p: &[f32], vc: &[f32], stride: usize, off: usize, first: usize, out: &mut [f32]) {
+/// `out = Σ_j p[j - first] · v_j` over the `f16` values `v_j = vc[j * stride + off..][..out.len()]`,
+/// each element accumulated in `j` order with FMAs, as repeated [`axpy`]s from zero do.
+pub fn weighted_sum(p: &[f32], vc: &[u16], stride: usize, off: usize, first: usize, out: &mut [f32]) {
     let hd = out.len();
     let mut c = 0;
     #[cfg(target_arch = "x86_64")]
     if has_fma() {
         while c + 64 <= hd {
-            // SAFETY: the CPU has AVX2 and FMA; every value row holds hd floats at off.
+            // SAFETY: the CPU has AVX2, FMA and F16C; every value row holds hd values at off.
             unsafe { weighted_sum64_avx2(p, vc, stride, off + c, first, &mut out[c..c + 64]) };
             c += 64;
         }
@@ -127,22 +225,24 @@ pub fn weighted_sum(p: &[f32], vc: &[f32], stride: usize, off: usize, first: usi
     if c < hd {
         let rest = &mut out[c..];
         rest.fill(0.0);
+        let mut v = vec![0f32; hd - c];
         for (j, &pj) in p.iter().enumerate() {
-            axpy(pj, &vc[(first + j) * stride + off + c..][..hd - c], rest);
+            widen_f16(&vc[(first + j) * stride + off + c..][..hd - c], &mut v);
+            axpy(pj, &v, rest);
         }
     }
 }
 
 /// [`weighted_sum`] of 64 values, kept in registers across the keys.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_sum64_avx2(p: &[f32], vc: &[f32], stride: usize, off: usize, first: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum64_avx2(p: &[f32], vc: &[u16], stride: usize, off: usize, first: usize, out: &mut [f32]) {
     let mut o = [_mm256_setzero_ps(); 8];
     for (j, &pj) in p.iter().enumerate() {
         let v = vc[(first + j) * stride + off..][..64].as_ptr();
         let a = _mm256_set1_ps(pj);
         for (r, o) in o.iter_mut().enumerate() {
-            *o = _mm256_fmadd_ps(a, unsafe { _mm256_loadu_ps(v.add(8 * r)) }, *o);
+            *o = _mm256_fmadd_ps(a, unsafe { u16::load8(v.add(8 * r)) }, *o);
         }
     }
     for (r, o) in o.iter().enumerate() {
@@ -211,32 +311,6 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         return unsafe { axpy_avx2(a, x, y) };
     }
     y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut i = 0;
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    unsafe {
-        while i + 16 <= n {
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
-            i += 16;
-        }
-        if i + 8 <= n {
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-            i += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(acc0, acc1));
-        while i < n {
-            s += *pa.add(i) * *pb.add(i);
-            i += 1;
-        }
-        s
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
