@@ -20,7 +20,7 @@ pub mod worker;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use registry::{Defaults, Npc, Registry, resident_bytes};
+pub use registry::{Defaults, Npc, Registry, budget_for, resident_bytes};
 
 /// How a server runs.
 #[derive(Clone, Debug)]

@@ -173,7 +173,10 @@ fn the_openai_wire_format_and_seed_004s_endpoints() {
 #[test]
 fn the_memory_budget_holds_with_more_npcs_than_fit() {
     let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), &["a", "b", "c"], |one| Config { memory: 2 * one + one / 2, ..Config::default() });
+    let s = start(dir.path(), &["a", "b", "c"], |one| Config {
+        memory: forge_serve::budget_for(2 * one + one / 2),
+        ..Config::default()
+    });
     for npc in ["a", "b", "a", "c", "b"] {
         let (status, v, _) = s.post(&format!("/preload/{npc}"), json!({}));
         assert_eq!(status, 200, "{v}");
@@ -460,7 +463,7 @@ fn npcs_with_adapters_share_their_base_in_memory() {
         npcs.push(npc);
     }
     let files: Vec<(PathBuf, PathBuf)> = npcs.iter().map(|n| (n.file.clone(), n.adapter.clone().unwrap())).collect();
-    let s = start_with(npcs, |one| Config { memory: one + one / 2, ..Config::default() });
+    let s = start_with(npcs, |one| Config { memory: forge_serve::budget_for(one + one / 2), ..Config::default() });
     for name in ["aldric", "maud"] {
         let (status, v, _) = s.post(&format!("/preload/{name}"), json!({}));
         assert_eq!(status, 200, "{v}");
@@ -551,7 +554,7 @@ fn answers_wait_for_memory_instead_of_overrunning_the_budget() {
     let budget = (one + answer * 3 / 2).max(peak);
     let room = (budget - one) / answer;
     assert!(room < 6, "the budget must hold fewer answers than are asked at once: {room}");
-    let s = start_with(vec![a], |_| Config { memory: budget, ..Config::default() });
+    let s = start_with(vec![a], |_| Config { memory: forge_serve::budget_for(budget), ..Config::default() });
     let done = std::sync::atomic::AtomicBool::new(false);
     let (statuses, most) = std::thread::scope(|scope| {
         let watcher = scope.spawn(|| {
@@ -585,7 +588,10 @@ fn answers_wait_for_memory_instead_of_overrunning_the_budget() {
 #[test]
 fn a_busy_model_gives_its_memory_to_another_npc_in_turn() {
     let dir = tempfile::tempdir().unwrap();
-    let s = start(dir.path(), &["a", "b"], |one| Config { memory: one + one / 2, ..Config::default() });
+    let s = start(dir.path(), &["a", "b"], |one| Config {
+        memory: forge_serve::budget_for(one + one / 2),
+        ..Config::default()
+    });
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (b_status, a_answers) = s.block(async {
         let busy: Vec<_> = (0..3)
