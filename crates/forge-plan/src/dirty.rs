@@ -140,12 +140,13 @@ impl fmt::Display for DirtyReason {
             DirtyReason::Upstream { artifact, old, new } => {
                 write!(f, "upstream {artifact} changed ({} → {})", short(old), short(new))
             }
-            DirtyReason::Tool { name, old, new } => write!(
-                f,
-                "tool {name} changed ({} → {})",
-                old.as_deref().unwrap_or("none"),
-                new.as_deref().unwrap_or("none")
-            ),
+            DirtyReason::Tool { name, old, new } => {
+                let (o, n) = (old.as_deref().unwrap_or("none"), new.as_deref().unwrap_or("none"));
+                match name.strip_prefix("forge:") {
+                    Some(stage) => write!(f, "forge's {stage} stage changed (code {o} → {n})"),
+                    None => write!(f, "tool {name} changed ({o} → {n})"),
+                }
+            }
             DirtyReason::ContentDamaged { detail } => write!(f, "stored content damaged: {detail}"),
             DirtyReason::EntryCorrupt { detail } => write!(f, "cache entry corrupt: {detail}"),
         }
@@ -327,6 +328,15 @@ mod tests {
             lines(&fp(), &new),
             ["adapter output format changed (v1 → v2)", "tool candle-core changed (none → 0.11.1)"]
         );
+    }
+
+    #[test]
+    fn a_change_of_forges_stage_code_is_named() {
+        let mut old = fp();
+        old.tools.insert("forge:adapter".into(), "1a2b".into());
+        let mut new = fp();
+        new.tools.insert("forge:adapter".into(), "3c4d".into());
+        assert_eq!(lines(&old, &new), ["forge's adapter stage changed (code 1a2b → 3c4d)"]);
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub trait Executor: Send + Sync {
 #[derive(Clone, Default)]
 pub struct Registry {
     executors: HashMap<&'static str, Arc<dyn Executor>>,
+    /// Per stage kind, what shapes its output beyond its params and inputs — the digest of
+    /// forge's code for the stage, the versions of the crates it uses — added to every plan's
+    /// [`StagePlan::tools`] of that kind.
+    tools: HashMap<String, BTreeMap<String, String>>,
 }
 
 impl Registry {
@@ -59,6 +63,16 @@ impl Registry {
 
     pub fn get(&self, kind: &str) -> Option<Arc<dyn Executor>> {
         self.executors.get(kind).cloned()
+    }
+
+    /// What shapes the output of every `kind` stage beyond its plan (see [`Registry::tools`]).
+    pub fn set_tools(&mut self, kind: &str, tools: BTreeMap<String, String>) {
+        self.tools.insert(kind.to_string(), tools);
+    }
+
+    /// What [`Registry::set_tools`] gave `kind`.
+    pub fn tools(&self, kind: &str) -> Option<&BTreeMap<String, String>> {
+        self.tools.get(kind)
     }
 }
 

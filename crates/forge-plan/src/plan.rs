@@ -79,7 +79,10 @@ impl Plan {
         let decls = artifact::expand(manifest);
         for decl in &decls {
             let executor = registry.get(decl.kind.name());
-            let plan = executor.as_ref().map(|e| e.plan(manifest, decl)).unwrap_or_default();
+            let mut plan = executor.as_ref().map(|e| e.plan(manifest, decl)).unwrap_or_default();
+            if let Some(tools) = registry.tools(decl.kind.name()) {
+                plan.tools.extend(tools.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
             let n = graph.add_node(Node { id: decl.id.clone(), decl: decl.clone(), executor, plan });
             index.insert(decl.id.clone(), n);
         }

@@ -14,6 +14,7 @@
 //! The `command` stage, which runs any program like a make rule, is built into `forge-plan`.
 
 pub mod bench;
+pub mod code;
 pub mod dataset;
 pub mod fetch;
 pub mod gguf;
@@ -37,5 +38,9 @@ pub fn registry() -> Registry {
     r.register(Arc::new(gguf::GgufAdapterExecutor));
     r.register(Arc::new(bench::BenchExecutor));
     r.register(Arc::new(report::ReportExecutor));
+    // Every key holds the digest of the code that shapes its stage.
+    for (kind, _, _) in code::STAGE_CODE {
+        r.set_tools(kind, code::tools(kind));
+    }
     r
 }
