@@ -369,6 +369,8 @@ impl<'w> Engine<'w> {
         let pools = &self.ws.manifest.workspace.pools;
         let mut pool_use: HashMap<String, usize> = HashMap::new();
         let mut running = 0usize;
+        // An exclusive action runs (it is then the only one).
+        let mut exclusive_running = false;
         let mut stop = summary.failed > 0 && !opts.keep_going;
         let mut last_save = Instant::now();
         let (tx, rx) = mpsc::channel::<JobResult>();
@@ -430,17 +432,26 @@ impl<'w> Engine<'w> {
                     stop = true;
                     summary.interrupted = true;
                 }
-                // Start what fits.
-                while !stop && running < jobs {
-                    let pos = runnable.iter().position(|j| match &plan.graph[j.node].decl.pool {
-                        Some(p) => {
-                            pool_use.get(p).copied().unwrap_or(0)
-                                < pools.get(p).map(|p| p.capacity as usize).unwrap_or(usize::MAX)
-                        }
-                        None => true,
+                // Start what fits. An exclusive action (a benchmark) waits until nothing runs,
+                // and while one waits or runs nothing else starts.
+                let alone = |j: &Job| {
+                    plan.graph[j.node].executor.as_ref().is_some_and(|e| e.exclusive(&plan.graph[j.node].decl))
+                };
+                while !stop && running < jobs && !exclusive_running {
+                    let waiting_alone = runnable.iter().any(alone);
+                    let pos = runnable.iter().position(|j| {
+                        let fits = match &plan.graph[j.node].decl.pool {
+                            Some(p) => {
+                                pool_use.get(p).copied().unwrap_or(0)
+                                    < pools.get(p).map(|p| p.capacity as usize).unwrap_or(usize::MAX)
+                            }
+                            None => true,
+                        };
+                        fits && if waiting_alone { alone(j) && running == 0 } else { true }
                     });
                     let Some(pos) = pos else { break };
                     let job = runnable.remove(pos).expect("position is in range");
+                    exclusive_running = alone(&job);
                     let node = &plan.graph[job.node];
                     if let Some(p) = &node.decl.pool {
                         *pool_use.entry(p.clone()).or_default() += 1;
@@ -477,6 +488,7 @@ impl<'w> Engine<'w> {
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 };
                 running -= 1;
+                exclusive_running = false;
                 let node = &plan.graph[n];
                 if let Some(p) = &node.decl.pool
                     && let Some(u) = pool_use.get_mut(p)

@@ -35,6 +35,12 @@ pub trait Executor: Send + Sync {
     fn format_version(&self) -> u32;
     /// What the action for `decl` reads.
     fn plan(&self, manifest: &Manifest, decl: &ArtifactDecl) -> StagePlan;
+    /// Whether the action for `decl` must run alone: it measures time (a benchmark), and any
+    /// action beside it — a quantization, another benchmark — would disturb its timings. The
+    /// scheduler starts it once nothing else runs and starts nothing beside it.
+    fn exclusive(&self, _decl: &ArtifactDecl) -> bool {
+        false
+    }
     /// Produces the artifact in `ctx.out_dir`. Must honour `ctx.cancel`.
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError>;
 }

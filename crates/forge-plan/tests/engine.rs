@@ -425,6 +425,81 @@ fn jobs_and_pools_bound_parallelism() {
     assert_eq!(concurrency(&pooled, 6), 2);
 }
 
+/// An executor whose `bench*` actions must run alone; it records whether anything ran beside
+/// one, and how many ran at once.
+struct Timed {
+    now: AtomicUsize,
+    max: AtomicUsize,
+    disturbed: std::sync::atomic::AtomicBool,
+    benches_running: AtomicUsize,
+}
+
+impl Executor for Timed {
+    fn kind(&self) -> &'static str {
+        "command"
+    }
+    fn format_version(&self) -> u32 {
+        1
+    }
+    fn plan(&self, _: &Manifest, decl: &ArtifactDecl) -> StagePlan {
+        plan_by_id(decl)
+    }
+    fn exclusive(&self, decl: &ArtifactDecl) -> bool {
+        decl.id.to_string().contains("bench")
+    }
+    fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
+        let bench = ctx.artifact.to_string().contains("bench");
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(now, Ordering::SeqCst);
+        if bench {
+            self.benches_running.fetch_add(1, Ordering::SeqCst);
+        }
+        for _ in 0..6 {
+            let others = self.now.load(Ordering::SeqCst);
+            if (bench && others > 1) || (!bench && self.benches_running.load(Ordering::SeqCst) > 0) {
+                self.disturbed.store(true, Ordering::SeqCst);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if bench {
+            self.benches_running.fetch_sub(1, Ordering::SeqCst);
+        }
+        std::fs::write(ctx.out_dir.join("id"), ctx.artifact.to_string()).unwrap();
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A benchmark runs alone: nothing starts beside it and it waits for what runs; the other
+/// actions still run in parallel.
+#[test]
+fn timed_actions_run_alone() {
+    let stages: String = (0..8)
+        .map(|i| {
+            if i % 3 == 1 {
+                format!("command \"bench{i}\" {{ run \"x\"; }}\n")
+            } else {
+                format!("command \"s{i}\" {{ run \"x\"; }}\n")
+            }
+        })
+        .collect();
+    let w = Ws::new(&format!("forge 1\ntarget \"t\" {{\n{stages}}}\n"));
+    let timed = Arc::new(Timed {
+        now: AtomicUsize::new(0),
+        max: AtomicUsize::new(0),
+        disturbed: Default::default(),
+        benches_running: AtomicUsize::new(0),
+    });
+    let mut registry = Registry::default();
+    registry.register(timed.clone());
+    let ws = w.load_with(LoadOptions { registry, ..LoadOptions::default() });
+    let (s, ev) = w.build_with(&ws, &[], BuildOptions { jobs: 4, ..BuildOptions::default() });
+    assert!(s.ok(), "{ev:#?}");
+    assert_eq!(s.built, 8);
+    assert!(!timed.disturbed.load(Ordering::SeqCst), "something ran beside a benchmark");
+    assert!(timed.max.load(Ordering::SeqCst) >= 2, "the other actions ran in parallel");
+}
+
 #[test]
 fn selection_until_and_closure() {
     let w = Ws::new(CHAIN);

@@ -37,7 +37,8 @@ use forge_infer::QModel;
 /// Bumped when what the bench stage writes changes.
 pub const BENCH_FORMAT: u32 = 2;
 
-/// One benchmark generates at a time in this process: timings stay honest.
+/// One benchmark generates at a time in this process, also across builds (within a build the
+/// scheduler runs a benchmark alone: [`Executor::exclusive`]).
 static TIMING: Mutex<()> = Mutex::new(());
 
 pub struct BenchExecutor;
@@ -187,6 +188,11 @@ fn verifier_files(r: &Recipe) -> Vec<String> {
 impl Executor for BenchExecutor {
     fn kind(&self) -> &'static str {
         "bench"
+    }
+
+    /// Benchmarks time the model: nothing else runs beside one.
+    fn exclusive(&self, _decl: &ArtifactDecl) -> bool {
+        true
     }
 
     fn format_version(&self) -> u32 {
