@@ -190,3 +190,57 @@ fn cache_gc_removes_what_is_unused() {
     let (_, ev) = ws.build_json(&["lore"]);
     assert!(with_event(&ev, "start").is_empty(), "gc keeps current builds: {ev:#?}");
 }
+
+/// `--shard K/N` splits the targets between N jobs: the shards are disjoint and together build
+/// everything; `--ci` (or `CI=true`) prints what each artifact did and why, `--summary` writes it
+/// as JSON, and a failed artifact fails the job.
+#[test]
+fn ci_mode_shards_and_summaries() {
+    let targets: String = (0..7)
+        .map(|i| format!("target \"npc{i}\" {{\n  command \"a\" {{ run \"sh\" \"-c\" \"echo {i} > {{out}}/x\"; }}\n  command \"b\" {{ run \"cp\" \"{{dep:a}}/x\" \"{{out}}/y\"; needs \"a\"; }}\n}}\n"))
+        .collect();
+    let ws = TestWorkspace::with_manifest(&format!("forge 1\n{targets}"));
+    let all: std::collections::BTreeSet<String> =
+        (0..7).flat_map(|i| [format!("npc{i}:a"), format!("npc{i}:b")]).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for k in 1..=3 {
+        let file = ws.file(&format!("shard{k}.json"));
+        let r = ws.run(&["build", "--ci", "--shard", &format!("{k}/3"), "--summary", file.to_str().unwrap()]);
+        assert_eq!(r.code(), 0, "{r:?}");
+        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(s["shard"], format!("{k}/3"));
+        for (id, a) in s["artifacts"].as_object().unwrap() {
+            assert_eq!(a["outcome"], "built", "{id}: {a}");
+            assert!(seen.insert(id.clone()), "{id} is in two shards");
+        }
+        assert!(r.stderr().contains(&format!("forge build summary (shard {k}/3")), "{r:?}");
+    }
+    assert_eq!(seen, all, "the shards together build every artifact");
+    assert_eq!(ws.run(&["build", "--shard", "0/3"]).code(), 2);
+    assert_eq!(ws.run(&["build", "--shard", "4/3"]).code(), 2);
+
+    // One target's command changes, not what it writes: CI rebuilds it alone, says why, and
+    // the next stage stays fresh by early cutoff.
+    let text = ws.read("forge.kdl").replace("echo 3 >", "echo 3  >");
+    ws.write("forge.kdl", &text);
+    let file = ws.file("ci.json");
+    let r = ws.cmd(&["build", "--summary", file.to_str().unwrap()]).env("CI", "true").output().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(stderr.contains("14 artifacts — 1 built, 12 fresh, 1 fresh by early cutoff"), "{stderr}");
+    assert!(stderr.contains("built        npc3:a"), "{stderr}");
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(s["artifacts"]["npc3:a"]["reasons"][0]["reason"], "param", "{s}");
+    assert_eq!(s["artifacts"]["npc3:b"]["outcome"], "cutoff", "{s}");
+    assert_eq!(s["summary"]["built"], 1);
+
+    // A failing gate fails the job, and the summary says which.
+    let text = ws.read("forge.kdl").replace("echo 5 >", "exit 3; echo 5 >");
+    ws.write("forge.kdl", &text);
+    let r = ws.run(&["build", "--ci", "--keep-going", "--summary", file.to_str().unwrap()]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(s["artifacts"]["npc5:a"]["outcome"], "failed", "{s}");
+    assert_eq!(s["artifacts"]["npc5:b"]["outcome"], "skipped", "{s}");
+    assert!(r.stderr().contains("failed       npc5:a"), "{r:?}");
+}

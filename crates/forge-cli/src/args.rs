@@ -231,6 +231,17 @@ pub struct BuildArgs {
     /// Stream events as JSON lines on stdout.
     #[arg(long)]
     pub json: bool,
+    /// CI mode (also when `CI=true`): no progress bars, and a summary of what each artifact
+    /// did and why at the end.
+    #[arg(long)]
+    pub ci: bool,
+    /// Write the summary as JSON to FILE (what was built, fresh, cut off, failed, and why).
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<std::path::PathBuf>,
+    /// Build only this job's share of the targets, K of N (`2/4`): jobs that share a remote
+    /// cache split a workspace between them; a target's shard follows from its name alone.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<crate::ci::Shard>,
 }
 
 #[derive(Args, Debug)]

@@ -63,7 +63,36 @@ fn default_jobs(ws: &Workspace) -> usize {
 
 pub fn build(g: &Global, out: &Output, a: BuildArgs) -> Result<(), Failure> {
     let ws = load(g, out, a.json)?;
-    let selection = ws.plan.select(&a.artifacts, a.until.as_deref())?;
+    // GitHub Actions, GitLab CI, CircleCI and others set `CI=true`.
+    let ci = a.ci || std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    // A shard builds its targets among those named (or all).
+    let (specs, targets) = match &a.shard {
+        None => (a.artifacts.clone(), Vec::new()),
+        Some(shard) => {
+            let named: Vec<String> = if a.artifacts.is_empty() {
+                ws.manifest.targets.iter().map(|t| t.name.value.clone()).collect()
+            } else {
+                a.artifacts.clone()
+            };
+            let mine: Vec<String> =
+                named.into_iter().filter(|s| shard.owns(s.split(':').next().unwrap_or(s))).collect();
+            let mut targets: Vec<String> = mine.iter().map(|s| s.split(':').next().unwrap_or(s).to_string()).collect();
+            targets.dedup();
+            (mine, targets)
+        }
+    };
+    if a.shard.is_some() && specs.is_empty() {
+        if !a.json {
+            eprintln!(
+                "{} no target in shard {}",
+                out.verb("Nothing", Color::Green),
+                a.shard.map(|s| format!("{}/{}", s.k, s.n)).unwrap_or_default()
+            );
+        }
+        let summary = crate::ci::CiSummary { shard: a.shard.map(|s| format!("{}/{}", s.k, s.n)), ..Default::default() };
+        return write_summary(a.summary.as_deref(), &summary);
+    }
+    let selection = ws.plan.select(&specs, a.until.as_deref())?;
     let _lock = if a.dry_run {
         None
     } else {
@@ -85,8 +114,21 @@ pub fn build(g: &Global, out: &Output, a: BuildArgs) -> Result<(), Failure> {
         cancel: interrupt_token(),
     };
     let renderer = Renderer::new(*out, a.json);
+    let recorder = crate::ci::Recorder::new(&renderer);
     let engine = Engine::new(&ws);
-    let summary = engine.build(&selection, &opts, &renderer);
+    let summary = engine.build(&selection, &opts, &recorder);
+    if ci || a.summary.is_some() {
+        let record = crate::ci::CiSummary {
+            shard: a.shard.map(|s| format!("{}/{}", s.k, s.n)),
+            targets,
+            summary: summary.clone(),
+            artifacts: recorder.artifacts.into_inner().unwrap_or_else(|p| p.into_inner()),
+        };
+        if ci && !a.json {
+            eprint!("{}", crate::ci::render(&record));
+        }
+        write_summary(a.summary.as_deref(), &record)?;
+    }
     if summary.interrupted {
         return Err(Failure::Interrupted);
     }
@@ -98,6 +140,13 @@ pub fn build(g: &Global, out: &Output, a: BuildArgs) -> Result<(), Failure> {
     } else {
         Err(Failure::Failed)
     }
+}
+
+/// Writes a build's summary as JSON to `path`, if given.
+fn write_summary(path: Option<&std::path::Path>, summary: &crate::ci::CiSummary) -> Result<(), Failure> {
+    let Some(path) = path else { return Ok(()) };
+    let text = serde_json::to_string_pretty(summary).map_err(|e| Failure::Internal(e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(|e| Failure::Internal(format!("writing {}: {e}", path.display())))
 }
 
 fn status_word(s: &Status) -> &'static str {

@@ -2,6 +2,7 @@
 //! libraries; this crate only parses and renders.
 
 mod args;
+mod ci;
 mod commands;
 mod data;
 mod export;
