@@ -38,6 +38,16 @@ pub struct Global {
     /// Keep the cache here instead of <workspace>/.forge-cache.
     #[arg(long, value_name = "DIR", env = "FORGE_CACHE_DIR", global = true)]
     pub cache_dir: Option<PathBuf>,
+    /// Share artifacts through this remote cache (Bazel's HTTP layout: nginx with WebDAV,
+    /// bazel-remote), instead of the manifest's `workspace { cache remote=... }`.
+    #[arg(long, value_name = "URL", env = "FORGE_REMOTE_CACHE", global = true)]
+    pub remote_cache: Option<String>,
+    /// Fetch from the remote cache but never upload (untrusted jobs).
+    #[arg(long, env = "FORGE_REMOTE_CACHE_READ_ONLY", global = true)]
+    pub remote_read_only: bool,
+    /// Seconds a remote-cache request may stall before forge builds locally [default: 10].
+    #[arg(long, value_name = "SECONDS", env = "FORGE_REMOTE_CACHE_TIMEOUT", global = true)]
+    pub remote_timeout: Option<f64>,
     /// Print less.
     #[arg(short, long, global = true)]
     pub quiet: bool,

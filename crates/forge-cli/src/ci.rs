@@ -43,7 +43,8 @@ impl Shard {
 /// What one artifact did in a build.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ArtifactOutcome {
-    /// `built`, `fresh`, `cutoff` (fresh once its rebuilt upstream came out the same),
+    /// `built`, `fetched` (from the remote cache), `fresh`, `cutoff` (fresh once its rebuilt
+    /// upstream came out the same),
     /// `failed`, `skipped`, `would-build`, `would-check`.
     pub outcome: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -91,8 +92,11 @@ impl EventSink for Recorder<'_> {
                 self.set(artifact, |o| o.outcome = if *cutoff { "cutoff" } else { "fresh" }.into())
             }
             Event::Start { artifact, reasons } => self.set(artifact, |o| o.reasons = reasons.clone()),
+            Event::Fetched { artifact } => self.set(artifact, |o| o.outcome = "fetched".into()),
             Event::Finish { artifact, duration_ms, unchanged, .. } => self.set(artifact, |o| {
-                o.outcome = "built".into();
+                if o.outcome != "fetched" {
+                    o.outcome = "built".into();
+                }
                 o.duration_ms = Some(*duration_ms);
                 o.unchanged = *unchanged;
             }),
@@ -123,10 +127,14 @@ impl EventSink for Recorder<'_> {
 pub fn render(s: &CiSummary) -> String {
     let count = |o: &str| s.artifacts.values().filter(|a| a.outcome == o).count();
     let mut out = format!(
-        "forge build summary{}: {} artifacts — {} built, {} fresh, {} fresh by early cutoff, {} failed, {} skipped\n",
+        "forge build summary{}: {} artifacts — {} built, {}{} fresh, {} fresh by early cutoff, {} failed, {} skipped\n",
         s.shard.as_ref().map(|k| format!(" (shard {k}, targets {})", s.targets.join(", "))).unwrap_or_default(),
         s.artifacts.len(),
         count("built"),
+        match count("fetched") {
+            0 => String::new(),
+            n => format!("{n} fetched from the remote cache, "),
+        },
         count("fresh"),
         count("cutoff"),
         count("failed"),

@@ -20,9 +20,33 @@ pub fn registry() -> forge_plan::Registry {
     forge_stages::registry()
 }
 
+/// The remote cache the command line or the environment names (the token from
+/// `FORGE_REMOTE_CACHE_TOKEN`); else the manifest's, which `Workspace::load` reads.
+fn remote_options(g: &Global) -> Result<Option<forge_plan::RemoteConfig>, Failure> {
+    let timeout = match g.remote_timeout {
+        Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => std::time::Duration::from_secs_f64(s),
+        Some(s) => {
+            return Err(Failure::Usage(format!("--remote-timeout: {s} is not a number of seconds in (0, 3600]")));
+        }
+        None => forge_plan::remote::DEFAULT_TIMEOUT,
+    };
+    let Some(url) = g.remote_cache.clone().filter(|u| !u.is_empty()) else { return Ok(None) };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(Failure::Usage(format!("--remote-cache: `{url}` is not an http:// or https:// URL")));
+    }
+    let token = std::env::var("FORGE_REMOTE_CACHE_TOKEN").ok().filter(|t| !t.is_empty());
+    Ok(Some(forge_plan::RemoteConfig { url, read_only: g.remote_read_only, token, timeout }))
+}
+
 pub(crate) fn load(g: &Global, out: &Output, json: bool) -> Result<Workspace, Failure> {
     let dir = g.directory.clone().unwrap_or_else(|| std::path::PathBuf::from("."));
-    let opts = LoadOptions { cache_dir: g.cache_dir.clone(), registry: registry(), ..LoadOptions::default() };
+    let opts = LoadOptions {
+        cache_dir: g.cache_dir.clone(),
+        registry: registry(),
+        remote: remote_options(g)?,
+        remote_read_only: g.remote_read_only,
+        ..LoadOptions::default()
+    };
     match Workspace::load(&dir, opts) {
         Ok(ws) => {
             for w in &ws.warnings {

@@ -17,6 +17,8 @@ pub struct Renderer {
     bar: OnceLock<ProgressBar>,
     running: Mutex<BTreeMap<String, String>>,
     last_progress: Mutex<HashMap<String, Instant>>,
+    /// Fetched from the remote cache: their `Finish` says nothing more.
+    fetched: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Plain-mode progress lines per artifact at most this often.
@@ -32,7 +34,14 @@ pub fn reasons_line(reasons: &[DirtyReason]) -> String {
 
 impl Renderer {
     pub fn new(out: Output, json: bool) -> Renderer {
-        Renderer { out, json, bar: OnceLock::new(), running: Mutex::default(), last_progress: Mutex::default() }
+        Renderer {
+            out,
+            json,
+            bar: OnceLock::new(),
+            running: Mutex::default(),
+            last_progress: Mutex::default(),
+            fetched: Mutex::default(),
+        }
     }
 
     fn line(&self, s: String) {
@@ -130,12 +139,19 @@ impl EventSink for Renderer {
                     }
                 }
             }
+            Event::Fetched { artifact } => {
+                if !o.quiet {
+                    self.line(format!("{} {artifact} from the remote cache", o.verb("Fetched", Color::Green)));
+                }
+                self.fetched.lock().unwrap_or_else(|p| p.into_inner()).insert(artifact);
+            }
             Event::Finish { artifact, duration_ms, unchanged, .. } => {
                 self.set_running(&artifact, None);
                 if let Some(bar) = self.bar.get() {
                     bar.inc(1);
                 }
-                if !o.quiet {
+                let fetched = self.fetched.lock().unwrap_or_else(|p| p.into_inner()).contains(&artifact);
+                if !o.quiet && !fetched {
                     let note = if unchanged { " (content unchanged)" } else { "" };
                     self.line(format!(
                         "{} {artifact} in {}{note}",

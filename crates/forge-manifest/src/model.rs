@@ -65,6 +65,19 @@ pub struct Workspace {
     pub jobs: Option<u32>,
     /// Named resource pools: at most `capacity` actions of a pool run at once.
     pub pools: BTreeMap<String, Pool>,
+    /// A remote cache shared between machines (`cache remote="http://..."`).
+    pub cache: Option<RemoteCacheDecl>,
+}
+
+/// `cache remote="http://host:port/prefix" read-only=#false token-env="NAME"`: artifacts shared
+/// in the Bazel HTTP remote-cache layout (`/ac/<key>`, `/cas/<sha256>`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoteCacheDecl {
+    pub url: Spanned<String>,
+    /// Fetch only, never upload (untrusted jobs).
+    pub read_only: bool,
+    /// The environment variable that holds a bearer token (the token itself is never written).
+    pub token_env: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

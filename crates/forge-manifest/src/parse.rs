@@ -361,7 +361,31 @@ impl Loader {
                         }
                     }
                 }
-                _ => unknown_node(cx, child, "`workspace`", &["name", "jobs", "pool"]),
+                "cache" => {
+                    let mut c = NodeReader::new(
+                        cx,
+                        child,
+                        "cache remote=\"http://cache:8080/forge\" read-only=#false token-env=\"NAME\"",
+                    );
+                    let url = c.req_str(cx, "remote");
+                    let read_only = c.bool(cx, "read-only").is_some_and(|b| b.value);
+                    let token_env = c.str(cx, "token-env").map(|t| t.value);
+                    c.no_children(cx);
+                    c.finish(cx);
+                    if let Some(url) = url {
+                        if !(url.value.starts_with("http://") || url.value.starts_with("https://")) {
+                            cx.push(Diagnostic::new(
+                                Code::InvalidValue,
+                                url.span,
+                                "a remote cache is an `http://` or `https://` URL",
+                                "not an HTTP URL",
+                            ));
+                        } else {
+                            ws.cache = Some(crate::model::RemoteCacheDecl { url, read_only, token_env });
+                        }
+                    }
+                }
+                _ => unknown_node(cx, child, "`workspace`", &["name", "jobs", "pool", "cache"]),
             }
         }
         self.workspace = Some((ws, span));

@@ -87,7 +87,8 @@ struct Job {
     fingerprint: Box<Fingerprint>,
 }
 
-type JobResult = (NodeIndex, Digest, Duration, Result<Tree, (ActionError, Option<PathBuf>)>);
+/// A finished action: its node, key, time, and its tree (and whether it came from the remote cache).
+type JobResult = (NodeIndex, Digest, Duration, Result<(Tree, bool), (ActionError, Option<PathBuf>)>);
 
 impl<'w> Engine<'w> {
     pub fn new(ws: &'w Workspace) -> Engine<'w> {
@@ -102,6 +103,9 @@ impl<'w> Engine<'w> {
 
     /// Problems found along the way (corrupt cache entries, ...), each reported once.
     pub fn take_warnings(&self) -> Vec<String> {
+        if let Some(remote) = &self.ws.remote {
+            lock(&self.warnings).extend(remote.take_warnings());
+        }
         std::mem::take(&mut *lock(&self.warnings))
     }
 
@@ -497,7 +501,8 @@ impl<'w> Engine<'w> {
                 }
                 let artifact = node.id.to_string();
                 match result {
-                    Ok(tree) => {
+                    Ok((tree, fetched)) => {
+                        summary.fetched += fetched as usize;
                         let previous = self.recorded(&node.id).map(|r| r.tree.digest());
                         let content = tree.digest();
                         self.set_state(&node.id, key, tree.clone());
@@ -555,7 +560,7 @@ impl<'w> Engine<'w> {
         deps: &BTreeMap<ArtifactId, PathBuf>,
         cancel: &CancelToken,
         sink: &dyn EventSink,
-    ) -> Result<Tree, (ActionError, Option<PathBuf>)> {
+    ) -> Result<(Tree, bool), (ActionError, Option<PathBuf>)> {
         let cache = &self.ws.cache;
         let node = &self.ws.plan.graph[job.node];
         let exec = node.executor.as_ref().expect("only nodes with an executor are run");
@@ -583,6 +588,13 @@ impl<'w> Engine<'w> {
             cancel,
             progress: &progress,
         };
+        if let Some(remote) = &self.ws.remote
+            && let Some(tree) = remote.fetch(&job.key, &artifact, cache, &self.ws.stat)
+        {
+            let _ = forge_cache::fsutil::remove_tree(&staging);
+            sink.emit(Event::Fetched { artifact: artifact.clone() });
+            return Ok((tree, true));
+        }
         let result = exec.run(&ctx).and_then(|()| {
             let tree = cache.publish(&staging, &self.ws.stat)?;
             let entry = ActionEntry {
@@ -598,12 +610,15 @@ impl<'w> Engine<'w> {
                 duration_ms: started.elapsed().as_millis() as u64,
             };
             cache.write_action(&entry)?;
+            if let Some(remote) = &self.ws.remote {
+                remote.push(&entry, cache);
+            }
             Ok(tree)
         });
         if result.is_err() {
             let _ = forge_cache::fsutil::remove_tree(&staging);
         }
-        result.map_err(|e| (e, Some(log_path)))
+        result.map(|t| (t, false)).map_err(|e| (e, Some(log_path)))
     }
 }
 

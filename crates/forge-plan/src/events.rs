@@ -31,6 +31,10 @@ pub enum Event {
         total: u64,
         message: String,
     },
+    /// Fetched from the remote cache (verified) instead of built.
+    Fetched {
+        artifact: String,
+    },
     /// Built and recorded; `unchanged` when the content equals the previous build's.
     Finish {
         artifact: String,
@@ -69,6 +73,8 @@ pub enum Event {
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Summary {
     pub built: usize,
+    /// Of `built`, those fetched from the remote cache rather than run here.
+    pub fetched: usize,
     pub fresh: usize,
     pub failed: usize,
     /// Of `failed`, those that failed on forge's own I/O (a full disk, an unreadable cache).

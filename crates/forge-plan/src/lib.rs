@@ -9,6 +9,7 @@ pub mod events;
 pub mod executor;
 pub mod fingerprint;
 pub mod plan;
+pub mod remote;
 pub mod workspace;
 
 pub use dirty::DirtyReason;
@@ -17,4 +18,5 @@ pub use events::{Collect, Event, EventSink, Summary};
 pub use executor::{ActionContext, ActionError, CancelToken, Executor, Log, Registry, StagePlan};
 pub use fingerprint::{FORGE_VERSION, Fingerprint};
 pub use plan::{Plan, SelectError};
+pub use remote::{Remote, RemoteConfig, RemoteCounts};
 pub use workspace::{LoadOptions, Workspace, WorkspaceError, find_manifest};

@@ -46,6 +46,11 @@ pub struct LoadOptions {
     pub config_cache: bool,
     /// The version recorded in fingerprints (tests pretend to be another forge).
     pub forge_version: String,
+    /// A remote cache to fetch from and upload to (the command line's, else the manifest's
+    /// `workspace { cache remote=... }` is used by the caller).
+    pub remote: Option<crate::RemoteConfig>,
+    /// Never upload to the remote cache, whichever it is.
+    pub remote_read_only: bool,
 }
 
 impl Default for LoadOptions {
@@ -55,6 +60,8 @@ impl Default for LoadOptions {
             registry: Registry::with_builtin(),
             config_cache: true,
             forge_version: FORGE_VERSION.to_string(),
+            remote: None,
+            remote_read_only: false,
         }
     }
 }
@@ -71,6 +78,8 @@ pub struct Workspace {
     pub manifest_cached: bool,
     /// Problems that did not stop loading (an ignored corrupt cache file, ...).
     pub warnings: Vec<String>,
+    /// The remote cache, if one is configured.
+    pub remote: Option<crate::Remote>,
 }
 
 /// Finds the manifest: `path` itself if it is a file, else `forge.kdl` in `path` or the
@@ -123,6 +132,23 @@ impl Workspace {
             }
         };
         let plan = Plan::new(&manifest, &opts.registry);
+        let remote = opts.remote.clone().or_else(|| {
+            manifest.workspace.cache.as_ref().map(|c| crate::RemoteConfig {
+                url: c.url.value.clone(),
+                read_only: c.read_only,
+                token: c.token_env.as_ref().and_then(|v| std::env::var(v).ok()).filter(|t| !t.is_empty()),
+                timeout: crate::remote::DEFAULT_TIMEOUT,
+            })
+        });
+        let remote = remote.map(|r| crate::RemoteConfig { read_only: r.read_only || opts.remote_read_only, ..r });
+        let remote = match remote.map(crate::Remote::new) {
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                warnings.push(e);
+                None
+            }
+            None => None,
+        };
         Ok(Workspace {
             root,
             manifest_path,
@@ -133,6 +159,7 @@ impl Workspace {
             forge_version: opts.forge_version,
             manifest_cached,
             warnings,
+            remote,
         })
     }
 

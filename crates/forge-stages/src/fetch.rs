@@ -12,7 +12,7 @@
 //! `FORGE_PYTHON` names the Python to run (default `python3`).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -40,24 +40,7 @@ fn base_of<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> &'m GgufBase {
     }
 }
 
-/// The SHA-256 of a file, in lowercase hex.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use forge_plan::remote::{hex, sha256_file};
 
 /// A writer that hashes what passes through it.
 struct Hashing<W> {
