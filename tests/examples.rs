@@ -121,3 +121,32 @@ fn the_persona_example_deals_balanced_categories_and_unique_seeds() {
     let seeds: BTreeSet<&str> = all.iter().map(|s| s["values"]["plan"]["seed"].as_str().unwrap()).collect();
     assert_eq!(seeds.len(), 240, "seeds are deduplicated");
 }
+
+/// `examples/ci/forge.yml` runs forge commands that this forge accepts: each `run: forge ...`
+/// line, the matrix filled in, runs on the root workspace (builds as `--dry-run`).
+#[test]
+fn the_ci_example_runs_commands_forge_accepts() {
+    let cache = tempfile::tempdir().unwrap();
+    let workflow =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ci/forge.yml")).unwrap();
+    let summary = cache.path().join("summary.json");
+    let mut ran = 0;
+    for line in workflow.lines() {
+        let Some(cmd) = line.trim().strip_prefix("run: forge ") else { continue };
+        let cmd = cmd.replace("${{ matrix.shard }}", "1");
+        let mut args: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
+        if let Some(i) = args.iter().position(|a| a == "--summary") {
+            args[i + 1] = summary.display().to_string();
+        }
+        if args[0] == "build" {
+            args.push("--dry-run".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = forge(".", cache.path(), &args);
+        assert_eq!(r.code(), 0, "forge {args:?}: {r:?}");
+        ran += 1;
+    }
+    assert_eq!(ran, 2, "forge check and forge build");
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(s["shard"], "1/4");
+}
