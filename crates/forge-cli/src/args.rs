@@ -87,6 +87,23 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write what a game ships: the GGUF files, models.json, Ollama Modelfiles, a llama.cpp server config.
     Export(ExportArgs),
+    /// Rebuild what becomes stale as files are saved (training and later stages only if asked).
+    Watch(WatchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// Targets, artifacts or stages to keep fresh; all when none.
+    pub targets: Vec<String>,
+    /// Keep the selected targets fresh up to this stage (e.g. `gguf`), training included.
+    #[arg(long, value_name = "STAGE")]
+    pub until: Option<String>,
+    /// Keep every stage fresh, training and benchmarks included.
+    #[arg(long, conflicts_with = "until")]
+    pub all: bool,
+    /// Run at most N actions at once [default: the manifest's `jobs`, else the CPU count].
+    #[arg(short, long, value_name = "N")]
+    pub jobs: Option<usize>,
 }
 
 #[derive(Args, Debug)]

@@ -68,7 +68,7 @@ pub(crate) fn load(g: &Global, out: &Output, json: bool) -> Result<Workspace, Fa
 }
 
 /// Ctrl-C and SIGTERM set the token; a second Ctrl-C exits at once.
-fn interrupt_token() -> CancelToken {
+pub(crate) fn interrupt_token() -> CancelToken {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
@@ -77,7 +77,7 @@ fn interrupt_token() -> CancelToken {
     CancelToken::from_flag(flag)
 }
 
-fn default_jobs(ws: &Workspace) -> usize {
+pub(crate) fn default_jobs(ws: &Workspace) -> usize {
     ws.manifest
         .workspace
         .jobs

@@ -11,6 +11,7 @@ mod inspect;
 mod output;
 mod render;
 mod serve;
+mod watch;
 
 use clap::Parser;
 
@@ -78,6 +79,7 @@ pub fn run() -> i32 {
         Command::Gen(a) => generate::generate(&cli.global, &out, a),
         Command::Serve(a) => serve::serve(&cli.global, &out, a),
         Command::Export(a) => export::export(&cli.global, &out, a),
+        Command::Watch(a) => watch::watch(&cli.global, &out, a),
         Command::Inspect(a) => inspect::inspect(&out, a),
     };
     match result {
