@@ -117,8 +117,9 @@ impl Remote {
         })
     }
 
-    pub fn url(&self) -> &str {
-        &self.cfg.url
+    /// The remote's URL as forge shows it: without a `user:password@` part.
+    pub fn url(&self) -> String {
+        shown(&self.cfg.url)
     }
 
     pub fn counts(&self) -> RemoteCounts {
@@ -190,7 +191,7 @@ impl Remote {
 
     fn went_down(&self, why: String) {
         if !self.down.swap(true, Ordering::Relaxed) {
-            self.warn(format!("the remote cache at {} cannot be used ({why}); building locally", self.cfg.url));
+            self.warn(format!("the remote cache at {} cannot be used ({why}); building locally", self.url()));
         }
     }
 
@@ -288,7 +289,7 @@ impl Remote {
                     if !self.no_upload.swap(true, Ordering::Relaxed) {
                         self.warn(format!(
                             "the remote cache at {} refused an upload ({why}); not uploading",
-                            self.cfg.url
+                            self.url()
                         ));
                     }
                 } else {
@@ -326,6 +327,20 @@ impl Remote {
             .send()
             .map_err(|e| (transport(e), false))?;
         check_put(put.status().as_u16(), "/ac/")
+    }
+}
+
+/// `url` without the credentials of a `scheme://user:password@host` form.
+fn shown(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match authority.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://{host}{path}"),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
     }
 }
 
@@ -424,6 +439,13 @@ impl<W: Write> Write for Hashing<W> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credentials_in_a_url_are_never_shown() {
+        assert_eq!(super::shown("http://ci:s3cret@cache:8080/forge"), "http://cache:8080/forge");
+        assert_eq!(super::shown("https://cache/forge/a@b"), "https://cache/forge/a@b");
+        assert_eq!(super::shown("http://cache:8080"), "http://cache:8080");
+    }
+
     #[test]
     fn paths_that_leave_the_artifact_are_refused() {
         for bad in ["../x", "/etc/passwd", "a/../../b", "", "./.."] {
