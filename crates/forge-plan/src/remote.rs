@@ -201,7 +201,7 @@ impl Remote {
         match resp.status().as_u16() {
             200 => {}
             404 => return Err(Miss::Absent),
-            s if s >= 500 => return Err(Miss::Down(format!("GET /ac/ answered {s}"))),
+            // A failing server, or one that refuses this client: either way, unusable.
             s => return Err(Miss::Down(format!("GET /ac/ answered {s}"))),
         }
         let mut body = Vec::new();
