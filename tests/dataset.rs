@@ -133,11 +133,56 @@ fn exactly_n_samples_through_429s_500s_timeouts_slow_and_malformed_responses() {
     assert_eq!(samples(&ws), all, "the rebuild reproduces the dataset");
 }
 
+/// Samples that change, teacher calls, and the causes with their counts.
+type Said = (u64, u64, Vec<(String, u64)>);
+
+/// What `forge status`, `forge why` and `forge build --dry-run` say rebuilding the stale
+/// `defame:dataset` would do: (samples that change, teacher calls, the causes and their
+/// counts). The three must agree.
+fn estimate(ws: &TestWorkspace) -> Said {
+    let r = ws.run(&["status", "--json", "defame:dataset"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let v: Value = serde_json::from_str(&r.stdout()).unwrap();
+    let e = &v["artifacts"][0]["estimate"];
+    assert_eq!(v["artifacts"][0]["status"], "stale", "{v:#}");
+    let summary = e["summary"].as_str().unwrap().to_string();
+    let changed: u64 = summary.split(' ').next().unwrap().parse().unwrap();
+    let calls = e["cost"]["teacher_calls"].as_u64().unwrap();
+    let causes: Vec<(String, u64)> = e["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["what"].as_str().unwrap().to_string(), c["count"].as_u64().unwrap()))
+        .collect();
+    let line = format!("{summary}: {calls} teacher call");
+    let status = ws.run(&["status", "defame:dataset"]).stdout();
+    assert!(status.contains(&line), "forge status says `{line}`: {status}");
+    let why = ws.run(&["why", "defame:dataset"]).stdout();
+    assert!(why.contains(&summary) && why.contains(&format!("would make {calls} teacher call")), "{why}");
+    let dry = ws.run(&["build", "--dry-run"]);
+    assert_eq!(dry.code(), 0, "{dry:?}");
+    assert!(dry.stderr().contains(&line), "forge build --dry-run says `{line}`: {}", dry.stderr());
+    assert!(dry.stderr().contains(&format!("the stale artifacts would make {calls} teacher call")), "{}", dry.stderr());
+    eprintln!("{status}{why}{}", dry.stderr());
+    (changed, calls, causes)
+}
+
+/// [`estimate`], then the build: and the teacher calls it made.
+fn estimate_then_build(ws: &TestWorkspace, server: &FakeTeacher) -> (Said, usize) {
+    let estimated = estimate(ws);
+    let before = server.requests().len();
+    let r = ws.run(&["build"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    (estimated, server.requests().len() - before)
+}
+
 #[test]
 fn adding_one_lore_entry_asks_only_for_the_samples_it_changes() {
     let server = FakeTeacher::with_responder(Faults::default(), Arc::new(answer));
     let n = 200;
     let ws = defame_workspace(&server.base_url(), n, 40, 16);
+    let (never, calls, _) = estimate(&ws);
+    assert_eq!((never, calls), (n as u64, 3 * n as u64), "a first build asks for everything");
     let r = ws.run(&["build"]);
     assert_eq!(r.code(), 0, "{r:?}");
     let before = samples(&ws);
@@ -150,6 +195,7 @@ fn adding_one_lore_entry_asks_only_for_the_samples_it_changes() {
         1,
     );
     ws.write("worlds/intrigue.kdl", &lore);
+    let (estimated, estimated_calls, causes) = estimate(&ws);
     let r = ws.run(&["build"]);
     assert_eq!(r.code(), 0, "{r:?}");
     let after = samples(&ws);
@@ -163,11 +209,60 @@ fn adding_one_lore_entry_asks_only_for_the_samples_it_changes() {
     let with_new_entry =
         after.iter().filter(|s| s["values"]["intel"].to_string().contains("travelling puppeteer")).count();
     let calls = server.requests().len() - calls_before;
-    eprintln!("{changed} of {n} samples changed; {calls} teacher calls");
+    eprintln!("{changed} of {n} samples changed; {calls} teacher calls; estimated {estimated} and {estimated_calls}");
     // The new intelligence item only enters the poster prompt: one call per changed sample.
     assert_eq!(calls, changed, "teacher calls after the edit");
     assert_eq!(changed, with_new_entry, "only samples that now pick the new entry changed");
     assert!(changed > 0 && changed * 10 < n as usize, "{changed} of {n} samples changed");
+    // Said before the build, to the sample and the call.
+    assert_eq!((estimated, estimated_calls), (changed as u64, calls as u64));
+    assert_eq!(causes, [("list \"intelligence\": +1 entry".to_string(), changed as u64)]);
+
+    // Removing an entry changes the samples that had picked it; they pick another.
+    let gone = "sleeps with a lantern lit for fear of the dark";
+    let had_it = after.iter().filter(|s| s["values"]["intel"].to_string().contains(gone)).count();
+    ws.write("worlds/intrigue.kdl", &ws.read("worlds/intrigue.kdl").replacen(&format!("items \"{gone}\""), "", 1));
+    let ((estimated, estimated_calls, causes), calls) = estimate_then_build(&ws, &server);
+    assert_eq!((estimated, estimated_calls), (had_it as u64, calls as u64), "{causes:?}");
+    assert_eq!(causes, [("list \"intelligence\": −1 entry".to_string(), had_it as u64)]);
+
+    // A country's attribute that the sender's backstory reads, and a place of its own (a
+    // nested list) that the poster reads: the country's samples change, for two reasons.
+    let valmora = samples(&ws).iter().filter(|s| s["values"]["sender_country"] == "Valmora").count();
+    let realm = ws.read("worlds/realm.kdl").replacen("demonym=\"Valmoran\"", "demonym=\"Valmorese\"", 1).replacen(
+        "items \"the Saltreach fish market\"",
+        "items \"the gallows of Saltreach\" \"the Saltreach fish market\"",
+        1,
+    );
+    ws.write("worlds/realm.kdl", &realm);
+    let ((estimated, estimated_calls, causes), calls) = estimate_then_build(&ws, &server);
+    let gallows = samples(&ws).iter().filter(|s| s["values"]["place"] == "the gallows of Saltreach").count();
+    assert!(valmora > gallows && gallows > 0, "{valmora} {gallows}");
+    assert_eq!((estimated, estimated_calls), (valmora as u64, calls as u64), "{causes:?}");
+    assert_eq!(calls, 2 * valmora, "a sender backstory and a poster for each Valmoran sender");
+    assert_eq!(
+        causes,
+        [
+            ("list \"countries\": entry \"Valmora\" changed".to_string(), valmora as u64),
+            ("list \"countries/Valmora/places\": +1 entry".to_string(), gallows as u64)
+        ]
+    );
+
+    // A backstory's prompt edited: every sender backstory is asked again, and every poster,
+    // which reads it; the target backstories are not.
+    let recipe = ws.read("recipes/defame.kdl").replacen(
+        "In one sentence, give a backstory for {{ sender }}",
+        "In one sentence, tell the past of {{ sender }}",
+        1,
+    );
+    ws.write("recipes/defame.kdl", &recipe);
+    let ((estimated, estimated_calls, causes), calls) = estimate_then_build(&ws, &server);
+    assert_eq!((estimated, estimated_calls), (n as u64, calls as u64));
+    assert_eq!(calls, 2 * n as usize);
+    assert_eq!(causes, [("node \"sender_backstory\" changed".to_string(), n as u64)]);
+    // Fresh now: nothing to estimate, nothing asked.
+    let dry = ws.run(&["build", "--dry-run"]);
+    assert!(!dry.stderr().contains("teacher call"), "{}", dry.stderr());
 }
 
 #[test]

@@ -233,3 +233,94 @@ fn the_manifest_names_the_remote_and_bad_urls_are_diagnostics() {
     assert_ne!(r.code(), 0, "{r:?}");
     assert!(r.stderr().contains("a remote cache is an `http://` or `https://` URL"), "{r:?}");
 }
+
+/// A dataset asking an OpenAI-compatible teacher (a real HTTP server on 127.0.0.1).
+fn dataset_manifest(teacher: &str, samples: u32, remote: &str, teacher_calls: bool) -> String {
+    format!(
+        r#"forge 1
+workspace {{
+    cache remote="{remote}" teacher-calls=#{teacher_calls}
+}}
+list "heroes" {{
+    items "Alaric" "Berengar" "Cedric" "Dunstan" "Edric" "Fulk" "Godwin" "Hamund" "Ivo" "Jocelin"
+}}
+list "places" {{
+    items "Highmere" "Saltreach" "Kaldmark" "Greywater" "Mirewish"
+}}
+recipe "posters" {{
+    choice "hero" from="heroes"
+    choice "place" from="places"
+    input "{{{{ hero }}}} of {{{{ place }}}}"
+    prompt "Write a short poster about {{{{ hero }}}} of {{{{ place }}}}."
+}}
+teacher "t" kind="openai" model="fake-4o" base-url="{teacher}"
+model "npc" recipe="posters" {{
+    dataset samples={samples} eval=2 seed=7 teacher="t"
+}}
+"#
+    )
+}
+
+#[test]
+fn teacher_answers_are_shared_between_machines_and_a_corrupt_one_is_asked_again() {
+    let server = nginx();
+    let teacher = forge_fake_teacher::FakeTeacher::start(forge_fake_teacher::Faults::default());
+    let manifest = |samples, calls| dataset_manifest(&teacher.base_url(), samples, &server.url, calls);
+    let built = |ws: &TestWorkspace| {
+        let (r, ev) = ws.build_json(&["npc:dataset"]);
+        assert_eq!(r.code(), 0, "{r:?}");
+        (events(&ev, "finish"), warnings(&ev))
+    };
+
+    let a = TestWorkspace::with_manifest(&manifest(10, true));
+    assert_eq!(built(&a).0, ["npc:dataset"]);
+    assert_eq!(teacher.received(), 10);
+
+    // Another machine wants 14 samples: a new dataset, whose first 10 answers were paid for.
+    let b = TestWorkspace::with_manifest(&manifest(14, true));
+    let r = b.run(&["status", "npc:dataset"]);
+    assert!(r.stdout().contains("4 of 14 samples to generate"), "the estimate reads the remote too: {r:?}");
+    let (finished, w) = built(&b);
+    assert_eq!((finished, w), (vec!["npc:dataset".to_string()], vec![]));
+    assert_eq!(teacher.received(), 14, "only the 4 new samples were asked");
+    let log = b.read(".forge-cache/logs-v1/npc--dataset.log");
+    // (The estimate kept the answers it read from the remote: the build found them here.)
+    assert!(log.contains("teacher calls: 4 made, 10 answered from the cache\n"), "{log}");
+    let train =
+        |ws: &TestWorkspace| std::fs::read_to_string(ws.artifact_path("npc:dataset").join("train.jsonl")).unwrap();
+    let (a_train, b_train) = (train(&a), train(&b));
+    assert!(b_train.starts_with(a_train.lines().next().unwrap()), "b's samples are a's answers");
+
+    // An answer damaged on the server is rejected (one warning) and asked again.
+    let call = files(&server.root.join("forge/ac"))
+        .into_iter()
+        .find(|p| std::fs::read_to_string(p).is_ok_and(|t| !t.starts_with('{') && t.contains("\"sample\":3,")))
+        .expect("sample 3's answer is stored");
+    let text = std::fs::read_to_string(&call).unwrap();
+    std::fs::write(&call, text.replace("Hear ye", "Hear me")).unwrap();
+    let c = TestWorkspace::with_manifest(&manifest(13, true));
+    let (_, w) = built(&c);
+    assert!(w.len() == 1 && w[0].contains("teacher call was rejected"), "{w:?}");
+    assert_eq!(teacher.received(), 15, "the damaged answer alone was asked again");
+    assert!(!train(&c).contains("Hear me"));
+    let log = c.read(".forge-cache/logs-v1/npc--dataset.log");
+    assert!(
+        log.contains("teacher calls: 1 made, 12 answered from the cache (12 of them from the remote cache)"),
+        "{log}"
+    );
+
+    // `teacher-calls=#false`: answers stay on the machine that paid for them.
+    let before = files(&server.root).len();
+    let d = TestWorkspace::with_manifest(&manifest(15, false));
+    built(&d);
+    assert_eq!(teacher.received(), 30, "nothing was fetched");
+    assert_eq!(files(&server.root).len(), before + 4, "the artifact was uploaded (its entry and 3 files), no answer");
+
+    // Read-only: answers are fetched, and neither they nor the artifact are uploaded.
+    let before = files(&server.root);
+    let e = TestWorkspace::with_manifest(&manifest(16, true));
+    let (r, _) = e.build_json(&["--remote-read-only", "npc:dataset"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert_eq!(teacher.received(), 32, "samples 14 and 15 are new to the remote");
+    assert_eq!(files(&server.root), before, "read-only mode uploaded");
+}

@@ -38,6 +38,16 @@ pub use stat::StatCache;
 pub use state::{BuildState, StateEntry};
 pub use tree::{Tree, TreeEntry, hash_tree};
 
+/// Entries shared between machines by key — the remote cache's copy of the teacher-call cache.
+/// Blocking; a store that cannot be reached answers `None` and takes nothing (it says so once
+/// itself). What `get` returns is untrusted: the caller verifies it, and reports what it
+/// rejects with `rejected`.
+pub trait SharedStore: Send + Sync {
+    fn get(&self, key: &Digest) -> Option<Vec<u8>>;
+    fn put(&self, key: &Digest, data: &[u8]);
+    fn rejected(&self, key: &Digest, why: &str);
+}
+
 /// The directories of the cache, each with its format version in its name: the one list of
 /// them (a format change bumps a suffix here; `forge cache gc` prunes every other directory).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

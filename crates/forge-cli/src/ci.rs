@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use forge_plan::{DirtyReason, Event, EventSink, Summary};
+use forge_plan::{DirtyReason, Estimate, Event, EventSink, Summary};
 use serde::Serialize;
 
 use crate::render::reasons_line;
@@ -56,6 +56,9 @@ pub struct ArtifactOutcome {
     pub unchanged: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// `--dry-run`: what building it would change and spend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
 }
 
 /// The whole build, for `--summary`.
@@ -108,9 +111,10 @@ impl EventSink for Recorder<'_> {
                 o.outcome = "skipped".into();
                 o.error = Some(format!("{because} failed"));
             }),
-            Event::WouldBuild { artifact, reasons } => self.set(artifact, |o| {
+            Event::WouldBuild { artifact, reasons, estimate } => self.set(artifact, |o| {
                 o.outcome = "would-build".into();
                 o.reasons = reasons.clone();
+                o.estimate = estimate.clone();
             }),
             Event::WouldCheck { artifact, upstream } => self.set(artifact, |o| {
                 o.outcome = "would-check".into();

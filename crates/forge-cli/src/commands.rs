@@ -191,8 +191,37 @@ fn status_detail(s: &Status) -> String {
     }
 }
 
-fn status_json(id: &ArtifactId, s: &Status) -> serde_json::Value {
+/// What rebuilding each stale artifact of `statuses` would change and spend, where its stage
+/// can tell; a stage that cannot work it out is warned about.
+fn estimates(
+    engine: &Engine<'_>,
+    out: &Output,
+    statuses: &HashMap<NodeIndex, Status>,
+) -> HashMap<NodeIndex, forge_plan::Estimate> {
+    let ws = engine.workspace();
+    let mut found = HashMap::new();
+    for (n, s) in statuses {
+        if !matches!(s, Status::Stale { .. }) {
+            continue;
+        }
+        match engine.estimate(*n) {
+            Some(Ok(e)) => {
+                found.insert(*n, e);
+            }
+            Some(Err(e)) => {
+                eprintln!("{}: cannot estimate {}: {e}", out.paint("warning", Color::Yellow), ws.plan.graph[*n].id)
+            }
+            None => {}
+        }
+    }
+    found
+}
+
+fn status_json(id: &ArtifactId, s: &Status, estimate: Option<&forge_plan::Estimate>) -> serde_json::Value {
     let mut v = json!({ "artifact": id.to_string(), "status": status_word(s) });
+    if let Some(e) = estimate {
+        v["estimate"] = json!(e);
+    }
     match s {
         Status::Fresh { key, tree } => {
             v["key"] = json!(key);
@@ -229,8 +258,10 @@ pub fn status(g: &Global, out: &Output, a: StatusArgs) -> Result<(), Failure> {
     for w in engine.take_warnings() {
         eprintln!("{}: {w}", out.paint("warning", Color::Yellow));
     }
+    let estimates = estimates(&engine, out, &statuses);
     if a.json {
-        let rows: Vec<_> = selection.iter().map(|n| status_json(&ws.plan.graph[*n].id, &statuses[n])).collect();
+        let rows: Vec<_> =
+            selection.iter().map(|n| status_json(&ws.plan.graph[*n].id, &statuses[n], estimates.get(n))).collect();
         crate::outln!("{}", serde_json::to_string_pretty(&json!({ "artifacts": rows })).unwrap_or_default());
         return Ok(());
     }
@@ -246,11 +277,20 @@ pub fn status(g: &Global, out: &Output, a: StatusArgs) -> Result<(), Failure> {
             Status::Blocked { .. } => Color::Red,
         };
         let id = ws.plan.graph[*n].id.to_string();
-        crate::outln!("{} {id:width$}  {}", out.paint(&format!("{word:<7}"), color), status_detail(s));
+        let detail = match estimates.get(n) {
+            Some(e) => format!("{}: {}", e.summary, e.cost),
+            None => status_detail(s),
+        };
+        crate::outln!("{} {id:width$}  {detail}", out.paint(&format!("{word:<7}"), color));
     }
     if !out.quiet {
         let parts: Vec<String> = counts.iter().map(|(w, n)| format!("{n} {w}")).collect();
-        eprintln!("{} artifacts: {}", selection.len(), parts.join(", "));
+        let mut cost = forge_plan::Cost::default();
+        for e in estimates.values() {
+            cost += e.cost;
+        }
+        let cost = if estimates.is_empty() { String::new() } else { format!("; rebuilding would make {cost}") };
+        eprintln!("{} artifacts: {}{cost}", selection.len(), parts.join(", "));
     }
     Ok(())
 }
@@ -271,8 +311,10 @@ pub fn why(g: &Global, out: &Output, a: WhyArgs) -> Result<(), Failure> {
     while let Status::Pending { upstream } = &statuses[chain.last().expect("chain is never empty")] {
         chain.push(ws.plan.node(upstream).expect("upstream artifacts are planned"));
     }
+    let estimates = estimates(&engine, out, &chain.iter().map(|c| (*c, statuses[c].clone())).collect());
     if a.json {
-        let steps: Vec<_> = chain.iter().map(|c| status_json(&ws.plan.graph[*c].id, &statuses[c])).collect();
+        let steps: Vec<_> =
+            chain.iter().map(|c| status_json(&ws.plan.graph[*c].id, &statuses[c], estimates.get(c))).collect();
         crate::outln!(
             "{}",
             serde_json::to_string_pretty(&json!({ "artifact": id.to_string(), "chain": steps })).unwrap_or_default()
@@ -296,6 +338,10 @@ pub fn why(g: &Global, out: &Output, a: WhyArgs) -> Result<(), Failure> {
                 crate::outln!("{lead} {}:", out.paint("stale", Color::Yellow));
                 for r in reasons {
                     crate::outln!("  - {r}");
+                }
+                if let Some(e) = estimates.get(c) {
+                    crate::outln!("  {}", e.summary);
+                    crate::outln!("  rebuilding it would make {}", e.cost);
                 }
             }
             Status::Pending { upstream } => {

@@ -184,8 +184,11 @@ impl EventSink for Renderer {
                     self.line(format!("{} {artifact} (needs {because})", o.verb("Skipped", Color::Yellow)));
                 }
             }
-            Event::WouldBuild { artifact, reasons } => {
+            Event::WouldBuild { artifact, reasons, estimate } => {
                 self.line(format!("{} {artifact} ({})", o.verb("Stale", Color::Yellow), reasons_line(&reasons)));
+                if let Some(e) = estimate {
+                    self.line(format!("{:>8} {}: {}", "", e.summary, e.cost));
+                }
             }
             Event::WouldCheck { artifact, upstream } => {
                 self.line(format!("{} {artifact} (after {upstream} is rebuilt)", o.verb("Pending", Color::Yellow)));
@@ -218,7 +221,11 @@ impl EventSink for Renderer {
                 } else {
                     o.verb("Failed", Color::Red)
                 };
-                eprintln!("{verb} {} in {}", parts.join(", "), seconds(s.duration_ms));
+                let cost = match &s.cost {
+                    Some(c) => format!("; the stale artifacts would make {c}"),
+                    None => String::new(),
+                };
+                eprintln!("{verb} {} in {}{cost}", parts.join(", "), seconds(s.duration_ms));
             }
         }
     }

@@ -133,6 +133,8 @@ pub struct Sampler<'m> {
     pub recipe: &'m Recipe,
     /// Nodes in dependency order.
     order: Vec<&'m RecipeNode>,
+    /// The nodes each node reads, by name.
+    deps: HashMap<String, Vec<String>>,
     seed: u64,
     env: minijinja::Environment<'m>,
 }
@@ -173,11 +175,28 @@ impl<'m> Sampler<'m> {
             }
         }
         let order = dependency_order(recipe);
-        Ok(Sampler { manifest, recipe, order, seed, env })
+        let deps = recipe.nodes.iter().map(|n| (n.name.value.clone(), dependencies(recipe, n))).collect();
+        Ok(Sampler { manifest, recipe, order, deps, seed, env })
     }
 
     pub fn order(&self) -> &[&'m RecipeNode] {
         &self.order
+    }
+
+    /// The nodes `node` reads (its edges in the recipe's DAG).
+    pub fn dependencies(&self, node: &str) -> &[String] {
+        self.deps.get(node).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The nodes the recipe's template `name` (`prompt`, `system`, `input`) reads.
+    pub fn template_dependencies(&self, name: &str) -> Vec<String> {
+        let src = match name {
+            "prompt" => self.recipe.prompt.as_ref(),
+            "system" => self.recipe.system.as_ref(),
+            "input" => self.recipe.input.as_ref(),
+            _ => None,
+        };
+        src.map(|t| template_vars(self.recipe, &t.value, false)).unwrap_or_default()
     }
 
     /// The template context for `values`.
@@ -367,15 +386,7 @@ fn attr_text(a: &AttrValue) -> String {
 fn dependencies(recipe: &Recipe, node: &RecipeNode) -> Vec<String> {
     let mut deps = Vec::new();
     let names: Vec<&str> = recipe.nodes.iter().map(|n| n.name.value.as_str()).collect();
-    let mut template_vars = |src: &str, expr: bool| {
-        let env = minijinja::Environment::new();
-        let vars = if expr {
-            env.compile_expression(src).map(|e| e.undeclared_variables(false)).unwrap_or_default()
-        } else {
-            env.template_from_str(src).map(|t| t.undeclared_variables(false)).unwrap_or_default()
-        };
-        deps.extend(vars.into_iter().filter(|v| names.contains(&v.as_str())));
-    };
+    let mut template_vars = |src: &str, expr: bool| deps.extend(template_vars(recipe, src, expr));
     match &node.kind {
         NodeKind::Choice(c) => {
             if let Some((up, _)) = c.from.value.split_once('.') {
@@ -410,6 +421,19 @@ fn dependencies(recipe: &Recipe, node: &RecipeNode) -> Vec<String> {
     }
     deps.retain(|d| d != &node.name.value);
     deps
+}
+
+/// The recipe's nodes that the template (or, with `expr`, the expression) `src` reads.
+fn template_vars(recipe: &Recipe, src: &str, expr: bool) -> Vec<String> {
+    let env = minijinja::Environment::new();
+    let vars = if expr {
+        env.compile_expression(src).map(|e| e.undeclared_variables(false)).unwrap_or_default()
+    } else {
+        env.template_from_str(src).map(|t| t.undeclared_variables(false)).unwrap_or_default()
+    };
+    let mut vars: Vec<String> = vars.into_iter().filter(|v| recipe.nodes.iter().any(|n| n.name.value == *v)).collect();
+    vars.sort();
+    vars
 }
 
 /// Nodes in an order where each comes after what it reads; ties keep declaration order.

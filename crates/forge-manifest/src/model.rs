@@ -69,8 +69,9 @@ pub struct Workspace {
     pub cache: Option<RemoteCacheDecl>,
 }
 
-/// `cache remote="http://host:port/prefix" read-only=#false token-env="NAME"`: artifacts shared
-/// in the Bazel HTTP remote-cache layout (`/ac/<key>`, `/cas/<sha256>`).
+/// `cache remote="http://host:port/prefix" read-only=#false token-env="NAME" teacher-calls=#true`:
+/// artifacts shared in the Bazel HTTP remote-cache layout (`/ac/<key>`, `/cas/<sha256>`), and
+/// with them the teacher-call cache (answers paid for once, on any machine).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RemoteCacheDecl {
     pub url: Spanned<String>,
@@ -78,6 +79,8 @@ pub struct RemoteCacheDecl {
     pub read_only: bool,
     /// The environment variable that holds a bearer token (the token itself is never written).
     pub token_env: Option<String>,
+    /// Share the teacher-call cache too (the default).
+    pub teacher_calls: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -365,11 +365,12 @@ impl Loader {
                     let mut c = NodeReader::new(
                         cx,
                         child,
-                        "cache remote=\"http://cache:8080/forge\" read-only=#false token-env=\"NAME\"",
+                        "cache remote=\"http://cache:8080/forge\" read-only=#false token-env=\"NAME\" teacher-calls=#true",
                     );
                     let url = c.req_str(cx, "remote");
                     let read_only = c.bool(cx, "read-only").is_some_and(|b| b.value);
                     let token_env = c.str(cx, "token-env").map(|t| t.value);
+                    let teacher_calls = c.bool(cx, "teacher-calls").is_none_or(|b| b.value);
                     c.no_children(cx);
                     c.finish(cx);
                     if let Some(url) = url {
@@ -381,7 +382,7 @@ impl Loader {
                                 "not an HTTP URL",
                             ));
                         } else {
-                            ws.cache = Some(crate::model::RemoteCacheDecl { url, read_only, token_env });
+                            ws.cache = Some(crate::model::RemoteCacheDecl { url, read_only, token_env, teacher_calls });
                         }
                     }
                 }

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::dirty::{DirtyReason, diff};
 use crate::events::{Event, EventSink, Summary};
-use crate::executor::{ActionContext, ActionError, CancelToken, Log};
+use crate::executor::{ActionContext, ActionError, CancelToken, Estimate, EstimateContext, Log};
 use crate::fingerprint::{FINGERPRINT_SCHEMA, Fingerprint};
 use crate::workspace::Workspace;
 
@@ -124,6 +124,21 @@ impl<'w> Engine<'w> {
         let entry = self.ws.cache.read_action(&rec.key).ok()??;
         let fp = Fingerprint::from_json(&entry.fingerprint)?;
         Some((entry, fp))
+    }
+
+    /// What rebuilding `n` would change and spend, when its stage can tell (see
+    /// [`Executor::estimate`]); meant for stale artifacts.
+    pub fn estimate(&self, n: NodeIndex) -> Option<Result<Estimate, String>> {
+        let node = &self.ws.plan.graph[n];
+        let exec = node.executor.as_ref()?;
+        let previous = self.last_fingerprint(&node.id).map(|(_, fp)| fp.params);
+        exec.estimate(&EstimateContext {
+            decl: &node.decl,
+            manifest: &self.ws.manifest,
+            cache: &self.ws.cache,
+            shared_calls: self.ws.shared_calls(),
+            previous: previous.as_ref(),
+        })
     }
 
     /// Resolves `n`'s input patterns to files and their digests.
@@ -307,7 +322,18 @@ impl<'w> Engine<'w> {
                     }
                     Status::Stale { reasons, .. } => {
                         summary.not_run += 1;
-                        sink.emit(Event::WouldBuild { artifact, reasons: reasons.clone() });
+                        let estimate = match self.estimate(n) {
+                            Some(Ok(e)) => Some(e),
+                            Some(Err(e)) => {
+                                sink.emit(Event::Warning { message: format!("cannot estimate {artifact}: {e}") });
+                                None
+                            }
+                            None => None,
+                        };
+                        if let Some(e) = &estimate {
+                            *summary.cost.get_or_insert_default() += e.cost;
+                        }
+                        sink.emit(Event::WouldBuild { artifact, reasons: reasons.clone(), estimate });
                     }
                     Status::Pending { upstream } => {
                         summary.not_run += 1;
@@ -584,6 +610,7 @@ impl<'w> Engine<'w> {
             deps,
             inputs: &inputs,
             cache,
+            shared_calls: self.ws.shared_calls(),
             log: &log,
             cancel,
             progress: &progress,

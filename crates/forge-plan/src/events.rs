@@ -4,6 +4,7 @@ use forge_cache::Digest;
 use serde::Serialize;
 
 use crate::dirty::DirtyReason;
+use crate::executor::{Cost, Estimate};
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
@@ -54,10 +55,13 @@ pub enum Event {
         artifact: String,
         because: String,
     },
-    /// `--dry-run`: would be built, for these reasons.
+    /// `--dry-run`: would be built, for these reasons; with what the build would change and
+    /// spend when the stage can tell.
     WouldBuild {
         artifact: String,
         reasons: Vec<DirtyReason>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        estimate: Option<Estimate>,
     },
     /// `--dry-run`: is checked again once `upstream` is rebuilt (it may then be fresh).
     WouldCheck {
@@ -85,6 +89,10 @@ pub struct Summary {
     pub interrupted: bool,
     /// Nothing was built: `not_run` counts what would have been checked or built.
     pub dry_run: bool,
+    /// `--dry-run`: the teacher calls and tokens the stale artifacts would spend (artifacts
+    /// pending on an upstream rebuild are not counted: what they spend depends on it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
     pub duration_ms: u64,
 }
 

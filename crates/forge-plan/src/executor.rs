@@ -43,6 +43,68 @@ pub trait Executor: Send + Sync {
     }
     /// Produces the artifact in `ctx.out_dir`. Must honour `ctx.cancel`.
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError>;
+    /// What running the action for a stale artifact would change and spend, worked out without
+    /// running it (`forge status`, `forge why`, `forge build --dry-run`); `None` for stages with
+    /// nothing to say beyond their dirty reasons.
+    fn estimate(&self, _ctx: &EstimateContext<'_>) -> Option<Result<Estimate, String>> {
+        None
+    }
+}
+
+/// What [`Executor::estimate`] may read: the manifest, the cache (its teacher-call cache above
+/// all) and the parameters of the artifact's last build, when the action cache still has them.
+pub struct EstimateContext<'a> {
+    pub decl: &'a ArtifactDecl,
+    pub manifest: &'a Manifest,
+    pub cache: &'a Cache,
+    /// As [`ActionContext::shared_calls`]: read, never written.
+    pub shared_calls: Option<Arc<dyn forge_cache::SharedStore>>,
+    pub previous: Option<&'a BTreeMap<String, Value>>,
+}
+
+/// What a rebuild would change and spend.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Estimate {
+    /// One line for people: `23 of 1800 samples change (list "intelligence": +1 entry)`.
+    pub summary: String,
+    /// What caused the change, each with the number of units (samples) it touches.
+    pub causes: Vec<Cause>,
+    /// The paid calls the action would make (answers not in the teacher-call cache).
+    pub cost: Cost,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Cause {
+    pub what: String,
+    pub count: u64,
+}
+
+/// Teacher calls and the tokens they would take (estimated from answers of the same requests'
+/// nodes already cached, or from the prompts' lengths when there are none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Cost {
+    pub teacher_calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl std::ops::AddAssign for Cost {
+    fn add_assign(&mut self, o: Cost) {
+        self.teacher_calls += o.teacher_calls;
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+    }
+}
+
+impl std::fmt::Display for Cost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let calls = if self.teacher_calls == 1 { "call" } else { "calls" };
+        write!(f, "{} teacher {calls}", self.teacher_calls)?;
+        if self.teacher_calls > 0 {
+            write!(f, ", ~{} prompt + ~{} completion tokens", self.prompt_tokens, self.completion_tokens)?;
+        }
+        Ok(())
+    }
 }
 
 /// Executors by stage kind.
@@ -159,6 +221,8 @@ pub struct ActionContext<'a> {
     /// The resolved input files, workspace-relative.
     pub inputs: &'a [String],
     pub cache: &'a Cache,
+    /// The remote cache's copy of the teacher-call cache, when answers are shared.
+    pub shared_calls: Option<Arc<dyn forge_cache::SharedStore>>,
     pub log: &'a Log,
     pub cancel: &'a CancelToken,
     /// Reports progress: (done, total, what).

@@ -15,7 +15,9 @@ pub mod workspace;
 pub use dirty::DirtyReason;
 pub use engine::{BuildOptions, Engine, Status};
 pub use events::{Collect, Event, EventSink, Summary};
-pub use executor::{ActionContext, ActionError, CancelToken, Executor, Log, Registry, StagePlan};
+pub use executor::{
+    ActionContext, ActionError, CancelToken, Cause, Cost, Estimate, EstimateContext, Executor, Log, Registry, StagePlan,
+};
 pub use fingerprint::{FORGE_VERSION, Fingerprint};
 pub use plan::{Plan, SelectError};
 pub use remote::{Remote, RemoteConfig, RemoteCounts};

@@ -69,6 +69,9 @@ pub struct RemoteCounts {
     pub misses: u64,
     pub uploads: u64,
     pub rejected: u64,
+    /// Teacher answers fetched and uploaded (the shared teacher-call cache).
+    pub call_hits: u64,
+    pub call_uploads: u64,
 }
 
 pub struct Remote {
@@ -82,6 +85,10 @@ pub struct Remote {
     misses: AtomicU64,
     uploads: AtomicU64,
     rejected: AtomicU64,
+    call_hits: AtomicU64,
+    call_uploads: AtomicU64,
+    /// A teacher-call entry was rejected (reported once).
+    call_rejected: AtomicBool,
     warnings: Mutex<Vec<String>>,
 }
 
@@ -113,6 +120,9 @@ impl Remote {
             misses: AtomicU64::new(0),
             uploads: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            call_hits: AtomicU64::new(0),
+            call_uploads: AtomicU64::new(0),
+            call_rejected: AtomicBool::new(false),
             warnings: Mutex::default(),
         })
     }
@@ -128,6 +138,8 @@ impl Remote {
             misses: self.misses.load(Ordering::Relaxed),
             uploads: self.uploads.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
+            call_hits: self.call_hits.load(Ordering::Relaxed),
+            call_uploads: self.call_uploads.load(Ordering::Relaxed),
         }
     }
 
@@ -277,25 +289,28 @@ impl Remote {
     /// Uploads a built artifact (its files, then its entry) unless the remote is read-only,
     /// down, or refused an upload before.
     pub fn push(&self, entry: &ActionEntry, cache: &Cache) {
-        if self.cfg.read_only || self.down.load(Ordering::Relaxed) || self.no_upload.load(Ordering::Relaxed) {
-            return;
+        if self.may_upload() {
+            let pushed = self.try_push(entry, cache);
+            self.uploaded(pushed, &self.uploads);
         }
-        match self.try_push(entry, cache) {
+    }
+
+    fn may_upload(&self) -> bool {
+        !(self.cfg.read_only || self.down.load(Ordering::Relaxed) || self.no_upload.load(Ordering::Relaxed))
+    }
+
+    /// Counts an upload in `count`, or stops uploading (refused) or using the remote (failed).
+    fn uploaded(&self, result: Result<(), (String, bool)>, count: &AtomicU64) {
+        match result {
             Ok(()) => {
-                self.uploads.fetch_add(1, Ordering::Relaxed);
+                count.fetch_add(1, Ordering::Relaxed);
             }
-            Err((why, refused)) => {
-                if refused {
-                    if !self.no_upload.swap(true, Ordering::Relaxed) {
-                        self.warn(format!(
-                            "the remote cache at {} refused an upload ({why}); not uploading",
-                            self.url()
-                        ));
-                    }
-                } else {
-                    self.went_down(why);
+            Err((why, true)) => {
+                if !self.no_upload.swap(true, Ordering::Relaxed) {
+                    self.warn(format!("the remote cache at {} refused an upload ({why}); not uploading", self.url()));
                 }
             }
+            Err((why, false)) => self.went_down(why),
         }
     }
 
@@ -327,6 +342,64 @@ impl Remote {
             .send()
             .map_err(|e| (transport(e), false))?;
         check_put(put.status().as_u16(), "/ac/")
+    }
+}
+
+/// The largest teacher-call entry forge reads (a request and its answer).
+const MAX_CALL: u64 = 16 << 20;
+
+/// The shared teacher-call cache: each entry of the local one (checksum line, request without
+/// secrets, answer) under `/ac/<request key>`. Request keys and action keys are digests of
+/// different things, so they never meet; the reader checks that an entry is the answer to the
+/// request it asked for.
+impl forge_cache::SharedStore for Remote {
+    fn get(&self, key: &Digest) -> Option<Vec<u8>> {
+        if self.down.load(Ordering::Relaxed) {
+            return None;
+        }
+        let got = (|| {
+            let resp = self.request(reqwest::Method::GET, &self.address("ac", &key.hex())).send().map_err(transport)?;
+            match resp.status().as_u16() {
+                200 => {}
+                404 => return Ok(None),
+                s => return Err(format!("GET /ac/ answered {s}")),
+            }
+            let mut body = Vec::new();
+            resp.take(MAX_CALL + 1).read_to_end(&mut body).map_err(|e| format!("reading /ac/: {e}"))?;
+            Ok((body.len() as u64 <= MAX_CALL).then_some(body))
+        })();
+        match got {
+            Ok(Some(body)) => {
+                self.call_hits.fetch_add(1, Ordering::Relaxed);
+                Some(body)
+            }
+            Ok(None) => None,
+            Err(why) => {
+                self.went_down(why);
+                None
+            }
+        }
+    }
+
+    fn put(&self, key: &Digest, data: &[u8]) {
+        if !self.may_upload() {
+            return;
+        }
+        let put = self
+            .request(reqwest::Method::PUT, &self.address("ac", &key.hex()))
+            .body(data.to_vec())
+            .send()
+            .map_err(|e| (transport(e), false))
+            .and_then(|r| check_put(r.status().as_u16(), "/ac/"));
+        self.uploaded(put, &self.call_uploads);
+    }
+
+    fn rejected(&self, _key: &Digest, why: &str) {
+        self.call_hits.fetch_sub(1, Ordering::Relaxed);
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        if !self.call_rejected.swap(true, Ordering::Relaxed) {
+            self.warn(format!("the remote cache's answer to a teacher call was rejected ({why}); asking the teacher"));
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! the stat cache, and by expanding the patterns again), the stored manifest is used as is.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use forge_cache::{Cache, CacheError, Digest, StatCache};
 use forge_manifest::{Manifest, ManifestErrors, glob};
@@ -79,7 +80,9 @@ pub struct Workspace {
     /// Problems that did not stop loading (an ignored corrupt cache file, ...).
     pub warnings: Vec<String>,
     /// The remote cache, if one is configured.
-    pub remote: Option<crate::Remote>,
+    pub remote: Option<Arc<crate::Remote>>,
+    /// Whether the remote cache holds the teacher-call cache too (`cache teacher-calls=`).
+    pub share_teacher_calls: bool,
 }
 
 /// Finds the manifest: `path` itself if it is a file, else `forge.kdl` in `path` or the
@@ -142,13 +145,14 @@ impl Workspace {
         });
         let remote = remote.map(|r| crate::RemoteConfig { read_only: r.read_only || opts.remote_read_only, ..r });
         let remote = match remote.map(crate::Remote::new) {
-            Some(Ok(r)) => Some(r),
+            Some(Ok(r)) => Some(Arc::new(r)),
             Some(Err(e)) => {
                 warnings.push(e);
                 None
             }
             None => None,
         };
+        let share_teacher_calls = manifest.workspace.cache.as_ref().is_none_or(|c| c.teacher_calls);
         Ok(Workspace {
             root,
             manifest_path,
@@ -159,8 +163,15 @@ impl Workspace {
             forge_version: opts.forge_version,
             manifest_cached,
             warnings,
+            share_teacher_calls,
             remote,
         })
+    }
+
+    /// The remote cache's copy of the teacher-call cache, when answers are shared.
+    pub fn shared_calls(&self) -> Option<Arc<dyn forge_cache::SharedStore>> {
+        let remote = self.remote.clone().filter(|_| self.share_teacher_calls)?;
+        Some(remote)
     }
 
     /// Saves the stat cache (what was hashed while this workspace was in use).

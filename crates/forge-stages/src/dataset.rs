@@ -19,14 +19,14 @@
 //! and the tokens of rejected answers are reported. The progress line counts calls, answers,
 //! rejections and timeouts as they happen.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use forge_manifest::{ArtifactDecl, DatasetStage, Manifest, NodeKind, Recipe, StageKind, TeacherKind};
-use forge_plan::{ActionContext, ActionError, Executor, StagePlan};
+use forge_plan::{ActionContext, ActionError, Estimate, EstimateContext, Executor, StagePlan};
 use forge_teacher::rng::SplitMix64;
 use forge_teacher::{CallCache, ChatRequest, ChatResponse, Message, OpenAiClient, OpenAiConfig, TeacherError, Usage};
 use futures_util::StreamExt;
@@ -39,6 +39,7 @@ use forge_data::split::split;
 use forge_data::validate::{Checks, Dedup, Rejection};
 use journal::{Journal, append, read_journal};
 
+mod estimate;
 mod journal;
 
 pub struct DatasetExecutor;
@@ -146,7 +147,7 @@ impl Executor for DatasetExecutor {
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
         let (d, recipe) = stage(ctx.manifest, ctx.decl);
-        let run = Run::new(ctx, d, recipe)?;
+        let run = Run::new(ctx.manifest, ctx.cache, ctx.shared_calls.clone(), d, recipe, Mode::Build)?;
         // Candidates are polled together on one thread: the work is waiting on teachers, and what
         // is not (templates, validation) is small.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -160,12 +161,38 @@ impl Executor for DatasetExecutor {
         let _ = std::fs::remove_dir_all(ctx.work_dir());
         Ok(())
     }
+
+    fn estimate(&self, ctx: &EstimateContext<'_>) -> Option<Result<Estimate, String>> {
+        let (d, recipe) = stage(ctx.manifest, ctx.decl);
+        Some(estimate::estimate(ctx, d, recipe))
+    }
+}
+
+/// Whether a run builds the dataset or only works out what building it would ask.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Build,
+    /// Nothing is sent: answers come from the teacher-call cache, and what it lacks is counted
+    /// as calls to make ([`estimate`]).
+    Estimate,
 }
 
 /// A teacher, ready to be asked.
 enum Teacher {
     Grammar,
     Openai(Box<OpenAiClient>),
+    /// An OpenAI-compatible teacher while estimating: never asked, so it needs no key.
+    Unasked {
+        model: String,
+        base_url: String,
+    },
+}
+
+/// Why a teacher gave no answer.
+enum AskError {
+    Teacher(TeacherError),
+    /// Estimating, and the teacher-call cache does not hold the answer: a call to make.
+    NotCached,
 }
 
 /// What one candidate came to.
@@ -182,6 +209,12 @@ enum Outcome {
     Invalid(String),
     /// The teacher failed after its retries: counts against the error budget.
     TeacherFailed(String),
+    /// Estimating: the calls the candidate would make that the cache cannot answer, and the
+    /// lore entries its choices picked (node → entries), to say what caused them.
+    Uncached {
+        misses: Vec<estimate::Miss>,
+        picks: Vec<(String, Vec<String>)>,
+    },
     /// The teacher cannot answer any request (a refused or malformed key, a wrong URL or
     /// model, a server that cannot answer within its timeout): the run stops at once.
     Fatal(String),
@@ -194,9 +227,13 @@ struct Run<'m> {
     cache: CallCache,
     final_checks: Checks,
     node_checks: HashMap<String, Checks>,
+    /// The nodes the final request reads (its templates and its grammar).
+    final_reads: Vec<String>,
     /// Teacher calls not answered from the cache (HTTP requests are counted by the clients).
     calls: AtomicU64,
     cache_hits: AtomicU64,
+    /// Of `cache_hits`, the answers the remote cache's copy gave.
+    shared_hits: AtomicU64,
     /// Offline (grammar) expansions.
     grammar_calls: AtomicU64,
     /// Answers that failed a check (a node's or the final one), in this run.
@@ -205,6 +242,8 @@ struct Run<'m> {
     node_waste: std::sync::Mutex<BTreeMap<String, Usage>>,
     /// The statistics of the finished generation, for `meta.json`.
     stats: std::sync::Mutex<Stats>,
+    /// Estimating: the usage of the cached answers read, by node (what a new answer will cost).
+    cached_usage: std::sync::Mutex<BTreeMap<String, (Usage, u64)>>,
 }
 
 /// The most completion tokens an answer that passes `spec` can need, when `spec` bounds its
@@ -265,12 +304,22 @@ impl Progress {
 }
 
 impl<'m> Run<'m> {
-    fn new(ctx: &ActionContext<'m>, d: &'m DatasetStage, recipe: &'m Recipe) -> Result<Run<'m>, ActionError> {
-        let sampler = Sampler::new(ctx.manifest, recipe, d.seed).map_err(ActionError::msg)?;
+    fn new(
+        manifest: &'m Manifest,
+        cache: &forge_cache::Cache,
+        shared_calls: Option<std::sync::Arc<dyn forge_cache::SharedStore>>,
+        d: &'m DatasetStage,
+        recipe: &'m Recipe,
+        mode: Mode,
+    ) -> Result<Run<'m>, ActionError> {
+        let sampler = Sampler::new(manifest, recipe, d.seed).map_err(ActionError::msg)?;
         let mut teachers = HashMap::new();
         for name in teacher_names(d, recipe) {
-            let t = match &ctx.manifest.teachers[name].kind {
+            let t = match &manifest.teachers[name].kind {
                 TeacherKind::Grammar => Teacher::Grammar,
+                TeacherKind::Openai(o) if mode == Mode::Estimate => {
+                    Teacher::Unasked { model: o.model.clone(), base_url: o.base_url.clone() }
+                }
                 TeacherKind::Openai(o) => Teacher::Openai(Box::new(
                     OpenAiClient::new(OpenAiConfig {
                         model: o.model.clone(),
@@ -296,19 +345,25 @@ impl<'m> Run<'m> {
                 node_checks.insert(n.name.value.clone(), checks);
             }
         }
+        let mut final_reads = sampler.template_dependencies("prompt");
+        final_reads.extend(sampler.template_dependencies("system"));
+        final_reads.extend(recipe.prompt_grammar.iter().map(|g| g.value.clone()));
         Ok(Run {
+            final_reads,
             d,
             sampler,
             teachers,
-            cache: CallCache::new(ctx.cache),
+            cache: CallCache::new(cache).with_shared(shared_calls),
             final_checks,
             node_checks,
             calls: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
+            shared_hits: AtomicU64::new(0),
             grammar_calls: AtomicU64::new(0),
             rejected_answers: AtomicU64::new(0),
             node_waste: std::sync::Mutex::default(),
             stats: std::sync::Mutex::default(),
+            cached_usage: std::sync::Mutex::default(),
         })
     }
 
@@ -319,15 +374,19 @@ impl<'m> Run<'m> {
             .values()
             .filter_map(|t| match t {
                 Teacher::Openai(c) => Some(c.config().max_parallel as usize),
-                Teacher::Grammar => None,
+                Teacher::Grammar | Teacher::Unasked { .. } => None,
             })
             .max();
         http.map(|p| (2 * p).max(8)).unwrap_or(64)
     }
 
     fn log_stats(&self, ctx: &ActionContext<'_>) {
+        let shared = match self.shared_hits.load(Ordering::Relaxed) {
+            0 => String::new(),
+            n => format!(" ({n} of them from the remote cache)"),
+        };
         ctx.log.line(&format!(
-            "teacher calls: {} made, {} answered from the cache",
+            "teacher calls: {} made, {} answered from the cache{shared}",
             self.calls.load(Ordering::Relaxed),
             self.cache_hits.load(Ordering::Relaxed)
         ));
@@ -390,7 +449,7 @@ impl<'m> Run<'m> {
 
     /// Whether `node`'s answers come from a model that costs tokens (not the offline grammar).
     fn paid(&self, node: &str) -> bool {
-        matches!(self.teachers.get(self.teacher_of(node)), Some(Teacher::Openai(_)))
+        matches!(self.teachers.get(self.teacher_of(node)), Some(Teacher::Openai(_) | Teacher::Unasked { .. }))
     }
 
     /// `text` without any teacher's secrets.
@@ -441,7 +500,7 @@ impl<'m> Run<'m> {
         req: ChatRequest,
         grammar: Option<&'m str>,
         values: &Values<'m>,
-    ) -> Result<ChatResponse, TeacherError> {
+    ) -> Result<ChatResponse, AskError> {
         match &self.teachers[teacher] {
             Teacher::Grammar => {
                 let name = grammar.expect("validated: grammar teachers get a grammar");
@@ -456,7 +515,9 @@ impl<'m> Run<'m> {
                 self.calls.fetch_add(1, Ordering::Relaxed);
                 self.grammar_calls.fetch_add(1, Ordering::Relaxed);
                 let content = self.sampler.expand(name, g, values, &mut rng).map_err(|e| {
-                    TeacherError::Grammar(forge_teacher::grammar::GrammarError::Expansion(e.to_string()))
+                    AskError::Teacher(TeacherError::Grammar(forge_teacher::grammar::GrammarError::Expansion(
+                        e.to_string(),
+                    )))
                 })?;
                 let words = content.split_whitespace().count() as u64;
                 Ok(ChatResponse {
@@ -466,26 +527,56 @@ impl<'m> Run<'m> {
                 })
             }
             Teacher::Openai(client) => {
-                if let Some(r) = self.cache.get(&req) {
-                    self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                if let Some(r) = self.cached(&req).await {
                     return Ok(r);
                 }
                 self.calls.fetch_add(1, Ordering::Relaxed);
                 // Before the first real call (not for a run the cache answers): how many
                 // requests the server serves at once, if it says (llama.cpp's server does).
                 client.discover_slots().await;
-                let r = client.chat(&req).await?;
+                let r = client.chat(&req).await.map_err(AskError::Teacher)?;
                 // Only answers are cached, never errors; a failed write only costs a re-ask.
                 let _ = self.cache.put(&req, &r);
+                if self.cache.is_shared() {
+                    let (cache, req, r) = (self.cache.clone(), req.clone(), r.clone());
+                    let _ = tokio::task::spawn_blocking(move || cache.share(&req, &r)).await;
+                }
                 Ok(r)
             }
+            Teacher::Unasked { .. } => match self.cached(&req).await {
+                Some(r) => {
+                    let mut seen = self.cached_usage.lock().unwrap_or_else(|p| p.into_inner());
+                    let (usage, n) = seen.entry(req.node.clone()).or_default();
+                    *usage += r.usage;
+                    *n += 1;
+                    Ok(r)
+                }
+                None => Err(AskError::NotCached),
+            },
         }
+    }
+
+    /// The answer to `req` from the teacher-call cache, or else from the remote cache's copy.
+    async fn cached(&self, req: &ChatRequest) -> Option<ChatResponse> {
+        let r = match self.cache.get(req) {
+            Some(r) => r,
+            None if self.cache.is_shared() => {
+                let (cache, req) = (self.cache.clone(), req.clone());
+                let r = tokio::task::spawn_blocking(move || cache.get_shared(&req)).await.ok().flatten()?;
+                self.shared_hits.fetch_add(1, Ordering::Relaxed);
+                r
+            }
+            None => return None,
+        };
+        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+        Some(r)
     }
 
     fn request(&self, teacher: &str, node: &str, messages: Vec<Message>, index: u64, repeat: u32) -> ChatRequest {
         let (provider, model, base_url) = match &self.teachers[teacher] {
             Teacher::Grammar => ("grammar".to_string(), String::new(), String::new()),
             Teacher::Openai(c) => ("openai".to_string(), c.config().model.clone(), c.config().base_url.clone()),
+            Teacher::Unasked { model, base_url } => ("openai".to_string(), model.clone(), base_url.clone()),
         };
         ChatRequest {
             provider,
@@ -523,8 +614,21 @@ impl<'m> Run<'m> {
         let mut values: Values<'m> = HashMap::new();
         let mut usage: BTreeMap<String, Usage> = BTreeMap::new();
         let mut waste: BTreeMap<String, Usage> = BTreeMap::new();
-        for node in self.sampler.order() {
+        // Estimating: the calls the cache cannot answer, and the nodes whose values wait on them.
+        let mut misses: Vec<estimate::Miss> = Vec::new();
+        let mut unknown: HashSet<&str> = HashSet::new();
+        'nodes: for node in self.sampler.order() {
             let name = node.name.value.as_str();
+            if !unknown.is_empty() && self.sampler.dependencies(name).iter().any(|d| unknown.contains(d.as_str())) {
+                unknown.insert(name);
+                if let NodeKind::Generate(g) = &node.kind
+                    && self.paid(name)
+                {
+                    let chars = g.prompt.value.len() + g.system.as_ref().map_or(0, |s| s.value.len());
+                    misses.push(estimate::Miss { node: name.to_string(), chars, max_tokens: g.max_tokens });
+                }
+                continue;
+            }
             let value = match &node.kind {
                 NodeKind::Generate(g) => {
                     let teacher = g.teacher.as_ref().map(|t| t.value.as_str()).unwrap_or(&self.d.teacher.value);
@@ -557,7 +661,13 @@ impl<'m> Run<'m> {
                         let grammar = g.grammar.as_ref().map(|s| s.value.as_str());
                         let answer = match self.ask(teacher, req, grammar, &values).await {
                             Ok(a) => a,
-                            Err(e) => return self.teacher_failed(teacher, Some(name), e),
+                            Err(AskError::Teacher(e)) => return self.teacher_failed(teacher, Some(name), e),
+                            Err(AskError::NotCached) => {
+                                let chars = messages.iter().map(|m| m.content.len()).sum();
+                                misses.push(estimate::Miss { node: name.to_string(), chars, max_tokens: limit });
+                                unknown.insert(name);
+                                continue 'nodes;
+                            }
                         };
                         *usage.entry(name.to_string()).or_default() += answer.usage;
                         match check(checks, &answer, limit.filter(|_| bounded)) {
@@ -595,8 +705,23 @@ impl<'m> Run<'m> {
             };
             values.insert(name.to_string(), value);
         }
+        let teacher = self.d.teacher.value.as_str();
+        if !unknown.is_empty() && self.final_reads.iter().any(|d| unknown.contains(d.as_str())) {
+            if self.paid("prompt") {
+                let r = &self.sampler.recipe;
+                let chars = [&r.prompt, &r.system].iter().filter_map(|t| t.as_ref()).map(|t| t.value.len()).sum();
+                let max_tokens = token_bound(&r.validate, &[]);
+                misses.push(estimate::Miss { node: "prompt".into(), chars, max_tokens });
+            }
+            return Outcome::Uncached { misses, picks: estimate::picks(&values) };
+        }
         let rendered = (|| -> Result<(String, String, Option<String>), String> {
-            let input = self.sampler.render("input", index, &values).map_err(|e| e.to_string())?;
+            // Estimating, the input may read values that wait on an answer: it is not needed.
+            let input = if unknown.is_empty() {
+                self.sampler.render("input", index, &values).map_err(|e| e.to_string())?
+            } else {
+                String::new()
+            };
             let prompt = self.sampler.render("prompt", index, &values).map_err(|e| e.to_string())?;
             let system = if self.sampler.has_template("system") {
                 Some(self.sampler.render("system", index, &values).map_err(|e| e.to_string())?)
@@ -614,16 +739,23 @@ impl<'m> Run<'m> {
             messages.push(Message::system(s.clone()));
         }
         messages.push(Message::user(prompt.clone()));
-        let teacher = self.d.teacher.value.as_str();
         // The final prompt has no max-tokens of its own: the recipe's checks bound it.
         let (limit, bounded) = max_tokens(None, token_bound(&self.sampler.recipe.validate, &messages));
+        let chars = messages.iter().map(|m| m.content.len()).sum();
         let mut req = self.request(teacher, "prompt", messages, index, repeat);
         req.max_tokens = limit;
         let grammar = self.sampler.recipe.prompt_grammar.as_ref().map(|g| g.value.as_str());
         let answer = match self.ask(teacher, req, grammar, &values).await {
             Ok(a) => a,
-            Err(e) => return self.teacher_failed(teacher, None, e),
+            Err(AskError::Teacher(e)) => return self.teacher_failed(teacher, None, e),
+            Err(AskError::NotCached) => {
+                misses.push(estimate::Miss { node: "prompt".into(), chars, max_tokens: limit });
+                return Outcome::Uncached { misses, picks: estimate::picks(&values) };
+            }
         };
+        if !misses.is_empty() {
+            return Outcome::Uncached { misses, picks: estimate::picks(&values) };
+        }
         *usage.entry("prompt".to_string()).or_default() += answer.usage;
         let output = match check(&self.final_checks, &answer, limit.filter(|_| bounded)) {
             Ok(Some(json)) => serde_json::to_string(&json).unwrap_or_default(),
@@ -772,6 +904,7 @@ impl<'m> Run<'m> {
                         usage: BTreeMap::new(),
                     },
                     Outcome::Fatal(_) => unreachable!("fatal outcomes stop the run before commit"),
+                    Outcome::Uncached { .. } => unreachable!("only an estimate leaves calls unmade"),
                 };
                 append(&mut journal, &entry).map_err(|e| ActionError::io(&journal_path, e))?;
                 if let Some(next_repeat) = state.commit(entry, self.d.attempts) {
