@@ -100,6 +100,7 @@ fn exactly_n_samples_through_429s_500s_timeouts_slow_and_malformed_responses() {
             hang: Duration::from_secs(3),
             every_malformed: Some(13),
             latency: Duration::from_millis(15),
+            ..Faults::default()
         },
         Arc::new(answer),
     );

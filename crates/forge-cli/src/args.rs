@@ -89,6 +89,22 @@ pub enum Command {
     Export(ExportArgs),
     /// Rebuild what becomes stale as files are saved (training and later stages only if asked).
     Watch(WatchArgs),
+    /// Stand in front of an upstream teacher (OpenAI's chat API) and capture every answered
+    /// call per call site, for distilling each site into a local model.
+    Proxy(ProxyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProxyArgs {
+    /// Where to listen (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub addr: String,
+    /// The manifest's teacher to forward to (default: its only OpenAI-compatible teacher).
+    #[arg(long, value_name = "TEACHER")]
+    pub upstream: Option<String>,
+    /// Where captures go, one `SITE.jsonl` per call site [default: `captures/` in the workspace].
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -9,6 +9,7 @@ mod export;
 mod generate;
 mod inspect;
 mod output;
+mod proxy;
 mod render;
 mod serve;
 mod watch;
@@ -80,6 +81,7 @@ pub fn run() -> i32 {
         Command::Serve(a) => serve::serve(&cli.global, &out, a),
         Command::Export(a) => export::export(&cli.global, &out, a),
         Command::Watch(a) => watch::watch(&cli.global, &out, a),
+        Command::Proxy(a) => proxy::proxy(&cli.global, &out, a),
         Command::Inspect(a) => inspect::inspect(&out, a),
     };
     match result {

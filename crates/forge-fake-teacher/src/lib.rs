@@ -39,6 +39,8 @@ pub struct Faults {
     /// Added to every response (with `slots`, the time a request holds its slot: its
     /// "generation").
     pub latency: Duration,
+    /// With `"stream": true`: the pause before each streamed piece of the answer.
+    pub stream_delay: Duration,
 }
 
 /// How the server serves, beyond faults.
@@ -322,6 +324,9 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, Json(body): Js
         record(200);
     }
     pending.answered = true;
+    if body["stream"] == json!(true) {
+        return stream(n, &body, &content, words, f.stream_delay);
+    }
     Json(json!({
         "id": format!("chatcmpl-{n}"),
         "object": "chat.completion",
@@ -330,4 +335,38 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, Json(body): Js
         "usage": {"prompt_tokens": 10, "completion_tokens": words, "total_tokens": 10 + words},
     }))
     .into_response()
+}
+
+/// The answer as OpenAI streams it: server-sent events, a word per chunk (each after `delay`),
+/// then the finish reason, the usage and `[DONE]`.
+fn stream(n: u64, body: &Value, content: &str, words: u64, delay: Duration) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": format!("chatcmpl-{n}"),
+            "object": "chat.completion.chunk",
+            "model": body["model"],
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+    };
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let pieces: Vec<String> = content.split_inclusive(' ').map(str::to_string).collect();
+    events.extend(pieces.into_iter().map(|p| chunk(json!({ "content": p }), Value::Null)));
+    events.push(chunk(json!({}), json!("stop")));
+    let mut usage = chunk(json!({}), Value::Null);
+    usage["choices"] = json!([]);
+    usage["usage"] = json!({"prompt_tokens": 10, "completion_tokens": words, "total_tokens": 10 + words});
+    events.push(usage);
+    let mut lines: std::collections::VecDeque<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    lines.push_back("data: [DONE]\n\n".to_string());
+    let body = futures_util::stream::unfold(lines, move |mut lines| async move {
+        let line = lines.pop_front()?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some((Ok::<_, std::convert::Infallible>(line), lines))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(body))
+        .expect("a valid response")
 }

@@ -9,11 +9,14 @@
 //! Models load on first use and stay resident under a byte budget, the least recently used
 //! dropped first ([`registry`]); each resident model decodes on its own thread from a bounded
 //! queue, and a request that finds the queue full gets 503 with `Retry-After` ([`worker`]).
+//! [`proxy`] is `forge proxy`: the capture side of seed 003, in front of an upstream teacher.
+//!
 //! Errors are OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with a 4xx
 //! status for anything the client can fix, and the server keeps serving.
 
 pub mod api;
 pub mod metrics;
+pub mod proxy;
 pub mod registry;
 pub mod worker;
 

@@ -75,6 +75,7 @@ fn every_request_succeeds_through_429s_500s_timeouts_and_garbage() {
         hang: Duration::from_secs(5),
         every_malformed: Some(13),
         latency: Duration::from_millis(5),
+        ..Faults::default()
     });
     let c = Arc::new(client(&server, 8, Duration::from_millis(500), None));
     let n = 60;

@@ -1,0 +1,383 @@
+//! `forge proxy`: an OpenAI-compatible endpoint in front of an upstream teacher that records
+//! every answered call per call site (seed 003's capture of `by <llm>` call sites).
+//!
+//! Each `POST /v1/chat/completions` is forwarded to the upstream (streamed answers are streamed
+//! through as they come) and, once the answer is complete, captured in the site's file of the
+//! [`store`] — fsynced before the client sees the end of the answer (the body of a plain answer,
+//! the `[DONE]` of a stream). The upstream's key comes from the manifest's `api-key-env`; when
+//! the teacher has none, the client's `Authorization` is passed on. Neither key is stored or
+//! logged: both are redacted from what is captured, logged and sent back, even when a server
+//! echoes them. Failed calls are passed back as they are (redacted) and not captured.
+
+pub mod site;
+pub mod store;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use forge_teacher::Redactor;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+pub use store::{Answer, Capture, CaptureStore, ReadReport};
+
+/// The teacher the proxy forwards to.
+#[derive(Clone)]
+pub struct Upstream {
+    /// Its name in the manifest.
+    pub name: String,
+    pub base_url: String,
+    /// Sent as the request's `model` (the call site's own is replaced: the manifest decides).
+    pub model: String,
+    /// From the teacher's `api-key-env`.
+    pub api_key: Option<String>,
+    /// For the whole answer.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+struct Proxy {
+    upstream: Upstream,
+    http: reqwest::Client,
+    store: CaptureStore,
+    captured: AtomicU64,
+    failed: AtomicU64,
+    /// Captures that could not be written (a full disk): answered, not kept.
+    lost: AtomicU64,
+    counter: AtomicU64,
+}
+
+/// What a proxy did (`GET /forge/stats`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ProxyStats {
+    pub captured: u64,
+    pub failed: u64,
+    pub lost: u64,
+}
+
+/// Serves on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    upstream: Upstream,
+    store: CaptureStore,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // reqwest's rustls backend needs a process-wide provider; installing twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| std::io::Error::other(format!("the proxy's HTTP client: {e}")))?;
+    let proxy = Arc::new(Proxy {
+        upstream,
+        http,
+        store,
+        captured: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        counter: AtomicU64::new(0),
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/forge/stats", get(stats))
+        .with_state(proxy);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": { "message": message, "type": "forge_proxy_error" } }))).into_response()
+}
+
+async fn models(State(p): State<Arc<Proxy>>) -> Json<Value> {
+    Json(
+        json!({ "object": "list", "data": [{ "id": p.upstream.model, "object": "model", "owned_by": p.upstream.name }] }),
+    )
+}
+
+async fn stats(State(p): State<Arc<Proxy>>) -> Json<ProxyStats> {
+    Json(ProxyStats {
+        captured: p.captured.load(Ordering::Relaxed),
+        failed: p.failed.load(Ordering::Relaxed),
+        lost: p.lost.load(Ordering::Relaxed),
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Everything one call needs after it was forwarded.
+struct Call {
+    proxy: Arc<Proxy>,
+    site: String,
+    request: Value,
+    redactor: Redactor,
+    started: Instant,
+    stream: bool,
+}
+
+impl Call {
+    /// Stores the capture (off the async threads), and says how it went in one log line.
+    async fn capture(&self, answer: Answer) {
+        let p = &self.proxy;
+        let n = p.counter.fetch_add(1, Ordering::Relaxed);
+        let at_ms = now_ms();
+        let id = blake3::hash(format!("{}\0{at_ms}\0{n}\0{}", self.site, std::process::id()).as_bytes()).to_hex();
+        let capture = Capture {
+            id: id[..16].to_string(),
+            site: self.site.clone(),
+            at_ms,
+            upstream: p.upstream.name.clone(),
+            request: self.request.clone(),
+            response: Answer { content: self.redactor.redact_long(&answer.content), ..answer },
+            latency_ms: self.started.elapsed().as_millis() as u64,
+            stream: self.stream,
+        };
+        let store = p.store.clone();
+        let c = capture.clone();
+        let written = tokio::task::spawn_blocking(move || store.append(&c)).await;
+        match written {
+            Ok(Ok(())) => {
+                p.captured.fetch_add(1, Ordering::Relaxed);
+                eprintln!("{}: answered in {} ms, captured {}", self.site, capture.latency_ms, capture.id);
+            }
+            Ok(Err(e)) => {
+                p.lost.fetch_add(1, Ordering::Relaxed);
+                eprintln!("{}: answered, but the capture could not be stored: {e}", self.site);
+            }
+            Err(e) => {
+                p.lost.fetch_add(1, Ordering::Relaxed);
+                eprintln!("{}: answered, but the capture could not be stored: {e}", self.site);
+            }
+        }
+    }
+
+    fn failed(&self, status: u16, detail: &str) {
+        self.proxy.failed.fetch_add(1, Ordering::Relaxed);
+        eprintln!("{}: upstream answered {status}: {}", self.site, self.redactor.redact(detail));
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get("authorization")?.to_str().ok()?;
+    Some(v.strip_prefix("Bearer ").unwrap_or(v).trim())
+}
+
+async fn chat(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let mut body: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return error(StatusCode::BAD_REQUEST, "the body is not a JSON object"),
+    };
+    let client_key = bearer(&headers).filter(|k| !k.is_empty()).map(str::to_string);
+    let redactor = Redactor::new(client_key.as_deref().into_iter().chain(p.upstream.api_key.as_deref()));
+    let (site, _named) = match site::site_of(&headers, &mut body) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    if !p.upstream.model.is_empty() {
+        body["model"] = json!(p.upstream.model);
+    }
+    let stream = body["stream"] == json!(true);
+    // What is kept of the request: the body, with anything that looks like a key redacted.
+    let request = serde_json::from_str(&redactor.redact_long(&body.to_string())).unwrap_or(Value::Null);
+    let url = format!("{}/chat/completions", p.upstream.base_url.trim_end_matches('/'));
+    let mut req = p.http.post(&url).json(&body).timeout(p.upstream.timeout);
+    let auth = p.upstream.api_key.as_deref().or(client_key.as_deref());
+    if let Some(k) = auth {
+        req = req.bearer_auth(k);
+    }
+    let call = Call { proxy: p.clone(), site: site.clone(), request, redactor, started, stream };
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let why = if e.is_timeout() { "timed out".to_string() } else { e.without_url().to_string() };
+            call.failed(502, &why);
+            return error(
+                StatusCode::BAD_GATEWAY,
+                &format!("the upstream `{}` cannot be reached: {why}", p.upstream.name),
+            );
+        }
+    };
+    let status = resp.status();
+    let site_header = HeaderValue::from_str(&site).expect("site names are header-safe");
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        call.failed(status.as_u16(), &text);
+        let mut r = (
+            StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
+            [("content-type", "application/json")],
+            call.redactor.redact_long(&text),
+        )
+            .into_response();
+        r.headers_mut().insert(site::SITE_HEADER, site_header);
+        return r;
+    }
+    let mut r = if stream { streamed(call, resp) } else { answered(call, resp).await };
+    r.headers_mut().insert(site::SITE_HEADER, site_header);
+    r
+}
+
+/// A whole answer: captured, then passed back.
+async fn answered(call: Call, resp: reqwest::Response) -> Response {
+    let text = match resp.text().await {
+        Ok(t) => t,
+        Err(e) => {
+            call.failed(502, &e.without_url().to_string());
+            return error(StatusCode::BAD_GATEWAY, "the upstream's answer was cut off");
+        }
+    };
+    let v: Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(_) => {
+            call.failed(502, "the answer is not JSON");
+            return error(StatusCode::BAD_GATEWAY, "the upstream's answer is not JSON");
+        }
+    };
+    let choice = &v["choices"][0];
+    let Some(content) = choice["message"]["content"].as_str() else {
+        call.failed(502, "the answer has no message");
+        return error(StatusCode::BAD_GATEWAY, "the upstream's answer has no message");
+    };
+    let answer = Answer {
+        content: content.to_string(),
+        finish_reason: choice["finish_reason"].as_str().map(str::to_string),
+        usage: v.get("usage").cloned(),
+    };
+    call.capture(answer).await;
+    (StatusCode::OK, [("content-type", "application/json")], call.redactor.redact_long(&text)).into_response()
+}
+
+/// The stream passed through event by event while the answer is put together; the capture is
+/// stored before the closing `[DONE]` goes out. An upstream that breaks off mid-answer breaks
+/// the client's stream off too, and nothing is captured.
+fn streamed(call: Call, resp: reqwest::Response) -> Response {
+    struct St {
+        call: Call,
+        upstream: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+        buf: Vec<u8>,
+        content: String,
+        finish_reason: Option<String>,
+        usage: Option<Value>,
+        done: bool,
+    }
+    let st = St {
+        call,
+        upstream: resp.bytes_stream().boxed(),
+        buf: Vec::new(),
+        content: String::new(),
+        finish_reason: None,
+        usage: None,
+        done: false,
+    };
+    let body = futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            if st.done {
+                return None;
+            }
+            if let Some((event, rest)) = next_event(&st.buf) {
+                let event = event.to_vec();
+                st.buf.drain(..rest);
+                let text = String::from_utf8_lossy(&event).into_owned();
+                let data = sse_data(&text);
+                if data.as_deref() == Some("[DONE]") {
+                    continue;
+                }
+                if let Some(v) = data.and_then(|d| serde_json::from_str::<Value>(&d).ok()) {
+                    let choice = &v["choices"][0];
+                    if let Some(piece) = choice["delta"]["content"].as_str() {
+                        st.content.push_str(piece);
+                    }
+                    if let Some(f) = choice["finish_reason"].as_str() {
+                        st.finish_reason = Some(f.to_string());
+                    }
+                    if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                        st.usage = Some(u.clone());
+                    }
+                }
+                let out = format!("{}\n\n", st.call.redactor.redact(&text));
+                return Some((Ok::<_, std::io::Error>(Bytes::from(out)), st));
+            }
+            match st.upstream.next().await {
+                Some(Ok(bytes)) => st.buf.extend_from_slice(&bytes),
+                Some(Err(e)) => {
+                    st.call.failed(502, &format!("the stream broke off: {}", e.without_url()));
+                    st.done = true;
+                    return Some((Err(std::io::Error::other("the upstream's stream broke off")), st));
+                }
+                None => {
+                    st.done = true;
+                    if st.finish_reason.is_none() {
+                        st.call.failed(502, "the stream ended before the answer did");
+                        return Some((Err(std::io::Error::other("the upstream's stream ended early")), st));
+                    }
+                    let answer = Answer {
+                        content: std::mem::take(&mut st.content),
+                        finish_reason: st.finish_reason.take(),
+                        usage: st.usage.take(),
+                    };
+                    st.call.capture(answer).await;
+                    return Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), st));
+                }
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(body))
+        .expect("a valid response")
+}
+
+/// The first whole event in `buf` (without its blank line) and where the rest begins.
+fn next_event(buf: &[u8]) -> Option<(&[u8], usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    let (i, n) = match (lf, crlf) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
+    Some((&buf[..i], i + n))
+}
+
+/// The `data:` of an event (its lines joined), if it has one.
+fn sse_data(event: &str) -> Option<String> {
+    let lines: Vec<&str> =
+        event.lines().filter_map(|l| l.strip_prefix("data:")).map(|l| l.strip_prefix(' ').unwrap_or(l)).collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_split_on_blank_lines_of_either_kind() {
+        let buf = b"data: {\"a\":1}\n\ndata: [DONE]\r\n\r\npartial";
+        let (e, rest) = next_event(buf).unwrap();
+        assert_eq!(e, b"data: {\"a\":1}");
+        let (e2, rest2) = next_event(&buf[rest..]).unwrap();
+        assert_eq!(sse_data(std::str::from_utf8(e2).unwrap()).as_deref(), Some("[DONE]"));
+        assert_eq!(&buf[rest + rest2..], b"partial");
+        assert!(next_event(b"partial").is_none());
+        assert_eq!(sse_data(": keep-alive"), None);
+    }
+}

@@ -1,0 +1,355 @@
+//! `forge proxy` as the binary runs it, in front of an upstream that is a real HTTP server on
+//! 127.0.0.1 (forge-fake-teacher, streaming too): captures under 32 concurrent clients, each
+//! stored once; call sites named by header or field, or recognised by their template; a
+//! `kill -9` mid-stream leaves a readable store; keys reach no capture, log or client.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use forge_fake_teacher::{FakeTeacher, Faults, Serving};
+use forge_serve::proxy::{Capture, store};
+use serde_json::{Value, json};
+
+fn manifest(base_url: &str, key_env: Option<&str>) -> String {
+    let key = key_env.map(|k| format!(" api-key-env=\"{k}\"")).unwrap_or_default();
+    format!("forge 1\nteacher \"big\" kind=\"openai\" model=\"gpt-big\" base-url=\"{base_url}\"{key}\n")
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+struct Proxy {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy {
+    fn start(ws: &TestWorkspace, env: &[(&str, &str)]) -> Proxy {
+        let addr = free_addr();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(ws.file("proxy.log")).unwrap();
+        let mut cmd = ws.cmd(&["proxy", "--addr", &addr]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let p = Proxy { child, addr };
+        let t0 = Instant::now();
+        while request(&p.addr, "GET", "/v1/models", &[], "").is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "forge proxy did not come up: {}", ws.read("proxy.log"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p
+    }
+
+    /// `kill -9`.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Reply {
+    fn site(&self) -> String {
+        self.headers
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("x-forge-site:"))
+            .map(|l| l["x-forge-site:".len()..].trim().to_string())
+            .unwrap_or_default()
+    }
+
+    /// The answer's text: the message of a whole answer, the deltas of a stream (which must end
+    /// with `[DONE]`).
+    fn content(&self) -> String {
+        if self.headers.contains("text/event-stream") {
+            let data: Vec<&str> = self.body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+            assert_eq!(data.last(), Some(&"[DONE]"), "{}", self.body);
+            data.iter()
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+                .collect()
+        } else {
+            let v: Value = serde_json::from_str(&self.body).unwrap_or_else(|_| panic!("{}", self.body));
+            v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+        }
+    }
+}
+
+/// One HTTP/1.1 request, read to its end.
+fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Option<Reply> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let (headers, body) =
+        out.split_once("\r\n\r\n").map_or((out.clone(), String::new()), |(h, b)| (h.into(), b.into()));
+    Some(Reply { status, headers, body })
+}
+
+fn chat(addr: &str, headers: &[(&str, &str)], body: &Value) -> Reply {
+    request(addr, "POST", "/v1/chat/completions", headers, &body.to_string()).expect("the proxy answers")
+}
+
+fn ask(system: &str, user: &str, stream: bool) -> Value {
+    json!({
+        "model": "whatever-the-game-says",
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        "stream": stream,
+    })
+}
+
+/// Every site's captures, and what reading them found.
+fn captures(dir: &Path) -> BTreeMap<String, (Vec<Capture>, store::ReadReport)> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(site) = name.strip_suffix(".jsonl") {
+            out.insert(site.to_string(), store::read(&e.path()).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn captures_under_32_concurrent_clients_are_each_stored_once_per_site() {
+    let teacher = FakeTeacher::start(Faults {
+        latency: Duration::from_millis(20),
+        stream_delay: Duration::from_millis(1),
+        ..Faults::default()
+    });
+    let ws = TestWorkspace::with_manifest(&manifest(&teacher.base_url(), None));
+    let proxy = Proxy::start(&ws, &[]);
+    let addr = Arc::new(proxy.addr.clone());
+    let threads: Vec<_> = (0..32)
+        .map(|t| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                (0..6)
+                    .map(|i| {
+                        let stream = (t + i) % 2 == 0;
+                        let user = format!("client {t} call {i}");
+                        let reply = match i % 3 {
+                            0 => {
+                                chat(&addr, &[("X-Forge-Site", "level-gen")], &ask("You design levels.", &user, stream))
+                            }
+                            1 => {
+                                let mut body = ask("You write quests.", &user, stream);
+                                body["forge_site"] = json!("quests");
+                                chat(&addr, &[], &body)
+                            }
+                            _ => chat(&addr, &[], &ask("You write tavern gossip.", &user, stream)),
+                        };
+                        assert_eq!(reply.status, 200, "{}", reply.body);
+                        (reply.site(), reply.content())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut answered: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for t in threads {
+        for (site, content) in t.join().unwrap() {
+            assert!(answered.entry(site).or_default().insert(content), "answers are unique per request");
+        }
+    }
+    proxy.kill();
+    let stored = captures(&ws.file("captures"));
+    let gossip = answered.keys().find(|s| s.starts_with("site-")).expect("the unnamed site got a name").clone();
+    assert_eq!(
+        stored.keys().cloned().collect::<BTreeSet<_>>(),
+        ["level-gen".to_string(), "quests".into(), gossip.clone()].into()
+    );
+    let mut ids = BTreeSet::new();
+    for (site, (caps, report)) in &stored {
+        assert_eq!(*report, store::ReadReport::default(), "{site}");
+        assert_eq!(caps.len(), 64, "{site}: 32 clients × 2 calls, each stored once");
+        let contents: BTreeSet<String> = caps.iter().map(|c| c.response.content.clone()).collect();
+        assert_eq!(&contents, &answered[site], "{site}: what was stored is what the clients got");
+        for c in caps {
+            assert!(ids.insert(c.id.clone()), "ids are unique");
+            assert_eq!((c.site.as_str(), c.upstream.as_str()), (site.as_str(), "big"));
+            assert_eq!(c.request["model"], "gpt-big", "the manifest's model went upstream");
+            assert!(c.request.get("forge_site").is_none());
+            assert_eq!(c.response.finish_reason.as_deref(), Some("stop"));
+        }
+        assert_eq!(caps.iter().filter(|c| c.stream).count(), 32, "{site}: half of them streamed");
+    }
+    assert_eq!(teacher.received(), 192, "one upstream call per client call");
+    assert!(teacher.requests().iter().all(|s| s.body.get("forge_site").is_none()), "the field never went upstream");
+}
+
+#[test]
+fn kill_9_mid_stream_leaves_a_readable_store_and_a_restart_appends_to_it() {
+    let words = "word ".repeat(60);
+    let teacher = FakeTeacher::with_responder(
+        Faults { stream_delay: Duration::from_millis(25), ..Faults::default() },
+        Arc::new(move |_| words.trim().to_string()),
+    );
+    let ws = TestWorkspace::with_manifest(&manifest(&teacher.base_url(), None));
+    let proxy = Proxy::start(&ws, &[]);
+    for i in 0..3 {
+        let r = chat(&proxy.addr, &[("X-Forge-Site", "level-gen")], &ask("s", &format!("u{i}"), false));
+        assert_eq!(r.status, 200);
+    }
+    // Four streams under way (60 pieces, 25 ms apart); kill the proxy once one has begun.
+    let streams: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = proxy.addr.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                let body = json!({
+                    "messages": [{"role": "user", "content": format!("stream {i}")}],
+                    "stream": true,
+                })
+                .to_string();
+                write!(
+                    s,
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Forge-Site: level-gen\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                let mut lines = BufReader::new(s).lines();
+                let mut data = 0;
+                while let Some(Ok(l)) = lines.next() {
+                    data += l.starts_with("data: ") as usize;
+                }
+                data
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    proxy.kill();
+    for s in streams {
+        let events = s.join().unwrap();
+        assert!(events > 0 && events < 60, "the stream began and was cut off ({events} events)");
+    }
+    let file = ws.file("captures/level-gen.jsonl");
+    let (caps, report) = store::read(&file).unwrap();
+    assert_eq!((caps.len(), report), (3, store::ReadReport::default()), "the answered calls, whole; no torn stream");
+
+    // A write cut short by a kill leaves half a line: the reader skips it, a restart cuts it.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&file).unwrap();
+    f.write_all(b"{\"sum\":\"0123\",\"capture\":{\"id\":\"x").unwrap();
+    drop(f);
+    let (caps, report) = store::read(&file).unwrap();
+    assert_eq!((caps.len(), report.torn, report.damaged), (3, true, 0));
+    let proxy = Proxy::start(&ws, &[]);
+    let r = chat(&proxy.addr, &[("X-Forge-Site", "level-gen")], &ask("s", "after the restart", true));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (caps, report) = store::read(&file).unwrap();
+    assert_eq!((caps.len(), report), (4, store::ReadReport::default()));
+    assert_eq!(caps[3].response.content, r.content());
+}
+
+/// `key` in none of `texts`, nor any encoding or 12-character piece of it.
+fn assert_no_key(what: &str, text: &str, key: &str) {
+    let r = forge_teacher::Redactor::new([key]);
+    assert_eq!(r.redact(text), text, "{what} holds the key (or an encoding of it): {text}");
+}
+
+fn all_files(dir: &Path) -> String {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).into_owned())
+        .collect()
+}
+
+#[test]
+fn keys_reach_no_capture_log_or_client_even_when_the_upstream_echoes_them() {
+    // The upstream's key (from the manifest's api-key-env), echoed in a 401 by the server.
+    let upstream_key = "sk-upstream-Secret+key/0123456789abcdef";
+    let echo = FakeTeacher::serving(
+        Faults::default(),
+        Serving { echo_authorization: Some(401), ..Serving::default() },
+        Arc::new(forge_fake_teacher::default_answer),
+    );
+    let ws = TestWorkspace::with_manifest(&manifest(&echo.base_url(), Some("FORGE_PROXY_TEST_KEY")));
+    let proxy = Proxy::start(&ws, &[("FORGE_PROXY_TEST_KEY", upstream_key)]);
+    let r = chat(&proxy.addr, &[("X-Forge-Site", "level-gen")], &ask("s", "u", false));
+    assert_eq!(r.status, 401, "the upstream's refusal is passed back");
+    assert_eq!(echo.requests()[0].authorization.as_deref(), Some(format!("Bearer {upstream_key}").as_str()));
+    proxy.kill();
+    assert_no_key("the reply", &format!("{}{}", r.headers, r.body), upstream_key);
+    assert_no_key("the log", &ws.read("proxy.log"), upstream_key);
+    assert!(ws.read("proxy.log").contains("upstream answered 401"), "{}", ws.read("proxy.log"));
+    assert!(captures(&ws.file("captures")).values().all(|(c, _)| c.is_empty()), "a failed call is not captured");
+
+    // No key in the manifest: the client's own goes upstream. It reaches no capture or log even
+    // when the request and the answer repeat it.
+    let client_key = "sk-client-Secret+key/abcdef0123456789";
+    let teacher = FakeTeacher::start(Faults::default());
+    let ws = TestWorkspace::with_manifest(&manifest(&teacher.base_url(), None));
+    let proxy = Proxy::start(&ws, &[]);
+    let bearer = format!("Bearer {client_key}");
+    for stream in [false, true] {
+        let body = ask("You design levels.", &format!("my key is {client_key} ok"), stream);
+        let r = chat(&proxy.addr, &[("Authorization", &bearer), ("X-Forge-Site", "level-gen")], &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(teacher.requests().iter().all(|s| s.authorization.as_deref() == Some(bearer.as_str())));
+    assert!(teacher.requests()[0].body.to_string().contains(client_key), "the request went upstream as sent");
+    proxy.kill();
+    let (caps, _) = &captures(&ws.file("captures"))["level-gen"];
+    assert_eq!(caps.len(), 2);
+    assert!(
+        caps[0].response.content.contains("my key is") && caps[0].response.content.contains("[redacted]"),
+        "{caps:?}"
+    );
+    assert_no_key("the captures", &all_files(&ws.file("captures")), client_key);
+    assert_no_key("the log", &ws.read("proxy.log"), client_key);
+}
+
+#[test]
+fn bad_requests_and_an_unreachable_upstream_get_clear_errors() {
+    let closed = format!("http://{}/v1", free_addr());
+    let ws = TestWorkspace::with_manifest(&manifest(&closed, None));
+    let proxy = Proxy::start(&ws, &[]);
+    let r = request(&proxy.addr, "POST", "/v1/chat/completions", &[], "{not json").unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = chat(&proxy.addr, &[("X-Forge-Site", "../../etc/passwd")], &ask("s", "u", false));
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("cannot name a call site"), "{}", r.body);
+    let r = chat(&proxy.addr, &[], &ask("s", "u", false));
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("the upstream `big` cannot be reached"), "{}", r.body);
+    assert!(!ws.file("captures/passwd.jsonl").exists() && !ws.file("etc").exists());
+
+    let none = TestWorkspace::with_manifest("forge 1\n");
+    let r = none.run(&["proxy"]);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr().contains("no OpenAI-compatible teacher"), "{r:?}");
+    let keyless = TestWorkspace::with_manifest(&manifest(&closed, Some("FORGE_PROXY_TEST_UNSET")));
+    let r = keyless.run(&["proxy"]);
+    assert!(r.stderr().contains("FORGE_PROXY_TEST_UNSET is not set"), "{r:?}");
+}
