@@ -353,3 +353,114 @@ fn bad_requests_and_an_unreachable_upstream_get_clear_errors() {
     let r = keyless.run(&["proxy"]);
     assert!(r.stderr().contains("FORGE_PROXY_TEST_UNSET is not set"), "{r:?}");
 }
+
+/// Two sites, each distilled by its own model target: captures become each site's dataset (the
+/// checks filter them, `min-new` batches them), and new captures make only their site stale —
+/// until `min-new` of them arrived, not even the stages after its dataset.
+#[test]
+fn captures_become_their_sites_dataset_and_only_that_site_goes_stale() {
+    let teacher = FakeTeacher::start(Faults::default());
+    let quests = ask("You write quests.", "x", false);
+    let fingerprint = forge_serve::proxy::site::fingerprint(&quests);
+    let ws = TestWorkspace::with_manifest(&format!(
+        r#"{}
+site "level-gen" upstream="big" {{
+    validate {{
+        banned "REJECTME"
+    }}
+}}
+site "quests" {{
+    fingerprint "{fingerprint}"
+}}
+model "levels" site="level-gen" {{
+    dataset from="captures" eval=2 seed=7 min-new=5
+    command "count" {{
+        run "sh" "-c" "wc -l < {{dep:dataset}}/train.jsonl > {{out}}/n"
+        needs "dataset"
+    }}
+}}
+model "quests" site="quests" {{
+    dataset from="captures" eval=2 min-new=5
+}}
+"#,
+        manifest(&teacher.base_url(), None)
+    ));
+    let r = ws.run(&["check"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let proxy = Proxy::start(&ws, &[]);
+    let level = |i: usize| {
+        let user = if i == 2 { "a level REJECTME please".to_string() } else { format!("level {i}") };
+        let r =
+            chat(&proxy.addr, &[("X-Forge-Site", "level-gen")], &ask("You design levels.", &user, i.is_multiple_of(2)));
+        assert_eq!((r.status, r.site()), (200, "level-gen".to_string()), "{}", r.body);
+    };
+    (0..7).for_each(level);
+    for i in 0..6 {
+        // Recognised by its template, captured as the site that claims that fingerprint.
+        let r = chat(&proxy.addr, &[], &ask("You write quests.", &format!("quest {i}"), false));
+        assert_eq!(r.site(), "quests");
+    }
+    let (r, ev) = ws.build_json(&[]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let finished = |ev: &[Value]| with_event(ev, "finish").into_iter().collect::<BTreeSet<String>>();
+    assert_eq!(finished(&ev), ["levels:count".to_string(), "levels:dataset".into(), "quests:dataset".into()].into());
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.artifact_path("levels:dataset").join("meta.json")).unwrap())
+            .unwrap();
+    assert_eq!((meta["candidates"].as_u64(), meta["samples"].as_u64()), (Some(5), Some(4)), "{meta:#}");
+    assert_eq!(meta["rejected"], json!({"banned": 1}), "{meta:#}");
+    let n = |ws: &TestWorkspace| std::fs::read_to_string(ws.artifact_path("levels:count").join("n")).unwrap();
+    assert_eq!(n(&ws).trim(), "2", "4 samples: 2 train, 2 eval");
+    let train = std::fs::read_to_string(ws.artifact_path("levels:dataset").join("train.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(train.lines().next().unwrap()).unwrap();
+    assert!(first["input"].as_str().unwrap().starts_with("level "), "{first}");
+    assert_eq!(first["system"], "You design levels.");
+
+    // Two more level captures: its dataset is stale, rebuilt the same (5 of 9 taken), and its
+    // count stays fresh by early cutoff; the quests site is not touched.
+    (7..9).for_each(level);
+    let r = ws.run(&["status"]);
+    assert!(
+        r.stdout().contains("site `level-gen`: 9 captures, the first 5 taken (1 more until the dataset next changes)"),
+        "{r:?}"
+    );
+    assert!(r.stdout().contains("fresh   quests:dataset"), "{r:?}");
+    let (_, ev) = ws.build_json(&[]);
+    assert_eq!(with_event(&ev, "finish"), ["levels:dataset"]);
+    assert!(ev.iter().any(|e| e["event"] == "finish" && e["unchanged"] == true), "{ev:#?}");
+    assert!(
+        ev.iter().any(|e| e["event"] == "fresh" && e["artifact"] == "levels:count" && e["cutoff"] == true),
+        "{ev:#?}"
+    );
+
+    // The tenth: 10 taken, and what follows the dataset rebuilds.
+    level(9);
+    let (_, ev) = ws.build_json(&[]);
+    assert_eq!(finished(&ev), ["levels:count".to_string(), "levels:dataset".into()].into());
+    assert_eq!(n(&ws).trim(), "7", "9 samples of 10: 7 train, 2 eval");
+    proxy.kill();
+}
+
+#[test]
+fn forge_check_rejects_sites_and_capture_datasets_it_could_not_build() {
+    let base = manifest("http://127.0.0.1:9/v1", None);
+    for (text, said) in [
+        ("model \"m\" site=\"nowhere\" {\n    dataset from=\"captures\"\n}\n", "no site named `nowhere`"),
+        ("model \"m\" {\n    dataset from=\"captures\"\n}\n", "learns from captures but names no site"),
+        (
+            "site \"s\"\nmodel \"m\" site=\"s\" {\n    dataset from=\"elsewhere\"\n}\n",
+            "a dataset cannot come from `elsewhere`",
+        ),
+        ("site \"s\" upstream=\"huge\"\n", "no teacher named `huge`"),
+        ("site \"../s\"\n", "is not a valid site name"),
+        (
+            "recipe \"r\" {\n    input \"i\"\n    prompt \"p\"\n}\nsite \"s\"\nmodel \"m\" recipe=\"r\" site=\"s\"\n",
+            "a recipe or from a site, not both",
+        ),
+    ] {
+        let ws = TestWorkspace::with_manifest(&format!("{base}{text}"));
+        let r = ws.run(&["check"]);
+        assert_ne!(r.code(), 0, "{text}: {r:?}");
+        assert!(r.stderr().contains(said), "{text}: expected `{said}`: {}", r.stderr());
+    }
+}

@@ -412,7 +412,7 @@ fn ungraded_criteria(m: &forge_manifest::Manifest) -> Vec<String> {
     let mut out = Vec::new();
     for t in &m.targets {
         let Some(model) = &t.model else { continue };
-        let (Some(b), Some(r)) = (&model.benchmark, model.recipe.as_ref().and_then(|r| m.recipes.get(&r.value))) else {
+        let (Some(b), Some(r)) = (&model.benchmark, m.recipe_of(model)) else {
             continue;
         };
         let llm: Vec<String> =

@@ -139,7 +139,7 @@ fn sampling(b: Option<&forge_manifest::BenchmarkStage>) -> Value {
 
 /// The recipe's judge criteria, as the manifest states them.
 fn verifiers(ws: &forge_plan::Workspace, target: &forge_manifest::ModelStages) -> Value {
-    let recipe = target.recipe.as_ref().and_then(|r| ws.manifest.recipes.get(&r.value));
+    let recipe = ws.manifest.recipe_of(target);
     json!(
         recipe.map_or(Vec::new(), |r| r
             .judge

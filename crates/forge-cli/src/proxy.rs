@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use forge_manifest::TeacherKind;
-use forge_serve::proxy::{CaptureStore, Upstream};
+use forge_serve::proxy::{CaptureStore, Routes, Upstream};
 
 use crate::Failure;
 use crate::args::{Global, ProxyArgs};
@@ -33,6 +33,11 @@ fn upstream(ws: &forge_plan::Workspace, name: Option<&str>) -> Result<Upstream, 
             }
         },
     };
+    teacher(ws, name, &openai)
+}
+
+/// The manifest's teacher `name` as an upstream (its key read from its `api-key-env`).
+fn teacher(ws: &forge_plan::Workspace, name: &str, openai: &[&str]) -> Result<Upstream, Failure> {
     let t = ws.manifest.teachers.get(name).ok_or_else(|| {
         Failure::Usage(format!("--upstream {name}: no such teacher (the manifest has: {})", openai.join(", ")))
     })?;
@@ -59,7 +64,16 @@ fn upstream(ws: &forge_plan::Workspace, name: Option<&str>) -> Result<Upstream, 
 
 pub fn proxy(g: &Global, out: &Output, a: ProxyArgs) -> Result<(), Failure> {
     let ws = load(g, out, false)?;
-    let upstream = upstream(&ws, a.upstream.as_deref())?;
+    let mut routes = Routes::to(upstream(&ws, a.upstream.as_deref())?);
+    for site in ws.manifest.sites.values() {
+        if let Some(u) = &site.upstream {
+            routes.sites.insert(site.name.value.clone(), teacher(&ws, &u.value, &[])?);
+        }
+        for f in &site.fingerprints {
+            routes.aliases.insert(f.value.clone(), site.name.value.clone());
+        }
+    }
+    let upstream = routes.default.clone();
     let addr: std::net::SocketAddr =
         a.addr.parse().map_err(|_| Failure::Usage(format!("--addr {}: not an address like 127.0.0.1:8090", a.addr)))?;
     let dir = a.store.clone().unwrap_or_else(|| ws.root.join("captures"));
@@ -83,7 +97,7 @@ pub fn proxy(g: &Global, out: &Output, a: ProxyArgs) -> Result<(), Failure> {
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        forge_serve::proxy::serve(listener, upstream, store, shutdown)
+        forge_serve::proxy::serve(listener, routes, store, shutdown)
             .await
             .map_err(|e| Failure::Internal(format!("serving: {e}")))
     })

@@ -21,7 +21,7 @@ fn npc(ws: &forge_plan::Workspace, name: &str, file: std::path::PathBuf) -> Resu
             attempts: b.attempts.max(1) as usize,
         };
     }
-    let recipe = target.and_then(|m| m.recipe.as_ref()).and_then(|r| ws.manifest.recipes.get(&r.value));
+    let recipe = target.and_then(|m| ws.manifest.recipe_of(m));
     if let Some(r) = recipe.filter(|r| !r.judge.is_empty()) {
         // `llm` criteria need a judge model: the server grades with the verifiers alone.
         let judge = forge_bench::judge::Judge::new(&r.judge, &ws.root, true)

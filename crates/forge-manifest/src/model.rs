@@ -22,6 +22,9 @@ pub struct Manifest {
     pub bases: BTreeMap<String, Base>,
     pub lists: BTreeMap<String, LoreList>,
     pub recipes: BTreeMap<String, Recipe>,
+    /// Call sites captured by `forge proxy`.
+    #[serde(default)]
+    pub sites: BTreeMap<String, Site>,
     /// Targets in declaration order.
     pub targets: Vec<Target>,
     /// What each `include` matched, so a cached manifest can tell when a new file would match.
@@ -35,6 +38,15 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The recipe a model learns from: its own, or its site's checks.
+    pub fn recipe_of(&self, model: &ModelStages) -> Option<&Recipe> {
+        match (&model.recipe, &model.site) {
+            (Some(r), _) => self.recipes.get(&r.value),
+            (None, Some(s)) => self.sites.get(&s.value).map(|s| &s.checks),
+            (None, None) => None,
+        }
+    }
+
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name.value == name)
     }
@@ -240,6 +252,22 @@ pub struct Recipe {
     pub judge: Vec<Criterion>,
 }
 
+/// `site "NAME" upstream="TEACHER" { fingerprint "site-…"; validate { … }; judge { … } }`: a
+/// call site of a large model that `forge proxy` captures, and what its answers must pass.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Site {
+    pub name: Spanned<String>,
+    /// The teacher the proxy forwards this site's calls to.
+    pub upstream: Option<Spanned<String>>,
+    /// Names the proxy gives a site it recognises by its template (`site-` + 12 hex digits):
+    /// calls recognised as these are captured as this site.
+    pub fingerprints: Vec<Spanned<String>>,
+    /// Its `validate` (what a captured answer must pass to be trained on) and `judge` (how
+    /// answers are graded: the benchmark, the promotion's paired test), as a recipe without a
+    /// DAG whose student input is the captured call's.
+    pub checks: Recipe,
+}
+
 /// One judge criterion.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Criterion {
@@ -405,6 +433,9 @@ pub struct Target {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ModelStages {
     pub recipe: Option<Spanned<String>>,
+    /// A model distilled from a call site's captures (instead of a recipe's DAG).
+    #[serde(default)]
+    pub site: Option<Spanned<String>>,
     pub dataset: Option<DatasetStage>,
     pub adapter: Option<AdapterStage>,
     pub quantize: Option<QuantizeStage>,
@@ -426,6 +457,20 @@ pub struct DatasetStage {
     /// Answers asked for per sample before it is given up (rejected answers are asked again).
     pub attempts: u32,
     pub pool: Option<Spanned<String>>,
+    /// Where the samples come from.
+    #[serde(default)]
+    pub source: DataSource,
+}
+
+/// A dataset's samples: generated from the model's recipe, or its site's captured calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DataSource {
+    #[default]
+    Recipe,
+    /// `from="captures" min-new=N`: the site's captures that pass its checks, taken N at a
+    /// time (the first ⌊count / N⌋·N), so a retrain waits for N new ones.
+    Captures { min_new: u32 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,7 +13,8 @@ use crate::model::*;
 use crate::source::{FileId, SourceMap, Span, Spanned};
 use crate::{limits, lore, recipe, target, validate};
 
-const ROOT_NODES: &[&str] = &["forge", "workspace", "include", "teacher", "base", "list", "recipe", "model", "target"];
+const ROOT_NODES: &[&str] =
+    &["forge", "workspace", "include", "teacher", "base", "list", "recipe", "site", "model", "target"];
 
 /// Loads and validates the manifest rooted at `root_file` (usually `<workspace>/forge.kdl`).
 /// Every problem in every file is reported together.
@@ -45,6 +46,7 @@ struct Loader {
     bases: BTreeMap<String, Base>,
     lists: BTreeMap<String, LoreList>,
     recipes: BTreeMap<String, Recipe>,
+    sites: BTreeMap<String, crate::model::Site>,
     targets: Vec<Target>,
     includes: Vec<IncludeRecord>,
 }
@@ -68,6 +70,7 @@ impl Loader {
             bases: BTreeMap::new(),
             lists: BTreeMap::new(),
             recipes: BTreeMap::new(),
+            sites: BTreeMap::new(),
             targets: Vec::new(),
             includes: Vec::new(),
         }
@@ -234,6 +237,11 @@ impl Loader {
                 "recipe" => {
                     if let Some(r) = recipe::recipe(&mut cx, node) {
                         insert_unique(&mut cx, &mut self.recipes, "recipe", r, |r| &r.name);
+                    }
+                }
+                "site" => {
+                    if let Some(s) = crate::recipe::site(&mut cx, node) {
+                        insert_unique(&mut cx, &mut self.sites, "site", s, |s| &s.name);
                     }
                 }
                 "model" | "target" => {
@@ -452,6 +460,7 @@ impl Loader {
             bases: self.bases,
             lists: self.lists,
             recipes: self.recipes,
+            sites: self.sites,
             targets: self.targets,
             includes: self.includes,
             files,

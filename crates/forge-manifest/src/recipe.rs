@@ -87,6 +87,46 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
     })
 }
 
+const SITE_NODES: &[&str] = &["fingerprint", "validate", "judge"];
+
+/// `site "NAME" upstream="TEACHER" { fingerprint "site-…"; validate { … }; judge { … } }`.
+pub(crate) fn site(cx: &mut Cx<'_>, node: &KdlNode) -> Option<crate::model::Site> {
+    let mut r = NodeReader::new(cx, node, "site \"NAME\" upstream=\"TEACHER\" { validate { ... }; judge { ... } }");
+    let name = r.arg_str(cx, 0, "a name");
+    let upstream = r.str(cx, "upstream");
+    r.finish(cx);
+    let mut fingerprints = Vec::new();
+    let mut validate: Option<Validation> = None;
+    let mut judge: Vec<Criterion> = Vec::new();
+    for child in r.child_nodes() {
+        match child.name().value() {
+            "fingerprint" => {
+                let mut c = NodeReader::new(cx, child, "fingerprint \"site-3fa2c0d9e1b4\"");
+                fingerprints.extend(c.rest_str(cx, 0, 1, "the names `forge proxy` gave the site"));
+                c.no_children(cx);
+                c.finish(cx);
+            }
+            "validate" => validate_once(cx, &mut validate, child),
+            "judge" => judge.extend(criteria(cx, child)),
+            _ => unknown_node(cx, child, "a `site`", SITE_NODES),
+        }
+    }
+    let name = name?;
+    // The site's name names its capture file (`captures/NAME.jsonl`).
+    check_name(cx, "site", &name).then_some(())?;
+    let checks = Recipe {
+        name: name.clone(),
+        nodes: Vec::new(),
+        input: None,
+        system: None,
+        prompt: None,
+        prompt_grammar: None,
+        validate: validate.unwrap_or_default(),
+        judge,
+    };
+    Some(crate::model::Site { name, upstream, fingerprints, checks })
+}
+
 const CRITERIA: &[&str] =
     &["contains", "max-chars", "min-words", "max-words", "regex", "banned", "schema", "command", "llm"];
 
@@ -479,18 +519,7 @@ fn generate(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
                 };
                 once(cx, slot, kind, text);
             }
-            "validate" => {
-                if node_validate.is_some() {
-                    cx.push(Diagnostic::new(
-                        Code::DuplicateName,
-                        cx.span(child.name().span()),
-                        "`validate` is given twice",
-                        "given again here",
-                    ));
-                } else {
-                    node_validate = Some(validation(cx, child));
-                }
-            }
+            "validate" => validate_once(cx, &mut node_validate, child),
             _ => unknown_node(cx, child, "a `generate`", &["system", "prompt", "schema", "validate"]),
         }
     }
@@ -512,6 +541,20 @@ fn generate(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> Option<NodeKind> {
         grammar,
         validate: node_validate,
     }))
+}
+
+/// A `validate` block into `slot`, unless one was given already.
+fn validate_once(cx: &mut Cx<'_>, slot: &mut Option<Validation>, child: &KdlNode) {
+    if slot.is_some() {
+        cx.push(Diagnostic::new(
+            Code::DuplicateName,
+            cx.span(child.name().span()),
+            "`validate` is given twice",
+            "given again here",
+        ));
+    } else {
+        *slot = Some(validation(cx, child));
+    }
 }
 
 fn validation(cx: &mut Cx<'_>, node: &KdlNode) -> Validation {

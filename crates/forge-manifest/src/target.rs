@@ -26,6 +26,7 @@ pub(crate) fn target(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Target> {
     let mut r = NodeReader::new(cx, node, usage);
     let name = r.arg_str(cx, 0, "a name");
     let recipe = if is_model { r.str(cx, "recipe") } else { None };
+    let site = if is_model { r.str(cx, "site") } else { None };
     r.finish(cx);
     if let Some(n) = &name {
         // `:` separates a target from its stage in artifact names (`defame:adapter`).
@@ -33,7 +34,19 @@ pub(crate) fn target(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Target> {
             return None;
         }
     }
-    let mut model = ModelStages { recipe, ..ModelStages::default() };
+    if let (Some(r), Some(s)) = (&recipe, &site) {
+        cx.push(
+            Diagnostic::new(
+                Code::InvalidValue,
+                s.span,
+                "a model learns from a recipe or from a site, not both",
+                "and a site",
+            )
+            .with_note(r.span, "a recipe here")
+            .with_help("keep `recipe=` to generate a dataset, or `site=` to distil captured calls"),
+        );
+    }
+    let mut model = ModelStages { recipe, site, ..ModelStages::default() };
     let mut commands: Vec<CommandStage> = Vec::new();
     let mut seen: BTreeMap<&str, Span> = BTreeMap::new();
     let mut prompts_given: Option<Spanned<u32>> = None;
@@ -140,7 +153,14 @@ fn seed(cx: &mut Cx<'_>, r: &mut NodeReader<'_>) -> u64 {
 }
 
 fn dataset(cx: &mut Cx<'_>, node: &KdlNode) -> Option<DatasetStage> {
-    let mut r = NodeReader::new(cx, node, "dataset samples=1800 eval=360 seed=7 teacher=\"TEACHER\"");
+    let mut r = NodeReader::new(
+        cx,
+        node,
+        "dataset samples=1800 eval=360 seed=7 teacher=\"TEACHER\"  or  dataset from=\"captures\" eval=20 min-new=50",
+    );
+    if let Some(from) = r.str(cx, "from") {
+        return captures_dataset(cx, node, r, from);
+    }
     let samples = r.req_int_in(cx, "samples", 1, 10_000_000);
     // The eval split is what the adapter's eval loss and the benchmark's prompts come from.
     let eval = r.int_in(cx, "eval", 1, 10_000_000);
@@ -171,6 +191,47 @@ fn dataset(cx: &mut Cx<'_>, node: &KdlNode) -> Option<DatasetStage> {
         split_by,
         attempts,
         pool,
+        source: crate::model::DataSource::Recipe,
+    })
+}
+
+/// `dataset from="captures" eval=20 seed=7 min-new=50`: the model's site's captured calls.
+fn captures_dataset(
+    cx: &mut Cx<'_>,
+    node: &KdlNode,
+    mut r: NodeReader<'_>,
+    from: Spanned<String>,
+) -> Option<DatasetStage> {
+    let eval = r.int_in(cx, "eval", 1, 10_000_000).map(|v| v.value as u32).unwrap_or(20);
+    let seed = seed(cx, &mut r);
+    let min_new = r.int_in(cx, "min-new", 1, 10_000_000).map(|v| v.value as u32).unwrap_or(50);
+    let pool = r.str(cx, "pool");
+    r.no_children(cx);
+    r.finish(cx);
+    if from.value != "captures" {
+        cx.push(
+            Diagnostic::new(
+                Code::InvalidValue,
+                from.span,
+                format!("a dataset cannot come from `{}`", from.value),
+                "unknown source",
+            )
+            .with_help(
+                "write `from=\"captures\"` (a site's captured calls), or leave `from` out to generate from the recipe",
+            ),
+        );
+        return None;
+    }
+    Some(DatasetStage {
+        span: cx.span(node.name().span()),
+        samples: 0,
+        eval,
+        seed,
+        teacher: Spanned::new(String::new(), from.span),
+        split_by: None,
+        attempts: 1,
+        pool,
+        source: crate::model::DataSource::Captures { min_new },
     })
 }
 

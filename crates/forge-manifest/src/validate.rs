@@ -15,6 +15,9 @@ use crate::suggest;
 
 pub(crate) fn validate(m: &Manifest) -> Vec<Diagnostic> {
     let mut diags = Vec::new();
+    for site in m.sites.values() {
+        check_ref(&mut diags, "teacher", &site.upstream, &m.teachers);
+    }
     for recipe in m.recipes.values() {
         recipe_refs(m, recipe, &mut diags);
     }
@@ -56,7 +59,23 @@ fn target_refs(m: &Manifest, t: &Target, diags: &mut Vec<Diagnostic>) {
     let pools = &m.workspace.pools;
     if let Some(model) = &t.model {
         check_ref(diags, "recipe", &model.recipe, &m.recipes);
-        if let Some(d) = &model.dataset {
+        check_ref(diags, "site", &model.site, &m.sites);
+        if let Some(d) = &model.dataset
+            && d.source != DataSource::Recipe
+        {
+            if model.site.is_none() {
+                diags.push(
+                    Diagnostic::new(
+                        Code::MissingProperty,
+                        t.name.span,
+                        format!("model `{}` learns from captures but names no site", t.name.value),
+                        "`site=...` missing",
+                    )
+                    .with_help("write model \"NAME\" site=\"SITE\" { dataset from=\"captures\" ... }"),
+                );
+            }
+            check_ref(diags, "pool", &d.pool, pools);
+        } else if let Some(d) = &model.dataset {
             if model.recipe.is_none() {
                 diags.push(
                     Diagnostic::new(

@@ -135,6 +135,7 @@ impl<'w> Engine<'w> {
         exec.estimate(&EstimateContext {
             decl: &node.decl,
             manifest: &self.ws.manifest,
+            workspace: &self.ws.root,
             cache: &self.ws.cache,
             shared_calls: self.ws.shared_calls(),
             previous: previous.as_ref(),

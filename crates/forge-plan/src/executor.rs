@@ -56,6 +56,7 @@ pub trait Executor: Send + Sync {
 pub struct EstimateContext<'a> {
     pub decl: &'a ArtifactDecl,
     pub manifest: &'a Manifest,
+    pub workspace: &'a Path,
     pub cache: &'a Cache,
     /// As [`ActionContext::shared_calls`]: read, never written.
     pub shared_calls: Option<Arc<dyn forge_cache::SharedStore>>,

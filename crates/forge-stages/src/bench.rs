@@ -156,7 +156,7 @@ pub struct CriterionRate {
 fn stage<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> (&'m BenchmarkStage, &'m Recipe) {
     let model = m.target_of(decl).model.as_ref().expect("bench belongs to a model");
     let b = model.benchmark.as_ref().expect("planned from a benchmark");
-    let r = model.recipe.as_ref().and_then(|r| m.recipes.get(&r.value)).expect("validated: the recipe exists");
+    let r = m.recipe_of(model).expect("validated: the recipe or site exists");
     (b, r)
 }
 

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use forge_manifest::{ArtifactDecl, DatasetStage, Manifest, NodeKind, Recipe, StageKind, TeacherKind};
+use forge_manifest::{ArtifactDecl, DataSource, DatasetStage, Manifest, NodeKind, Recipe, StageKind, TeacherKind};
 use forge_plan::{ActionContext, ActionError, Estimate, EstimateContext, Executor, StagePlan};
 use forge_teacher::rng::SplitMix64;
 use forge_teacher::{CallCache, ChatRequest, ChatResponse, Message, OpenAiClient, OpenAiConfig, TeacherError, Usage};
@@ -39,6 +39,7 @@ use forge_data::split::split;
 use forge_data::validate::{Checks, Dedup, Rejection};
 use journal::{Journal, append, read_journal};
 
+pub mod captured;
 mod estimate;
 mod journal;
 
@@ -51,10 +52,23 @@ const WINDOW: usize = 32;
 /// The rejection key of a candidate whose teacher failed after all its retries.
 const TEACHER_ERROR: &str = "teacher-error";
 
-fn stage<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> (&'m DatasetStage, &'m Recipe) {
+fn dataset_of<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> &'m DatasetStage {
     assert_eq!(decl.kind, StageKind::Dataset);
     let model = m.target_of(decl).model.as_ref().expect("dataset stages belong to models");
-    let d = model.dataset.as_ref().expect("the dataset artifact has a dataset block");
+    model.dataset.as_ref().expect("the dataset artifact has a dataset block")
+}
+
+/// `min-new` of a dataset made from its site's captures.
+fn captures(m: &Manifest, decl: &ArtifactDecl) -> Option<u32> {
+    match dataset_of(m, decl).source {
+        DataSource::Captures { min_new } => Some(min_new),
+        DataSource::Recipe => None,
+    }
+}
+
+fn stage<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> (&'m DatasetStage, &'m Recipe) {
+    let model = m.target_of(decl).model.as_ref().expect("dataset stages belong to models");
+    let d = dataset_of(m, decl);
     let recipe = model.recipe.as_ref().and_then(|r| m.recipes.get(&r.value)).expect("validated: the recipe exists");
     (d, recipe)
 }
@@ -98,6 +112,9 @@ impl Executor for DatasetExecutor {
     }
 
     fn plan(&self, m: &Manifest, decl: &ArtifactDecl) -> StagePlan {
+        if let Some(min_new) = captures(m, decl) {
+            return captured::plan(m, decl, dataset_of(m, decl), min_new);
+        }
         let (d, r) = stage(m, decl);
         let mut params = BTreeMap::new();
         params.insert("samples".into(), json!(d.samples));
@@ -146,6 +163,9 @@ impl Executor for DatasetExecutor {
     }
 
     fn run(&self, ctx: &ActionContext<'_>) -> Result<(), ActionError> {
+        if let Some(min_new) = captures(ctx.manifest, ctx.decl) {
+            return captured::run(ctx, dataset_of(ctx.manifest, ctx.decl), min_new);
+        }
         let (d, recipe) = stage(ctx.manifest, ctx.decl);
         let run = Run::new(ctx.manifest, ctx.cache, ctx.shared_calls.clone(), d, recipe, Mode::Build)?;
         // Candidates are polled together on one thread: the work is waiting on teachers, and what
@@ -163,6 +183,9 @@ impl Executor for DatasetExecutor {
     }
 
     fn estimate(&self, ctx: &EstimateContext<'_>) -> Option<Result<Estimate, String>> {
+        if let Some(min_new) = captures(ctx.manifest, ctx.decl) {
+            return Some(captured::estimate(ctx, min_new));
+        }
         let (d, recipe) = stage(ctx.manifest, ctx.decl);
         Some(estimate::estimate(ctx, d, recipe))
     }

@@ -3,15 +3,15 @@
 //!
 //! Each `POST /v1/chat/completions` is forwarded to the upstream (streamed answers are streamed
 //! through as they come) and, once the answer is complete, captured in the site's file of the
-//! [`store`] — fsynced before the client sees the end of the answer (the body of a plain answer,
+//! store ([`forge_data::captures`]) — fsynced before the client sees the end of the answer (the body of a plain answer,
 //! the `[DONE]` of a stream). The upstream's key comes from the manifest's `api-key-env`; when
 //! the teacher has none, the client's `Authorization` is passed on. Neither key is stored or
 //! logged: both are redacted from what is captured, logged and sent back, even when a server
 //! echoes them. Failed calls are passed back as they are (redacted) and not captured.
 
 pub mod site;
-pub mod store;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,7 +26,7 @@ use forge_teacher::Redactor;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-pub use store::{Answer, Capture, CaptureStore, ReadReport};
+pub use forge_data::captures::{self as store, Answer, Capture, CaptureStore, ReadReport};
 
 /// The teacher the proxy forwards to.
 #[derive(Clone)]
@@ -53,8 +53,26 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// Where each call site's calls go.
+#[derive(Clone, Debug)]
+pub struct Routes {
+    /// For sites the manifest does not route.
+    pub default: Upstream,
+    /// Sites the manifest gives an upstream of their own (`site "NAME" upstream=...`).
+    pub sites: HashMap<String, Upstream>,
+    /// The names the proxy gives sites it recognises by their template (`site-…`), mapped to
+    /// the manifest's sites that claim them (`fingerprint "site-…"`).
+    pub aliases: HashMap<String, String>,
+}
+
+impl Routes {
+    pub fn to(default: Upstream) -> Routes {
+        Routes { default, sites: HashMap::new(), aliases: HashMap::new() }
+    }
+}
+
 struct Proxy {
-    upstream: Upstream,
+    routes: Routes,
     http: reqwest::Client,
     store: CaptureStore,
     captured: AtomicU64,
@@ -75,7 +93,7 @@ pub struct ProxyStats {
 /// Serves on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    upstream: Upstream,
+    routes: Routes,
     store: CaptureStore,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -86,7 +104,7 @@ pub async fn serve(
         .build()
         .map_err(|e| std::io::Error::other(format!("the proxy's HTTP client: {e}")))?;
     let proxy = Arc::new(Proxy {
-        upstream,
+        routes,
         http,
         store,
         captured: AtomicU64::new(0),
@@ -108,7 +126,7 @@ fn error(status: StatusCode, message: &str) -> Response {
 
 async fn models(State(p): State<Arc<Proxy>>) -> Json<Value> {
     Json(
-        json!({ "object": "list", "data": [{ "id": p.upstream.model, "object": "model", "owned_by": p.upstream.name }] }),
+        json!({ "object": "list", "data": [{ "id": p.routes.default.model, "object": "model", "owned_by": p.routes.default.name }] }),
     )
 }
 
@@ -127,6 +145,7 @@ fn now_ms() -> u64 {
 /// Everything one call needs after it was forwarded.
 struct Call {
     proxy: Arc<Proxy>,
+    upstream: Upstream,
     site: String,
     request: Value,
     redactor: Redactor,
@@ -145,7 +164,7 @@ impl Call {
             id: id[..16].to_string(),
             site: self.site.clone(),
             at_ms,
-            upstream: p.upstream.name.clone(),
+            upstream: self.upstream.name.clone(),
             request: self.request.clone(),
             response: Answer { content: self.redactor.redact_long(&answer.content), ..answer },
             latency_ms: self.started.elapsed().as_millis() as u64,
@@ -188,24 +207,29 @@ async fn chat(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> R
         _ => return error(StatusCode::BAD_REQUEST, "the body is not a JSON object"),
     };
     let client_key = bearer(&headers).filter(|k| !k.is_empty()).map(str::to_string);
-    let redactor = Redactor::new(client_key.as_deref().into_iter().chain(p.upstream.api_key.as_deref()));
-    let (site, _named) = match site::site_of(&headers, &mut body) {
+    let (site, named) = match site::site_of(&headers, &mut body) {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    if !p.upstream.model.is_empty() {
-        body["model"] = json!(p.upstream.model);
+    let site = match p.routes.aliases.get(&site) {
+        Some(declared) if !named => declared.clone(),
+        _ => site,
+    };
+    let upstream = p.routes.sites.get(&site).unwrap_or(&p.routes.default).clone();
+    let redactor = Redactor::new(client_key.as_deref().into_iter().chain(upstream.api_key.as_deref()));
+    if !upstream.model.is_empty() {
+        body["model"] = json!(upstream.model);
     }
     let stream = body["stream"] == json!(true);
     // What is kept of the request: the body, with anything that looks like a key redacted.
     let request = serde_json::from_str(&redactor.redact_long(&body.to_string())).unwrap_or(Value::Null);
-    let url = format!("{}/chat/completions", p.upstream.base_url.trim_end_matches('/'));
-    let mut req = p.http.post(&url).json(&body).timeout(p.upstream.timeout);
-    let auth = p.upstream.api_key.as_deref().or(client_key.as_deref());
+    let url = format!("{}/chat/completions", upstream.base_url.trim_end_matches('/'));
+    let mut req = p.http.post(&url).json(&body).timeout(upstream.timeout);
+    let auth = upstream.api_key.as_deref().or(client_key.as_deref());
     if let Some(k) = auth {
         req = req.bearer_auth(k);
     }
-    let call = Call { proxy: p.clone(), site: site.clone(), request, redactor, started, stream };
+    let call = Call { proxy: p.clone(), upstream, site: site.clone(), request, redactor, started, stream };
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
@@ -213,7 +237,7 @@ async fn chat(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> R
             call.failed(502, &why);
             return error(
                 StatusCode::BAD_GATEWAY,
-                &format!("the upstream `{}` cannot be reached: {why}", p.upstream.name),
+                &format!("the upstream `{}` cannot be reached: {why}", call.upstream.name),
             );
         }
     };

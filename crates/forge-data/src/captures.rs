@@ -1,4 +1,4 @@
-//! The capture store: one append-only JSON-lines file per call site (`captures/SITE.jsonl`).
+//! The capture store of `forge proxy`: one append-only JSON-lines file per call site (`captures/SITE.jsonl`).
 //!
 //! A capture is appended as one line, `{"sum": …, "capture": {…}}`, and fsynced before the
 //! proxy lets its client see the end of the answer, so a capture the client was told of is on

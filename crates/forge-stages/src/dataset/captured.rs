@@ -1,0 +1,215 @@
+//! `dataset from="captures"`: a site's captured calls (`forge proxy`) as a dataset.
+//!
+//! The site's file (`captures/SITE.jsonl`) is the stage's input, so a new capture makes this
+//! site's dataset stale and no other. The dataset takes the captures `min-new` at a time — the
+//! first ⌊count / min-new⌋ · min-new in the order they were captured — so until `min-new` new
+//! ones have come, the rebuilt dataset is byte for byte the one before and everything after it
+//! (training, quantization, benchmarks) stays fresh by early cutoff. Of those, an answer is
+//! kept when it was complete (not cut off at its token limit), passes the site's `validate`
+//! checks and is not a repeat of one already kept; the rest are counted by reason in
+//! `meta.json`. The student's input is the call's conversation without its system message
+//! (which is the same at every call of a site).
+
+use std::collections::{BTreeMap, HashSet};
+
+use forge_data::captures::{self, Capture};
+use forge_data::dataset::{DATASET_FORMAT, Meta, Sample, write_samples};
+use forge_data::split::split;
+use forge_data::validate::Checks;
+use forge_manifest::{ArtifactDecl, DatasetStage, Manifest, Site};
+use forge_plan::{ActionContext, ActionError, Estimate, EstimateContext, StagePlan};
+use forge_teacher::Usage;
+use serde_json::{Value, json};
+
+pub(super) fn site<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> &'m Site {
+    let model = m.target_of(decl).model.as_ref().expect("dataset stages belong to models");
+    let name = model.site.as_ref().expect("validated: a captures dataset names its site");
+    m.sites.get(&name.value).expect("validated: the site exists")
+}
+
+/// Where `forge proxy` keeps the site's captures, workspace-relative.
+pub fn captures_file(site: &str) -> String {
+    format!("captures/{site}.jsonl")
+}
+
+pub(super) fn plan(m: &Manifest, decl: &ArtifactDecl, d: &DatasetStage, min_new: u32) -> StagePlan {
+    let s = site(m, decl);
+    let mut params = BTreeMap::new();
+    params.insert("source".into(), json!("captures"));
+    params.insert("site".into(), json!(s.name.value));
+    params.insert("eval".into(), json!(d.eval));
+    params.insert("seed".into(), json!(d.seed));
+    params.insert("min_new".into(), json!(min_new));
+    params.insert("validate".into(), serde_json::to_value(&s.checks.validate).expect("serializes"));
+    StagePlan { params, inputs: vec![captures_file(&s.name.value)], tools: BTreeMap::new() }
+}
+
+/// A message's text: a string, or the text parts of a list of parts.
+fn text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(""),
+        _ => String::new(),
+    }
+}
+
+/// The student's input (the conversation without its system messages: the user's text when it
+/// is one message, else each turn as `role: text`) and the system message.
+fn student_input(request: &Value) -> (String, Option<String>) {
+    let messages = request["messages"].as_array().cloned().unwrap_or_default();
+    let is_system = |m: &Value| matches!(m["role"].as_str(), Some("system" | "developer"));
+    let system: Vec<String> = messages.iter().filter(|m| is_system(m)).map(|m| text(&m["content"])).collect();
+    let turns: Vec<&Value> = messages.iter().filter(|m| !is_system(m)).collect();
+    let input = match turns.as_slice() {
+        [one] if one["role"] == "user" => text(&one["content"]),
+        many => many
+            .iter()
+            .map(|m| format!("{}: {}", m["role"].as_str().unwrap_or("user"), text(&m["content"])))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    (input, (!system.is_empty()).then(|| system.join("\n")))
+}
+
+fn usage(c: &Capture) -> BTreeMap<String, Usage> {
+    let Some(u) = &c.response.usage else { return BTreeMap::new() };
+    let n = |k: &str| u[k].as_u64().unwrap_or(0);
+    BTreeMap::from([(
+        "prompt".to_string(),
+        Usage { prompt_tokens: n("prompt_tokens"), completion_tokens: n("completion_tokens") },
+    )])
+}
+
+/// How many of `count` captures the dataset takes.
+fn taken(count: usize, min_new: u32) -> usize {
+    count / min_new as usize * min_new as usize
+}
+
+pub(super) fn run(ctx: &ActionContext<'_>, d: &DatasetStage, min_new: u32) -> Result<(), ActionError> {
+    let s = site(ctx.manifest, ctx.decl);
+    let path = ctx.workspace.join(captures_file(&s.name.value));
+    let (all, report) = captures::read(&path).map_err(|e| ActionError::io(&path, e))?;
+    if report.damaged > 0 || report.torn {
+        ctx.log.line(&format!(
+            "{}: {} damaged lines skipped{}",
+            path.display(),
+            report.damaged,
+            if report.torn { ", and a torn last line" } else { "" }
+        ));
+    }
+    let k = taken(all.len(), min_new);
+    if k == 0 {
+        return Err(ActionError::msg(format!(
+            "site `{}` has {} captures; the dataset takes them {min_new} at a time (`min-new`), so it waits for {} more",
+            s.name.value,
+            all.len(),
+            min_new as usize - all.len()
+        )));
+    }
+    let checks =
+        Checks::new(&s.checks.validate, None).map_err(|e| ActionError::msg(format!("site `{}`: {e}", s.name)))?;
+    let mut dedup = checks.dedup();
+    let mut pairs = HashSet::new();
+    let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
+    let mut total = BTreeMap::new();
+    let mut samples = Vec::new();
+    for (i, c) in all[..k].iter().enumerate() {
+        let (input, system) = student_input(&c.request);
+        for (node, u) in usage(c) {
+            *total.entry(node).or_insert_with(Usage::default) += u;
+        }
+        if c.response.finish_reason.as_deref() == Some("length") {
+            *rejected.entry("truncated".into()).or_default() += 1;
+            continue;
+        }
+        let output = match checks.check(&c.response.content) {
+            Ok(Some(json)) => serde_json::to_string(&json).unwrap_or_default(),
+            Ok(None) => c.response.content.trim().to_string(),
+            Err(r) => {
+                *rejected.entry(r.key().to_string()).or_default() += 1;
+                continue;
+            }
+        };
+        if !pairs.insert((input.clone(), output.clone())) {
+            *rejected.entry("repeated-call".into()).or_default() += 1;
+            continue;
+        }
+        if let Err(r) = dedup.check(&output) {
+            *rejected.entry(r.key().to_string()).or_default() += 1;
+            continue;
+        }
+        dedup.insert(&output);
+        samples.push(Sample {
+            id: format!("c{}", c.id),
+            index: i as u64,
+            repeat: 0,
+            prompt: input.clone(),
+            input,
+            system,
+            output,
+            values: BTreeMap::from([("site".to_string(), json!(s.name.value))]),
+            usage: usage(c),
+        });
+    }
+    if samples.len() <= d.eval as usize {
+        return Err(ActionError::msg(format!(
+            "{} of site `{}`'s first {k} captures pass its checks ({}); a dataset with eval={} needs more",
+            samples.len(),
+            s.name.value,
+            if rejected.is_empty() { "none rejected".to_string() } else { format!("rejected {rejected:?}") },
+            d.eval
+        )));
+    }
+    let ids: Vec<String> = samples.iter().map(|s| s.id.clone()).collect();
+    let is_eval = split(&ids, &vec![String::new(); ids.len()], d.eval as usize, d.seed);
+    let train: Vec<&Sample> = samples.iter().zip(&is_eval).filter(|(_, e)| !**e).map(|(s, _)| s).collect();
+    let eval: Vec<&Sample> = samples.iter().zip(&is_eval).filter(|(_, e)| **e).map(|(s, _)| s).collect();
+    let meta = Meta {
+        format: DATASET_FORMAT,
+        recipe: format!("site:{}", s.name.value),
+        teacher: all[..k].first().map(|c| c.upstream.clone()).unwrap_or_default(),
+        seed: d.seed,
+        samples: samples.len() as u32,
+        train: train.len() as u32,
+        eval: eval.len() as u32,
+        split_by: None,
+        candidates: k as u64,
+        abandoned: rejected.values().sum(),
+        rejected,
+        usage: total,
+        wasted: BTreeMap::new(),
+        strata: BTreeMap::new(),
+    };
+    let out = ctx.out_dir;
+    let io = |p: std::path::PathBuf| move |e| ActionError::io(&p, e);
+    write_samples(&out.join("train.jsonl"), &train).map_err(io(out.join("train.jsonl")))?;
+    write_samples(&out.join("eval.jsonl"), &eval).map_err(io(out.join("eval.jsonl")))?;
+    let meta_text = serde_json::to_string_pretty(&meta).map_err(ActionError::from_error)?;
+    std::fs::write(out.join("meta.json"), meta_text + "\n").map_err(io(out.join("meta.json")))?;
+    ctx.log.line(&format!(
+        "{} samples ({} train, {} eval) from the first {k} of {} captures; rejected {:?}",
+        meta.samples,
+        meta.train,
+        meta.eval,
+        all.len(),
+        meta.rejected
+    ));
+    Ok(())
+}
+
+/// What a rebuild takes: no teacher calls, and which captures.
+pub(super) fn estimate(ctx: &EstimateContext<'_>, min_new: u32) -> Result<Estimate, String> {
+    let s = site(ctx.manifest, ctx.decl);
+    let path = ctx.workspace.join(captures_file(&s.name.value));
+    let (all, _) = captures::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let k = taken(all.len(), min_new);
+    let next = min_new as usize - all.len() % min_new as usize;
+    Ok(Estimate {
+        summary: format!(
+            "site `{}`: {} captures, the first {k} taken ({next} more until the dataset next changes)",
+            s.name.value,
+            all.len()
+        ),
+        ..Estimate::default()
+    })
+}
