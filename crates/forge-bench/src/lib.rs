@@ -5,6 +5,7 @@
 
 pub mod judge;
 pub mod plot;
+pub mod promote;
 pub mod stats;
 
 #[derive(Debug, thiserror::Error)]
