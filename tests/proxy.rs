@@ -464,3 +464,113 @@ fn forge_check_rejects_sites_and_capture_datasets_it_could_not_build() {
         assert!(r.stderr().contains(said), "{text}: expected `{said}`: {}", r.stderr());
     }
 }
+
+/// A site distilled into a tiny model: promoted on measured parity, then answered locally; a
+/// version whose answers fail the verifiers falls back to the upstream and is rolled back by
+/// itself over its window; manual promotion and rollback; a worse candidate is rejected.
+#[test]
+fn a_promoted_site_is_answered_locally_falls_back_and_rolls_back() {
+    let teacher = FakeTeacher::start(Faults::default());
+    let site = |judge: &str| {
+        format!(
+            r#"{}
+base "tiny" kind="scratch" layers=2 hidden=64 heads=4 kv-heads=2 ffn=128 vocab=320 context=128 seed=1
+site "lines" {{
+    judge {{
+        {judge}
+    }}
+    promote min-samples=4 attempts=2
+    rollback below=0.5 window=3
+}}
+model "lines" site="lines" {{
+    dataset from="captures" eval=4 seed=1 min-new=12
+    adapter base="tiny" rank=8 alpha=16 lr=5e-3 epochs=1 batch=4 seq-len=64 seed=2
+    quantize "q8_0"
+}}
+"#,
+            manifest(&teacher.base_url(), None)
+        )
+    };
+    // Any answer passes this judge; only the upstream's pass the second.
+    let (lenient, strict) = (
+        "max-chars 100000",
+        r#"regex "^Hear ye, good folk of the realm! Answer [0-9a-f]{16} concerning: line [0-9]+\\.$""#,
+    );
+    let ws = TestWorkspace::with_manifest(&site(lenient));
+    let proxy = Proxy::start(&ws, &[]);
+    let call = |p: &Proxy, i: usize| {
+        chat(&p.addr, &[("X-Forge-Site", "lines")], &ask("You write lines.", &format!("line {i}"), false))
+    };
+    for i in 0..12 {
+        assert_eq!(call(&proxy, i).status, 200);
+    }
+    let r = ws.run(&["build", "lines:gguf:q8_0"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let r = ws.run(&["site", "promote", "lines"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stderr().contains("Promote") && r.stderr().contains("v1 is live"), "{r:?}");
+
+    // Promoted: the proxy answers from the local model, without the upstream.
+    let before = teacher.received();
+    let r = call(&proxy, 100);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.headers.to_ascii_lowercase().contains("x-forge-served: local v1"), "{}", r.headers);
+    assert_eq!(teacher.received(), before, "the upstream was not asked");
+    let status = ws.run(&["site", "status", "--json"]);
+    let v: Value = serde_json::from_str(&status.stdout()).unwrap();
+    let s = &v["sites"][0];
+    assert_eq!(
+        (s["captures"].as_u64(), s["local"].as_u64(), s["live"]["version"].as_u64()),
+        (Some(12), Some(1), Some(1)),
+        "{v:#}"
+    );
+    proxy.kill();
+
+    // A judge only the upstream passes: each local answer fails, the upstream answers instead
+    // (and is captured), and after a window of 3 failures the site is rolled back by itself.
+    ws.write("forge.kdl", &site(strict));
+    let proxy = Proxy::start(&ws, &[]);
+    for i in 0..3 {
+        let before = teacher.received();
+        let r = call(&proxy, 200 + i);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(!r.headers.to_ascii_lowercase().contains("x-forge-served"), "{}", r.headers);
+        assert!(r.content().starts_with("Hear ye"), "the upstream's answer");
+        assert_eq!(teacher.received(), before + 1);
+    }
+    let live: Value = serde_json::from_str(&ws.read("sites/lines/live.json")).unwrap();
+    assert_eq!(live["version"], Value::Null, "{live}");
+    assert!(
+        live["reason"].as_str().unwrap().starts_with("automatic rollback: v1 passed 0% of its last 3 calls"),
+        "{live}"
+    );
+    assert!(ws.read("proxy.log").contains("automatic rollback"), "{}", ws.read("proxy.log"));
+    let served = ws.read("sites/lines/served.jsonl");
+    assert_eq!(served.matches("\"fallback\"").count(), 3, "{served}");
+    let (caps, _) = &captures(&ws.file("captures"))["lines"];
+    assert_eq!(caps.len(), 15, "the fallbacks' answers were captured");
+
+    // By hand: back to v1, and rolled back again; a candidate the strict judge fails is rejected.
+    let r = ws.run(&["site", "promote", "lines", "--to", "v1"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let before = teacher.received();
+    let r = call(&proxy, 300);
+    assert_eq!(
+        (r.status, teacher.received()),
+        (200, before + 1),
+        "v1 is live again and fails, so the upstream answers"
+    );
+    let r = ws.run(&["site", "rollback", "lines"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stderr().contains("the upstream is live"), "{r:?}");
+    // New captures made the dataset stale; below min-new it is rebuilt the same, and the model
+    // stays what it was (early cutoff).
+    let (r, ev) = ws.build_json(&["lines:gguf:q8_0"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert_eq!(with_event(&ev, "finish"), ["lines:dataset"], "{ev:#?}");
+    let r = ws.run(&["site", "promote", "lines"]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr().contains("Reject"), "{r:?}");
+    assert_eq!(ws.run(&["site", "status", "--json"]).stdout().matches("\"number\"").count(), 1, "no new version");
+    proxy.kill();
+}

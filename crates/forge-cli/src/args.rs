@@ -92,6 +92,34 @@ pub enum Command {
     /// Stand in front of an upstream teacher (OpenAI's chat API) and capture every answered
     /// call per call site, for distilling each site into a local model.
     Proxy(ProxyArgs),
+    /// Call sites: their captures, promoted versions and live numbers; promotion and rollback.
+    #[command(subcommand)]
+    Site(SiteCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteCommand {
+    /// Every site (or those named): captures, versions, the live one, and what the proxy served.
+    Status {
+        sites: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grade the site's model against the upstream on held-out captures and promote it if the
+    /// site's policy says so (`--force`: whatever it says); `--to vN` makes a version live.
+    Promote {
+        site: String,
+        #[arg(long, value_name = "vN")]
+        to: Option<String>,
+        #[arg(long, conflicts_with = "to")]
+        force: bool,
+    },
+    /// Make the version live before the current one (or `--to vN`, or `--to upstream`).
+    Rollback {
+        site: String,
+        #[arg(long, value_name = "vN|upstream")]
+        to: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]

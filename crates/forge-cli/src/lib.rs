@@ -12,6 +12,7 @@ mod output;
 mod proxy;
 mod render;
 mod serve;
+mod site;
 mod watch;
 
 use clap::Parser;
@@ -82,6 +83,7 @@ pub fn run() -> i32 {
         Command::Export(a) => export::export(&cli.global, &out, a),
         Command::Watch(a) => watch::watch(&cli.global, &out, a),
         Command::Proxy(a) => proxy::proxy(&cli.global, &out, a),
+        Command::Site(c) => site::site(&cli.global, &out, c),
         Command::Inspect(a) => inspect::inspect(&out, a),
     };
     match result {

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use forge_manifest::TeacherKind;
+use forge_serve::proxy::local::{Local, SiteModel};
 use forge_serve::proxy::{CaptureStore, Routes, Upstream};
 
 use crate::Failure;
@@ -73,6 +74,33 @@ pub fn proxy(g: &Global, out: &Output, a: ProxyArgs) -> Result<(), Failure> {
             routes.aliases.insert(f.value.clone(), site.name.value.clone());
         }
     }
+    // Promoted sites answer from their local model: each with its target's verifiers and
+    // sampling defaults, and its policy's attempts and rollback window.
+    let mut locals = Vec::new();
+    for site in ws.manifest.sites.values() {
+        let name = &site.name.value;
+        let target = ws
+            .manifest
+            .targets
+            .iter()
+            .find(|t| t.model.as_ref().and_then(|m| m.site.as_ref()).is_some_and(|s| &s.value == name));
+        let (judge, defaults) = match target {
+            Some(t) => {
+                let npc = crate::serve::npc(&ws, &t.name.value, std::path::PathBuf::new())?;
+                (npc.judge, npc.defaults)
+            }
+            None => (None, forge_serve::Defaults::default()),
+        };
+        locals.push(SiteModel {
+            name: name.clone(),
+            judge,
+            defaults,
+            attempts: site.policy.attempts as usize,
+            rollback_below: site.policy.rollback_below,
+            rollback_window: site.policy.rollback_window as usize,
+        });
+    }
+    routes.local = Some(std::sync::Arc::new(Local::new(ws.root.clone(), locals, forge_serve::Config::default())));
     let upstream = routes.default.clone();
     let addr: std::net::SocketAddr =
         a.addr.parse().map_err(|_| Failure::Usage(format!("--addr {}: not an address like 127.0.0.1:8090", a.addr)))?;

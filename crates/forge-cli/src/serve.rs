@@ -9,7 +9,7 @@ use crate::commands::{fresh_artifact_dir, load};
 use crate::output::Output;
 
 /// The target's NPC: its file, its benchmark's sampling, its recipe's judge.
-fn npc(ws: &forge_plan::Workspace, name: &str, file: std::path::PathBuf) -> Result<Npc, Failure> {
+pub(crate) fn npc(ws: &forge_plan::Workspace, name: &str, file: std::path::PathBuf) -> Result<Npc, Failure> {
     let mut npc = Npc::new(name, file);
     let target = ws.manifest.targets.iter().find(|t| t.name.value == name).and_then(|t| t.model.as_ref());
     if let Some(b) = target.and_then(|m| m.benchmark.as_ref()) {

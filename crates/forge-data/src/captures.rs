@@ -51,6 +51,33 @@ fn sum(c: &Capture) -> String {
     blake3::hash(&forge_cache::canonical::to_vec(&v)).to_hex().to_string()
 }
 
+/// A message's text: a string, or the text parts of a list of parts.
+fn text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(""),
+        _ => String::new(),
+    }
+}
+
+/// The student's input (the conversation without its system messages: the user's text when it
+/// is one message, else each turn as `role: text`) and the system message.
+pub fn student_input(request: &Value) -> (String, Option<String>) {
+    let messages = request["messages"].as_array().cloned().unwrap_or_default();
+    let is_system = |m: &Value| matches!(m["role"].as_str(), Some("system" | "developer"));
+    let system: Vec<String> = messages.iter().filter(|m| is_system(m)).map(|m| text(&m["content"])).collect();
+    let turns: Vec<&Value> = messages.iter().filter(|m| !is_system(m)).collect();
+    let input = match turns.as_slice() {
+        [one] if one["role"] == "user" => text(&one["content"]),
+        many => many
+            .iter()
+            .map(|m| format!("{}: {}", m["role"].as_str().unwrap_or("user"), text(&m["content"])))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    (input, (!system.is_empty()).then(|| system.join("\n")))
+}
+
 /// What reading a store file found besides its captures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReadReport {

@@ -266,6 +266,42 @@ pub struct Site {
     /// answers are graded: the benchmark, the promotion's paired test), as a recipe without a
     /// DAG whose student input is the captured call's.
     pub checks: Recipe,
+    /// When the site's model takes over, and when it is rolled back.
+    #[serde(default)]
+    pub policy: SitePolicy,
+}
+
+/// `promote margin=0.05 confidence=0.95 min-samples=100 attempts=3 level="q4_0"` and
+/// `rollback below=0.8 window=50` in a `site`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SitePolicy {
+    /// How much lower than the upstream's the candidate's pass rate may be.
+    pub margin: f64,
+    /// Of the one-sided non-inferiority test.
+    pub confidence: f64,
+    /// Paired outcomes the decision needs.
+    pub min_samples: u32,
+    /// Local answers tried per call before the proxy asks the upstream instead.
+    pub attempts: u32,
+    /// Which of the model's GGUF levels is promoted (default: its first).
+    pub level: Option<String>,
+    /// Roll back when the live pass rate over the last `window` local calls falls below this.
+    pub rollback_below: f64,
+    pub rollback_window: u32,
+}
+
+impl Default for SitePolicy {
+    fn default() -> SitePolicy {
+        SitePolicy {
+            margin: 0.05,
+            confidence: 0.95,
+            min_samples: 100,
+            attempts: 3,
+            level: None,
+            rollback_below: 0.8,
+            rollback_window: 50,
+        }
+    }
 }
 
 /// One judge criterion.

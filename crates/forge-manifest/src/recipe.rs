@@ -87,7 +87,7 @@ pub(crate) fn recipe(cx: &mut Cx<'_>, node: &KdlNode) -> Option<Recipe> {
     })
 }
 
-const SITE_NODES: &[&str] = &["fingerprint", "validate", "judge"];
+const SITE_NODES: &[&str] = &["fingerprint", "validate", "judge", "promote", "rollback"];
 
 /// `site "NAME" upstream="TEACHER" { fingerprint "site-…"; validate { … }; judge { … } }`.
 pub(crate) fn site(cx: &mut Cx<'_>, node: &KdlNode) -> Option<crate::model::Site> {
@@ -98,8 +98,42 @@ pub(crate) fn site(cx: &mut Cx<'_>, node: &KdlNode) -> Option<crate::model::Site
     let mut fingerprints = Vec::new();
     let mut validate: Option<Validation> = None;
     let mut judge: Vec<Criterion> = Vec::new();
+    let mut policy = crate::model::SitePolicy::default();
     for child in r.child_nodes() {
         match child.name().value() {
+            "promote" => {
+                let mut c = NodeReader::new(
+                    cx,
+                    child,
+                    "promote margin=0.05 confidence=0.95 min-samples=100 attempts=3 level=\"q4_0\"",
+                );
+                if let Some(v) = c.float_in(cx, "margin", 0.0, 1.0) {
+                    policy.margin = v.value;
+                }
+                if let Some(v) = c.float_in(cx, "confidence", 0.5, 0.999_999) {
+                    policy.confidence = v.value;
+                }
+                if let Some(v) = c.int_in(cx, "min-samples", 1, 10_000_000) {
+                    policy.min_samples = v.value as u32;
+                }
+                if let Some(v) = c.int_in(cx, "attempts", 1, 32) {
+                    policy.attempts = v.value as u32;
+                }
+                policy.level = c.str(cx, "level").map(|l| l.value);
+                c.no_children(cx);
+                c.finish(cx);
+            }
+            "rollback" => {
+                let mut c = NodeReader::new(cx, child, "rollback below=0.8 window=50");
+                if let Some(v) = c.float_in(cx, "below", 0.0, 1.0) {
+                    policy.rollback_below = v.value;
+                }
+                if let Some(v) = c.int_in(cx, "window", 1, 1_000_000) {
+                    policy.rollback_window = v.value as u32;
+                }
+                c.no_children(cx);
+                c.finish(cx);
+            }
             "fingerprint" => {
                 let mut c = NodeReader::new(cx, child, "fingerprint \"site-3fa2c0d9e1b4\"");
                 fingerprints.extend(c.rest_str(cx, 0, 1, "the names `forge proxy` gave the site"));
@@ -124,7 +158,7 @@ pub(crate) fn site(cx: &mut Cx<'_>, node: &KdlNode) -> Option<crate::model::Site
         validate: validate.unwrap_or_default(),
         judge,
     };
-    Some(crate::model::Site { name, upstream, fingerprints, checks })
+    Some(crate::model::Site { name, upstream, fingerprints, checks, policy })
 }
 
 const CRITERIA: &[&str] =

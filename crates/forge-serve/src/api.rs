@@ -559,6 +559,43 @@ async fn answer(
     }
 }
 
+/// An answer of an NPC's model retried until its verifiers pass (`forge proxy`'s promoted
+/// sites use it in-process).
+#[derive(Clone, Debug)]
+pub struct Verified {
+    pub text: String,
+    pub finish: &'static str,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub attempts: usize,
+    /// The last attempt passed every verifier (always, for an NPC without verifiers).
+    pub passed: bool,
+}
+
+/// `npc`'s answer to `conversation` (role, text), with up to `attempts` tries until its
+/// verifiers pass (one try, unverified, when it has none); the error in words.
+pub async fn verified_answer(
+    st: &State,
+    npc: &str,
+    conversation: &[(String, String)],
+    attempts: usize,
+) -> Result<Verified, String> {
+    let model = st.registry.get(npc).await.map_err(|e| ApiError::from(e).message)?;
+    let conversation = conversation.iter().map(|(role, text)| ChatMessage::new(role, text)).collect();
+    let ext =
+        ForgeExt { verify: true, max_attempts: Some(attempts.clamp(1, MAX_ATTEMPTS) as i64), values: BTreeMap::new() };
+    let ext = model.npc.judge.is_some().then_some(&ext);
+    let a = answer(st, &model, conversation, &Knobs::default(), ext).await.map_err(|e| e.message)?;
+    Ok(Verified {
+        passed: a.attempts.as_ref().is_none_or(|f| f.last().is_some_and(Vec::is_empty)),
+        attempts: a.attempts.as_ref().map_or(1, Vec::len),
+        text: a.text,
+        finish: a.finish.as_str(),
+        prompt_tokens: a.prompt_tokens,
+        completion_tokens: a.completion_tokens,
+    })
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

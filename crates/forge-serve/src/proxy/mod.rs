@@ -9,7 +9,9 @@
 //! logged: both are redacted from what is captured, logged and sent back, even when a server
 //! echoes them. Failed calls are passed back as they are (redacted) and not captured.
 
+pub mod local;
 pub mod site;
+pub mod versions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +25,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use forge_teacher::Redactor;
+
+use crate::api;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -54,7 +58,7 @@ impl std::fmt::Debug for Upstream {
 }
 
 /// Where each call site's calls go.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Routes {
     /// For sites the manifest does not route.
     pub default: Upstream,
@@ -63,11 +67,13 @@ pub struct Routes {
     /// The names the proxy gives sites it recognises by their template (`site-…`), mapped to
     /// the manifest's sites that claim them (`fingerprint "site-…"`).
     pub aliases: HashMap<String, String>,
+    /// Promoted sites, answered by their local model.
+    pub local: Option<Arc<local::Local>>,
 }
 
 impl Routes {
     pub fn to(default: Upstream) -> Routes {
-        Routes { default, sites: HashMap::new(), aliases: HashMap::new() }
+        Routes { default, sites: HashMap::new(), aliases: HashMap::new(), local: None }
     }
 }
 
@@ -147,6 +153,8 @@ struct Call {
     proxy: Arc<Proxy>,
     upstream: Upstream,
     site: String,
+    /// The live local version, when it failed and the upstream answers instead.
+    fallback_from: Option<u32>,
     request: Value,
     redactor: Redactor,
     started: Instant,
@@ -175,6 +183,10 @@ impl Call {
         let written = tokio::task::spawn_blocking(move || store.append(&c)).await;
         match written {
             Ok(Ok(())) => {
+                if let Some(local) = &p.routes.local {
+                    let by = if self.fallback_from.is_some() { "fallback" } else { "upstream" };
+                    local.served(&self.site, self.fallback_from, by, capture.latency_ms);
+                }
                 p.captured.fetch_add(1, Ordering::Relaxed);
                 eprintln!("{}: answered in {} ms, captured {}", self.site, capture.latency_ms, capture.id);
             }
@@ -221,6 +233,27 @@ async fn chat(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> R
         body["model"] = json!(upstream.model);
     }
     let stream = body["stream"] == json!(true);
+    let mut fallback_from = None;
+    if let Some(local) = &p.routes.local
+        && let Some(version) = local.live(&site)
+    {
+        let answered = local.answer(&site, version, &body).await;
+        let passed = answered.as_ref().is_ok_and(|v| v.passed);
+        if let Some(switch) = local.outcome(&site, version, passed) {
+            eprintln!("{switch}");
+        }
+        let ms = started.elapsed().as_millis() as u64;
+        match answered {
+            Ok(v) if v.passed => {
+                local.served(&site, Some(version), "local", ms);
+                eprintln!("{site}: answered locally by v{version} in {ms} ms ({} attempts)", v.attempts);
+                return local_reply(&site, version, &upstream.model, stream, v);
+            }
+            Ok(v) => eprintln!("{site}: v{version} failed its verifiers {} times; asking the upstream", v.attempts),
+            Err(e) => eprintln!("{site}: the local model could not answer ({e}); asking the upstream"),
+        }
+        fallback_from = Some(version);
+    }
     // What is kept of the request: the body, with anything that looks like a key redacted.
     let request = serde_json::from_str(&redactor.redact_long(&body.to_string())).unwrap_or(Value::Null);
     let url = format!("{}/chat/completions", upstream.base_url.trim_end_matches('/'));
@@ -229,7 +262,8 @@ async fn chat(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> R
     if let Some(k) = auth {
         req = req.bearer_auth(k);
     }
-    let call = Call { proxy: p.clone(), upstream, site: site.clone(), request, redactor, started, stream };
+    let call =
+        Call { proxy: p.clone(), upstream, site: site.clone(), fallback_from, request, redactor, started, stream };
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
@@ -256,6 +290,48 @@ async fn chat(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> R
         return r;
     }
     let mut r = if stream { streamed(call, resp) } else { answered(call, resp).await };
+    r.headers_mut().insert(site::SITE_HEADER, site_header);
+    r
+}
+
+/// A promoted site's local answer, in OpenAI's shape (streamed as one piece when asked to).
+fn local_reply(site: &str, version: u32, model: &str, stream: bool, v: api::Verified) -> Response {
+    let id = format!("chatcmpl-forge-{site}-v{version}-{}", now_ms());
+    let created = now_ms() / 1000;
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+    };
+    let served = HeaderValue::from_str(&format!("local v{version}")).expect("ASCII");
+    let site_header = HeaderValue::from_str(site).expect("site names are header-safe");
+    let mut r = if stream {
+        let events = [
+            chunk(json!({"role": "assistant", "content": ""}), Value::Null).to_string(),
+            chunk(json!({"content": v.text}), Value::Null).to_string(),
+            chunk(json!({}), json!(v.finish)).to_string(),
+            "[DONE]".to_string(),
+        ];
+        let body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .header("cache-control", "no-cache")
+            .body(Body::from(body))
+            .expect("a valid response")
+    } else {
+        Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": v.text}, "finish_reason": v.finish}],
+            "usage": {
+                "prompt_tokens": v.prompt_tokens,
+                "completion_tokens": v.completion_tokens,
+                "total_tokens": v.prompt_tokens + v.completion_tokens,
+            },
+        }))
+        .into_response()
+    };
+    r.headers_mut().insert("x-forge-served", served);
     r.headers_mut().insert(site::SITE_HEADER, site_header);
     r
 }

@@ -12,14 +12,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use forge_data::captures::{self, Capture};
+use forge_data::captures::{self, Capture, student_input};
 use forge_data::dataset::{DATASET_FORMAT, Meta, Sample, write_samples};
 use forge_data::split::split;
 use forge_data::validate::Checks;
 use forge_manifest::{ArtifactDecl, DatasetStage, Manifest, Site};
 use forge_plan::{ActionContext, ActionError, Estimate, EstimateContext, StagePlan};
 use forge_teacher::Usage;
-use serde_json::{Value, json};
+use serde_json::json;
 
 pub(super) fn site<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> &'m Site {
     let model = m.target_of(decl).model.as_ref().expect("dataset stages belong to models");
@@ -42,33 +42,6 @@ pub(super) fn plan(m: &Manifest, decl: &ArtifactDecl, d: &DatasetStage, min_new:
     params.insert("min_new".into(), json!(min_new));
     params.insert("validate".into(), serde_json::to_value(&s.checks.validate).expect("serializes"));
     StagePlan { params, inputs: vec![captures_file(&s.name.value)], tools: BTreeMap::new() }
-}
-
-/// A message's text: a string, or the text parts of a list of parts.
-fn text(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(""),
-        _ => String::new(),
-    }
-}
-
-/// The student's input (the conversation without its system messages: the user's text when it
-/// is one message, else each turn as `role: text`) and the system message.
-fn student_input(request: &Value) -> (String, Option<String>) {
-    let messages = request["messages"].as_array().cloned().unwrap_or_default();
-    let is_system = |m: &Value| matches!(m["role"].as_str(), Some("system" | "developer"));
-    let system: Vec<String> = messages.iter().filter(|m| is_system(m)).map(|m| text(&m["content"])).collect();
-    let turns: Vec<&Value> = messages.iter().filter(|m| !is_system(m)).collect();
-    let input = match turns.as_slice() {
-        [one] if one["role"] == "user" => text(&one["content"]),
-        many => many
-            .iter()
-            .map(|m| format!("{}: {}", m["role"].as_str().unwrap_or("user"), text(&m["content"])))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    };
-    (input, (!system.is_empty()).then(|| system.join("\n")))
 }
 
 fn usage(c: &Capture) -> BTreeMap<String, Usage> {

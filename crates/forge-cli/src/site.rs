@@ -1,0 +1,239 @@
+//! `forge site status|promote|rollback`: call sites' versions (`forge_serve::proxy::versions`).
+
+use forge_bench::judge::Subject;
+use forge_bench::promote::{Policy, Verdict, decide};
+use forge_manifest::{Site, Target};
+use forge_plan::Workspace;
+use forge_serve::proxy::versions::{Live, Versions};
+use serde_json::json;
+
+use crate::Failure;
+use crate::args::{Global, SiteCommand};
+use crate::commands::{fresh_artifact_dir, load};
+use crate::output::{Color, Output};
+
+fn declared<'w>(ws: &'w Workspace, name: &str) -> Result<&'w Site, Failure> {
+    ws.manifest.sites.get(name).ok_or_else(|| {
+        let known: Vec<&str> = ws.manifest.sites.keys().map(String::as_str).collect();
+        Failure::Usage(format!("no site named `{name}` (the manifest declares: {})", known.join(", ")))
+    })
+}
+
+/// The model target that distils `site`.
+fn target_of<'w>(ws: &'w Workspace, site: &str) -> Result<&'w Target, Failure> {
+    ws.manifest
+        .targets
+        .iter()
+        .find(|t| t.model.as_ref().and_then(|m| m.site.as_ref()).is_some_and(|s| s.value == site))
+        .ok_or_else(|| Failure::Usage(format!("no model target has site=\"{site}\": nothing to promote")))
+}
+
+/// `vN` → `Some(N)`, `upstream` → `None`.
+fn version_arg(s: &str) -> Result<Option<u32>, Failure> {
+    if s == "upstream" {
+        return Ok(None);
+    }
+    s.strip_prefix('v')
+        .and_then(|n| n.parse().ok())
+        .map(Some)
+        .ok_or_else(|| Failure::Usage(format!("`{s}` is not a version: write vN (e.g. v2) or `upstream`")))
+}
+
+fn io(v: &Versions) -> impl Fn(std::io::Error) -> Failure + '_ {
+    move |e| Failure::Internal(format!("{}: {e}", v.dir().display()))
+}
+
+fn shown(live: &Live) -> String {
+    live.version.map_or("the upstream".to_string(), |v| format!("v{v}"))
+}
+
+pub fn site(g: &Global, out: &Output, c: SiteCommand) -> Result<(), Failure> {
+    let ws = load(g, out, false)?;
+    match c {
+        SiteCommand::Status { sites, json } => status(&ws, &sites, json),
+        SiteCommand::Promote { site, to, force } => promote(&ws, out, &site, to.as_deref(), force),
+        SiteCommand::Rollback { site, to } => rollback(&ws, &site, to.as_deref()),
+    }
+}
+
+fn switch(ws: &Workspace, site: &str, to: Option<u32>, reason: &str) -> Result<(), Failure> {
+    let v = Versions::of(&ws.root, site);
+    let live = v.set_live(to, reason).map_err(|e| Failure::Usage(format!("site `{site}`: {e}")))?;
+    eprintln!("{site}: {} is live ({reason})", shown(&live));
+    Ok(())
+}
+
+fn rollback(ws: &Workspace, site: &str, to: Option<&str>) -> Result<(), Failure> {
+    declared(ws, site)?;
+    let v = Versions::of(&ws.root, site);
+    let current = v.live().map_err(io(&v))?;
+    let to = match to {
+        Some(t) => version_arg(t)?,
+        None => {
+            let Some(now) = current.version else {
+                return Err(Failure::Usage(format!("site `{site}` is answered by the upstream already")));
+            };
+            v.before(now)
+        }
+    };
+    switch(ws, site, to, &format!("rolled back by hand from {}", shown(&current)))
+}
+
+fn promote(ws: &Workspace, out: &Output, name: &str, to: Option<&str>, force: bool) -> Result<(), Failure> {
+    let site = declared(ws, name)?;
+    if let Some(to) = to {
+        return switch(ws, name, version_arg(to)?, "promoted by hand");
+    }
+    let target = target_of(ws, name)?;
+    let t = &target.name.value;
+    let model = target.model.as_ref().expect("a model target");
+    let levels: Vec<&str> = model.quantize.iter().flat_map(|q| q.levels.iter().map(|l| l.value.as_str())).collect();
+    let level = match &site.policy.level {
+        Some(l) if levels.contains(&l.as_str()) => l.clone(),
+        Some(l) => {
+            return Err(Failure::Usage(format!("site `{name}` promotes level {l}, which `{t}` does not quantize to")));
+        }
+        None => levels
+            .first()
+            .map(|l| l.to_string())
+            .ok_or_else(|| Failure::Usage(format!("`{t}` has no `quantize` stage: there is no GGUF to promote")))?,
+    };
+    let artifact = format!("{t}:gguf:{level}");
+    let dir = fresh_artifact_dir(ws, out, &artifact)?;
+    let gguf = dir.join("model.gguf");
+    let data = fresh_artifact_dir(ws, out, &format!("{t}:dataset"))?;
+    let held_out = forge_data::read_samples(&data.join("eval.jsonl"))
+        .map_err(|e| Failure::Internal(format!("{}: {e}", data.display())))?;
+    let npc = crate::serve::npc(ws, t, gguf.clone())?;
+    let Some(judge) = npc.judge.clone() else {
+        return Err(Failure::Usage(format!(
+            "site `{name}` has no verifiers in its `judge` to grade answers with, so parity cannot be measured"
+        )));
+    };
+    let attempts = site.policy.attempts as usize;
+    eprintln!(
+        "{} {t} ({artifact}) against the upstream's captured answers on {} held-out captures",
+        out.verb("Grading", Color::Green),
+        held_out.len()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Internal(format!("starting the runtime: {e}")))?;
+    let state = forge_serve::api::State::new(vec![npc], forge_serve::Config::default());
+    let (mut candidate, mut upstream) = (Vec::new(), Vec::new());
+    for s in &held_out {
+        let conversation = [("user".to_string(), s.input.clone())];
+        let v = rt
+            .block_on(forge_serve::api::verified_answer(&state, t, &conversation, attempts))
+            .map_err(|e| Failure::Internal(format!("{t}: {e}")))?;
+        candidate.push(v.passed);
+        let subject = Subject { input: &s.input, prompt: &s.prompt, output: &s.output, values: &s.values };
+        upstream.push(judge.grade_verifiers(&subject).iter().flatten().all(|o| o.pass));
+    }
+    let p = &site.policy;
+    let policy = Policy { margin: p.margin, confidence: p.confidence, min_samples: u64::from(p.min_samples) };
+    let d = decide(&candidate, &upstream, &policy);
+    eprintln!(
+        "{name}: the candidate passes {:.1}% (in up to {attempts} attempts), the upstream {:.1}%, on {} inputs: {:?}, {}",
+        100.0 * d.candidate_rate,
+        100.0 * d.upstream_rate,
+        d.n,
+        d.verdict,
+        d.reason
+    );
+    if d.verdict != Verdict::Promote && !force {
+        return Err(Failure::Failed);
+    }
+    let forced = d.verdict != Verdict::Promote;
+    let content = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let versions = Versions::of(&ws.root, name);
+    let decision = serde_json::to_value(&d).ok();
+    let v = versions.add(&gguf, &artifact, &content, decision, forced).map_err(io(&versions))?;
+    let why = if forced { format!("promoted by hand past a {:?}", d.verdict).to_lowercase() } else { d.reason.clone() };
+    switch(ws, name, Some(v.number), &why)
+}
+
+fn status(ws: &Workspace, names: &[String], json_out: bool) -> Result<(), Failure> {
+    for n in names {
+        declared(ws, n)?;
+    }
+    let mut rows = Vec::new();
+    for (name, site) in &ws.manifest.sites {
+        if !names.is_empty() && !names.contains(name) {
+            continue;
+        }
+        let v = Versions::of(&ws.root, name);
+        let live = v.live().map_err(io(&v))?;
+        let versions = v.list().map_err(io(&v))?;
+        let captures = forge_data::captures::read(&ws.root.join("captures").join(format!("{name}.jsonl")))
+            .map(|(c, _)| c.len())
+            .unwrap_or(0);
+        let served = v.served_calls();
+        let count = |by: &str| served.iter().filter(|s| s.by == by).count();
+        let (local, fallback, up) = (count("local"), count("fallback"), count("upstream"));
+        // The live version's pass rate over the policy's window: its local answers that passed.
+        let window = site.policy.rollback_window as usize;
+        let tried: Vec<bool> = served
+            .iter()
+            .rev()
+            .filter(|s| s.version.is_some() && s.version == live.version && s.by != "upstream")
+            .take(window)
+            .map(|s| s.by == "local")
+            .collect();
+        let pass_rate = (!tried.is_empty()).then(|| tried.iter().filter(|p| **p).count() as f64 / tried.len() as f64);
+        rows.push(json!({
+            "site": name,
+            "captures": captures,
+            "live": live,
+            "versions": versions,
+            "calls": served.len(),
+            "local": local,
+            "fallback": fallback,
+            "upstream": up,
+            "local_share": if served.is_empty() { 0.0 } else { local as f64 / served.len() as f64 },
+            "upstream_calls_saved": local,
+            "live_pass_rate": pass_rate,
+        }));
+    }
+    if json_out {
+        crate::outln!("{}", serde_json::to_string_pretty(&json!({ "sites": rows })).unwrap_or_default());
+        return Ok(());
+    }
+    for r in &rows {
+        let live = match r["live"]["version"].as_u64() {
+            Some(v) => format!("v{v} live ({})", r["live"]["reason"].as_str().unwrap_or_default()),
+            None => "the upstream answers".to_string(),
+        };
+        crate::outln!(
+            "{}: {} captures; {} versions; {live}",
+            r["site"].as_str().unwrap_or_default(),
+            r["captures"],
+            r["versions"].as_array().map_or(0, Vec::len)
+        );
+        let calls = r["calls"].as_u64().unwrap_or(0);
+        if calls > 0 {
+            let rate = r["live_pass_rate"].as_f64().map_or("—".to_string(), |p| format!("{:.0}%", 100.0 * p));
+            crate::outln!(
+                "  {calls} calls: {} answered locally ({:.0}%), {} fell back to the upstream, {} upstream; live pass rate {rate}; upstream calls saved {}",
+                r["local"],
+                100.0 * r["local_share"].as_f64().unwrap_or(0.0),
+                r["fallback"],
+                r["upstream"],
+                r["upstream_calls_saved"]
+            );
+        }
+        for v in r["versions"].as_array().into_iter().flatten() {
+            let verdict = v["decision"]["verdict"].as_str().unwrap_or("none");
+            crate::outln!(
+                "  v{} {} ({}){}",
+                v["number"],
+                v["artifact"].as_str().unwrap_or_default(),
+                verdict,
+                if v["forced"] == true { ", forced" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
