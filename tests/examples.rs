@@ -33,7 +33,7 @@ fn samples(dir: &Path) -> Vec<Value> {
 #[test]
 fn every_shipped_workspace_checks() {
     let cache = tempfile::tempdir().unwrap();
-    for ws in [".", "examples/persona-npc", "examples/openai-teacher", "examples/gemma-defame"] {
+    for ws in [".", "examples/persona-npc", "examples/openai-teacher", "examples/gemma-defame", "examples/level-gen"] {
         let r = forge(ws, cache.path(), &["check"]);
         assert_eq!(r.code(), 0, "{ws}: {r:?}");
     }
@@ -46,7 +46,7 @@ fn every_shipped_workspace_checks() {
 #[test]
 fn the_examples_copies_of_the_root_demos_files_are_the_root_demos() {
     let mut copies = Vec::new();
-    for example in ["examples/gemma-defame", "examples/openai-teacher"] {
+    for example in ["examples/gemma-defame", "examples/openai-teacher", "examples/level-gen"] {
         for entry in walkdir::WalkDir::new(example).into_iter().filter_entry(|e| e.file_name() != ".forge-cache") {
             let entry = entry.unwrap();
             assert!(
@@ -55,7 +55,8 @@ fn the_examples_copies_of_the_root_demos_files_are_the_root_demos() {
                 entry.path().display()
             );
             let rel = entry.path().strip_prefix(example).unwrap().to_path_buf();
-            if entry.file_type().is_file() && rel != Path::new("forge.kdl") {
+            let own = ["forge.kdl", "README.md", "verify_level.py", "capture.py"].iter().any(|f| rel == Path::new(f));
+            if entry.file_type().is_file() && !own {
                 copies.push((Path::new(example).join(&rel), rel));
             }
         }
@@ -149,4 +150,39 @@ fn the_ci_example_runs_commands_forge_accepts() {
     assert_eq!(ran, 2, "forge check and forge build");
     let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
     assert_eq!(s["shard"], "1/4");
+}
+
+/// `examples/level-gen/verify_level.py`, seed 003's level filter, passes a playable level and
+/// names what is wrong with each broken one.
+#[test]
+fn the_level_verifier_checks_spawn_enemies_exits_and_reachability() {
+    let verify = |level: &str| -> Value {
+        let mut child = std::process::Command::new("python3")
+            .arg("examples/level-gen/verify_level.py")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs the verifier");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(serde_json::json!({ "output": level }).to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let grid = |rows: &[&str]| serde_json::json!({ "name": "crypt", "grid": rows }).to_string();
+    let good = format!("Here it is: {}", grid(&["#######", "#P....#", "#..#E.#", "#X....#", "#######"]));
+    assert_eq!(verify(&good), serde_json::json!({"pass": true}));
+    for (level, reason) in [
+        (grid(&["#######", "#PE...#", "#..#..#", "#X....#", "#######"]), "next to the spawn"),
+        (grid(&["#######", "#P..#X#", "#..E#.#", "#...#.#", "#######"]), "cannot be reached"),
+        (grid(&["#######", "#P....#", "#..#E.#", "#.....#", "#######"]), "no exit"),
+        (grid(&["#######", "#P...P#", "#..#E.#", "#X....#", "#######"]), "2 spawns"),
+        (grid(&["#######", "#P....#", "#..#E.#", "#X.....", "#######"]), "walled all round"),
+        (grid(&["######", "#P...#", "#..#E.#", "#X...#", "######"]), "not all as long"),
+        ("a level, sorry, no JSON".to_string(), "no JSON object"),
+    ] {
+        let v = verify(&level);
+        assert_eq!(v["pass"], false, "{level}");
+        assert!(v["reason"].as_str().unwrap().contains(reason), "{level}: {v}");
+    }
 }

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Drives `forge proxy` as a game would: N calls to the `level-gen` call site.
+
+    python3 capture.py [--proxy http://127.0.0.1:8090/v1] [--n 60] [--seed 1] [--stream]
+
+Each call asks for a level of a theme, size and enemy count drawn at random (the call site's
+template stays the same: only those values change). Prints one line per call and a summary:
+answered, by whom (the upstream, or the site's promoted local model), verifier passes and
+latency percentiles.
+"""
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+SYSTEM = (
+    "You design levels for a top-down RPG. Answer with one JSON object and nothing else: "
+    '{"name": "...", "grid": ["#####", ...]}. The grid is a rectangle of rows of equal length '
+    "using only these characters: # wall, . floor, P the player's spawn (exactly one), "
+    "E an enemy, X an exit. Wall the level all round, keep enemies away from the spawn, and make "
+    "every floor tile, enemy and exit reachable from the spawn."
+)
+THEMES = ["swamp", "ice cave", "crypt", "forest clearing", "castle hall", "desert ruin", "sewer", "mine"]
+
+
+def verify(answer):
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("verify_level.py"))],
+        input=json.dumps({"output": answer}), capture_output=True, text=True, timeout=30,
+    )
+    return json.loads(out.stdout or '{"pass": false}')
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--proxy", default="http://127.0.0.1:8090/v1")
+    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--stream", action="store_true")
+    a = ap.parse_args()
+    rng = random.Random(a.seed)
+    latencies, passed, by = [], 0, {}
+    for i in range(a.n):
+        theme, w, h, enemies = rng.choice(THEMES), rng.randint(7, 14), rng.randint(6, 10), rng.randint(1, 5)
+        body = {
+            "model": "level-designer",
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"Design a {theme} level, {w} wide and {h} tall, with {enemies} enemies."},
+            ],
+            "temperature": 0.8,
+            "max_tokens": 400,
+            "stream": a.stream,
+        }
+        req = urllib.request.Request(
+            a.proxy.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
+            headers={"content-type": "application/json", "x-forge-site": "level-gen"},
+        )
+        t0 = time.time()
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            served = resp.headers.get("x-forge-served") or "upstream"
+            raw = resp.read().decode()
+        latencies.append(time.time() - t0)
+        if a.stream:
+            answer = "".join(
+                json.loads(l[6:])["choices"][0]["delta"].get("content") or ""
+                for l in raw.splitlines() if l.startswith("data: {") and json.loads(l[6:])["choices"]
+            )
+        else:
+            answer = json.loads(raw)["choices"][0]["message"]["content"]
+        v = verify(answer)
+        passed += bool(v.get("pass"))
+        by[served] = by.get(served, 0) + 1
+        print(f"{i:3d} {served:10s} {latencies[-1]:6.2f}s {'pass' if v.get('pass') else 'fail: ' + v.get('reason', '')}")
+    lat = sorted(latencies)
+    print(json.dumps({
+        "calls": a.n, "by": by, "verifier_passes": passed,
+        "latency_p50_s": round(lat[len(lat) // 2], 3), "latency_p90_s": round(lat[int(len(lat) * 0.9)], 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
