@@ -25,6 +25,22 @@ SYSTEM = (
     "E an enemy, X an exit. Wall the level all round, keep enemies away from the spawn, and make "
     "every floor tile, enemy and exit reachable from the spawn."
 )
+def level_schema(w, h):
+    """The level's shape, as the call site asks for it (llama.cpp's server turns it into a
+    grammar): a `w`×`h` grid walled all round. What is inside — one spawn, enemies away from it,
+    an exit, every tile reachable — is the model's to get right and the verifier's to check."""
+    wall = {"type": "string", "pattern": "^#{%d}$" % w}
+    inner = {"type": "string", "pattern": "^#[.PEX]{%d}#$" % (w - 2)}
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "grid": {"type": "array", "prefixItems": [wall] + [inner] * (h - 2) + [wall], "minItems": h, "maxItems": h},
+        },
+        "required": ["name", "grid"],
+    }
+
+
 THEMES = ["swamp", "ice cave", "crypt", "forest clearing", "castle hall", "desert ruin", "sewer", "mine"]
 
 
@@ -51,9 +67,10 @@ def main():
             "model": "level-designer",
             "messages": [
                 {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": f"Design a {theme} level, {w} wide and {h} tall, with {enemies} enemies."},
+                {"role": "user", "content": f"Design a {theme} level, {w} wide and {h} tall, with {enemies} enemies, one spawn P and one exit X."},
             ],
             "temperature": 0.8,
+            "response_format": {"type": "json_object", "schema": level_schema(w, h)},
             "max_tokens": 400,
             "stream": a.stream,
         }

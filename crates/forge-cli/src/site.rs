@@ -111,6 +111,8 @@ fn promote(ws: &Workspace, out: &Output, name: &str, to: Option<&str>, force: bo
         )));
     };
     let attempts = site.policy.attempts as usize;
+    // As long as the target's benchmark lets an answer be, else 512 tokens.
+    let max_tokens = npc.defaults.max_tokens.or(Some(512));
     eprintln!(
         "{} {t} ({artifact}) against the upstream's captured answers on {} held-out captures",
         out.verb("Grading", Color::Green),
@@ -126,7 +128,7 @@ fn promote(ws: &Workspace, out: &Output, name: &str, to: Option<&str>, force: bo
     for s in &held_out {
         let conversation = [("user".to_string(), s.input.clone())];
         let v = rt
-            .block_on(forge_serve::api::verified_answer(&state, t, &conversation, attempts))
+            .block_on(forge_serve::api::verified_answer(&state, t, &conversation, attempts, max_tokens))
             .map_err(|e| Failure::Internal(format!("{t}: {e}")))?;
         candidate.push(v.passed);
         let subject = Subject { input: &s.input, prompt: &s.prompt, output: &s.output, values: &s.values };

@@ -94,6 +94,15 @@ pub struct CaptureStore {
     files: Arc<Mutex<HashMap<String, Arc<Mutex<File>>>>>,
 }
 
+/// Whether `f` is still the file at `path` (not deleted, renamed away or replaced meanwhile).
+fn still_at(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 impl CaptureStore {
     pub fn open(dir: &Path) -> io::Result<CaptureStore> {
         std::fs::create_dir_all(dir)?;
@@ -108,12 +117,17 @@ impl CaptureStore {
         self.dir.join(format!("{site}.jsonl"))
     }
 
+    /// The open file of `site`; opened again when the one held is no longer at its path (a
+    /// user moved or deleted the captures while the proxy ran: they must not go to a file
+    /// nobody can read).
     fn file(&self, site: &str) -> io::Result<Arc<Mutex<File>>> {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = files.get(site) {
+        let path = self.path(site);
+        if let Some(f) = files.get(site)
+            && still_at(&f.lock().unwrap_or_else(|p| p.into_inner()), &path)
+        {
             return Ok(f.clone());
         }
-        let path = self.path(site);
         let mut f = OpenOptions::new().create(true).read(true).append(true).open(&path)?;
         mend(&mut f)?;
         let f = Arc::new(Mutex::new(f));
@@ -219,6 +233,15 @@ mod tests {
         let path = store.path("level-gen");
         let (caps, report) = read(&path).unwrap();
         assert_eq!((caps.len(), report), (3, ReadReport::default()));
+        // Moved away while the store is open: the next capture starts a new file at the path.
+        std::fs::rename(&path, dir.path().join("old.jsonl")).unwrap();
+        store.append(&capture(4, "after the move")).unwrap();
+        assert_eq!(read(&path).unwrap().0, vec![capture(4, "after the move")]);
+        assert_eq!(read(&dir.path().join("old.jsonl")).unwrap().0.len(), 3);
+        std::fs::remove_file(&path).unwrap();
+        store.append(&capture(5, "after a delete")).unwrap();
+        assert_eq!(read(&path).unwrap().0.len(), 1);
+        std::fs::rename(dir.path().join("old.jsonl"), &path).unwrap();
         assert_eq!(caps[1], capture(2, "another grid"));
         // One changed byte (the content), and a line that is not JSON.
         let text = std::fs::read_to_string(&path).unwrap().replacen("another grid", "another grit", 1);

@@ -572,20 +572,23 @@ pub struct Verified {
     pub passed: bool,
 }
 
-/// `npc`'s answer to `conversation` (role, text), with up to `attempts` tries until its
-/// verifiers pass (one try, unverified, when it has none); the error in words.
+/// `npc`'s answer to `conversation` (role, text), at most `max_tokens` long (else the NPC's
+/// default), with up to `attempts` tries until its verifiers pass (one try, unverified, when it
+/// has none); the error in words.
 pub async fn verified_answer(
     st: &State,
     npc: &str,
     conversation: &[(String, String)],
     attempts: usize,
+    max_tokens: Option<usize>,
 ) -> Result<Verified, String> {
     let model = st.registry.get(npc).await.map_err(|e| ApiError::from(e).message)?;
     let conversation = conversation.iter().map(|(role, text)| ChatMessage::new(role, text)).collect();
     let ext =
         ForgeExt { verify: true, max_attempts: Some(attempts.clamp(1, MAX_ATTEMPTS) as i64), values: BTreeMap::new() };
     let ext = model.npc.judge.is_some().then_some(&ext);
-    let a = answer(st, &model, conversation, &Knobs::default(), ext).await.map_err(|e| e.message)?;
+    let knobs = Knobs { max_tokens: max_tokens.map(|n| n.min(i64::MAX as usize) as i64), ..Knobs::default() };
+    let a = answer(st, &model, conversation, &knobs, ext).await.map_err(|e| e.message)?;
     Ok(Verified {
         passed: a.attempts.as_ref().is_none_or(|f| f.last().is_some_and(Vec::is_empty)),
         attempts: a.attempts.as_ref().map_or(1, Vec::len),

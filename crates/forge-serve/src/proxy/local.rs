@@ -100,7 +100,9 @@ impl Local {
     /// The live version's answer to `body`, tried up to the policy's attempts.
     pub async fn answer(&self, site: &str, version: u32, body: &Value) -> Result<Verified, String> {
         let attempts = self.sites.get(site).map_or(1, |s| s.attempts);
-        let a = verified_answer(&self.state, site, &conversation(body), attempts).await;
+        // The call's own bound on its answer holds for the local model too.
+        let max_tokens = body["max_completion_tokens"].as_u64().or(body["max_tokens"].as_u64()).map(|n| n as usize);
+        let a = verified_answer(&self.state, site, &conversation(body), attempts, max_tokens).await;
         a.map_err(|e| format!("{site} v{version}: {e}"))
     }
 
