@@ -104,7 +104,7 @@ pub fn proxy(g: &Global, out: &Output, a: ProxyArgs) -> Result<(), Failure> {
     let upstream = routes.default.clone();
     let addr: std::net::SocketAddr =
         a.addr.parse().map_err(|_| Failure::Usage(format!("--addr {}: not an address like 127.0.0.1:8090", a.addr)))?;
-    let dir = a.store.clone().unwrap_or_else(|| ws.root.join("captures"));
+    let dir = a.store.clone().unwrap_or_else(|| ws.root.join(forge_data::captures::DEFAULT_DIR));
     let store = CaptureStore::open(&dir).map_err(|e| Failure::Usage(format!("{}: {e}", dir.display())))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -169,7 +169,7 @@ fn status(ws: &Workspace, names: &[String], json_out: bool) -> Result<(), Failur
         let v = Versions::of(&ws.root, name);
         let live = v.live().map_err(io(&v))?;
         let versions = v.list().map_err(io(&v))?;
-        let captures = forge_data::captures::read(&ws.root.join("captures").join(format!("{name}.jsonl")))
+        let captures = forge_data::captures::read(&ws.root.join(forge_data::captures::default_file(name)))
             .map(|(c, _)| c.len())
             .unwrap_or(0);
         let served = v.served_calls();

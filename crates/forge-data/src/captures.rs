@@ -87,6 +87,19 @@ pub struct ReadReport {
     pub torn: bool,
 }
 
+/// Where `forge proxy` keeps captures by default, relative to the workspace root.
+pub const DEFAULT_DIR: &str = "captures";
+
+/// A site's file in a capture store.
+pub fn file_name(site: &str) -> String {
+    format!("{site}.jsonl")
+}
+
+/// A site's file in the default store, workspace-relative (`captures/SITE.jsonl`).
+pub fn default_file(site: &str) -> String {
+    format!("{DEFAULT_DIR}/{}", file_name(site))
+}
+
 /// Appends captures; one open file per site.
 #[derive(Clone)]
 pub struct CaptureStore {
@@ -114,7 +127,7 @@ impl CaptureStore {
     }
 
     pub fn path(&self, site: &str) -> PathBuf {
-        self.dir.join(format!("{site}.jsonl"))
+        self.dir.join(file_name(site))
     }
 
     /// The open file of `site`; opened again when the one held is no longer at its path (a

@@ -207,7 +207,8 @@ impl Remote {
         }
     }
 
-    fn try_fetch(&self, key: &Digest, cache: &Cache, stat: &forge_cache::StatCache) -> Result<Tree, Miss> {
+    /// What `/ac/<key>` holds, if it is at most `max` bytes.
+    fn get_ac(&self, key: &Digest, max: u64) -> Result<Vec<u8>, Miss> {
         let url = self.address("ac", &key.hex());
         let resp = self.request(reqwest::Method::GET, &url).send().map_err(|e| Miss::Down(transport(e)))?;
         match resp.status().as_u16() {
@@ -217,10 +218,15 @@ impl Remote {
             s => return Err(Miss::Down(format!("GET /ac/ answered {s}"))),
         }
         let mut body = Vec::new();
-        resp.take(MAX_ENTRY + 1).read_to_end(&mut body).map_err(|e| Miss::Down(format!("reading /ac/: {e}")))?;
-        if body.len() as u64 > MAX_ENTRY {
-            return Err(Miss::Rejected(format!("the entry is larger than {MAX_ENTRY} bytes")));
+        resp.take(max + 1).read_to_end(&mut body).map_err(|e| Miss::Down(format!("reading /ac/: {e}")))?;
+        if body.len() as u64 > max {
+            return Err(Miss::Rejected(format!("the entry is larger than {max} bytes")));
         }
+        Ok(body)
+    }
+
+    fn try_fetch(&self, key: &Digest, cache: &Cache, stat: &forge_cache::StatCache) -> Result<Tree, Miss> {
+        let body = self.get_ac(key, MAX_ENTRY)?;
         let remote: RemoteEntry =
             serde_json::from_slice(&body).map_err(|e| Miss::Rejected(format!("the entry is not forge's: {e}")))?;
         let entry = remote.entry;
@@ -357,24 +363,14 @@ impl forge_cache::SharedStore for Remote {
         if self.down.load(Ordering::Relaxed) {
             return None;
         }
-        let got = (|| {
-            let resp = self.request(reqwest::Method::GET, &self.address("ac", &key.hex())).send().map_err(transport)?;
-            match resp.status().as_u16() {
-                200 => {}
-                404 => return Ok(None),
-                s => return Err(format!("GET /ac/ answered {s}")),
-            }
-            let mut body = Vec::new();
-            resp.take(MAX_CALL + 1).read_to_end(&mut body).map_err(|e| format!("reading /ac/: {e}"))?;
-            Ok((body.len() as u64 <= MAX_CALL).then_some(body))
-        })();
-        match got {
-            Ok(Some(body)) => {
+        match self.get_ac(key, MAX_CALL) {
+            Ok(body) => {
                 self.call_hits.fetch_add(1, Ordering::Relaxed);
                 Some(body)
             }
-            Ok(None) => None,
-            Err(why) => {
+            // An answer larger than any answer is no answer: asked again, as if absent.
+            Err(Miss::Absent | Miss::Rejected(_)) => None,
+            Err(Miss::Down(why)) => {
                 self.went_down(why);
                 None
             }

@@ -76,7 +76,7 @@ impl Local {
     pub fn live(&self, site: &str) -> Option<u32> {
         let s = self.sites.get(site)?;
         let versions = Versions::of(&self.root, site);
-        let mtime = std::fs::metadata(versions.dir().join("live.json")).and_then(|m| m.modified()).ok();
+        let mtime = std::fs::metadata(versions.live_path()).and_then(|m| m.modified()).ok();
         let mut live = lock(&self.live);
         if let Some((seen, n)) = live.get(site)
             && *seen == mtime

@@ -16,7 +16,7 @@ pub mod versions;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -26,6 +26,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use forge_teacher::Redactor;
 
+use self::versions::now_ms;
 use crate::api;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -144,10 +145,6 @@ async fn stats(State(p): State<Arc<Proxy>>) -> Json<ProxyStats> {
     })
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Everything one call needs after it was forwarded.
 struct Call {
     proxy: Arc<Proxy>,
@@ -180,19 +177,15 @@ impl Call {
         };
         let store = p.store.clone();
         let c = capture.clone();
-        let written = tokio::task::spawn_blocking(move || store.append(&c)).await;
-        match written {
-            Ok(Ok(())) => {
+        let written = tokio::task::spawn_blocking(move || store.append(&c)).await.map_err(std::io::Error::other);
+        match written.and_then(|w| w) {
+            Ok(()) => {
                 if let Some(local) = &p.routes.local {
                     let by = if self.fallback_from.is_some() { "fallback" } else { "upstream" };
                     local.served(&self.site, self.fallback_from, by, capture.latency_ms);
                 }
                 p.captured.fetch_add(1, Ordering::Relaxed);
                 eprintln!("{}: answered in {} ms, captured {}", self.site, capture.latency_ms, capture.id);
-            }
-            Ok(Err(e)) => {
-                p.lost.fetch_add(1, Ordering::Relaxed);
-                eprintln!("{}: answered, but the capture could not be stored: {e}", self.site);
             }
             Err(e) => {
                 p.lost.fetch_add(1, Ordering::Relaxed);

@@ -64,13 +64,7 @@ pub struct Versions {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    forge_cache::fsutil::write_atomic(path, bytes).map_err(io::Error::other)
 }
 
 fn append_line(path: &Path, value: &impl Serialize) -> io::Result<()> {
@@ -92,7 +86,7 @@ impl Versions {
         self.dir.join(format!("v{number}")).join("model.gguf")
     }
 
-    fn live_path(&self) -> PathBuf {
+    pub fn live_path(&self) -> PathBuf {
         self.dir.join("live.json")
     }
 

@@ -27,11 +27,6 @@ pub(super) fn site<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> &'m Site {
     m.sites.get(&name.value).expect("validated: the site exists")
 }
 
-/// Where `forge proxy` keeps the site's captures, workspace-relative.
-pub fn captures_file(site: &str) -> String {
-    format!("captures/{site}.jsonl")
-}
-
 pub(super) fn plan(m: &Manifest, decl: &ArtifactDecl, d: &DatasetStage, min_new: u32) -> StagePlan {
     let s = site(m, decl);
     let mut params = BTreeMap::new();
@@ -41,7 +36,7 @@ pub(super) fn plan(m: &Manifest, decl: &ArtifactDecl, d: &DatasetStage, min_new:
     params.insert("seed".into(), json!(d.seed));
     params.insert("min_new".into(), json!(min_new));
     params.insert("validate".into(), serde_json::to_value(&s.checks.validate).expect("serializes"));
-    StagePlan { params, inputs: vec![captures_file(&s.name.value)], tools: BTreeMap::new() }
+    StagePlan { params, inputs: vec![captures::default_file(&s.name.value)], tools: BTreeMap::new() }
 }
 
 fn usage(c: &Capture) -> BTreeMap<String, Usage> {
@@ -60,7 +55,7 @@ fn taken(count: usize, min_new: u32) -> usize {
 
 pub(super) fn run(ctx: &ActionContext<'_>, d: &DatasetStage, min_new: u32) -> Result<(), ActionError> {
     let s = site(ctx.manifest, ctx.decl);
-    let path = ctx.workspace.join(captures_file(&s.name.value));
+    let path = ctx.workspace.join(captures::default_file(&s.name.value));
     let (all, report) = captures::read(&path).map_err(|e| ActionError::io(&path, e))?;
     if report.damaged > 0 || report.torn {
         ctx.log.line(&format!(
@@ -173,7 +168,7 @@ pub(super) fn run(ctx: &ActionContext<'_>, d: &DatasetStage, min_new: u32) -> Re
 /// What a rebuild takes: no teacher calls, and which captures.
 pub(super) fn estimate(ctx: &EstimateContext<'_>, min_new: u32) -> Result<Estimate, String> {
     let s = site(ctx.manifest, ctx.decl);
-    let path = ctx.workspace.join(captures_file(&s.name.value));
+    let path = ctx.workspace.join(captures::default_file(&s.name.value));
     let (all, _) = captures::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let k = taken(all.len(), min_new);
     let next = min_new as usize - all.len() % min_new as usize;
