@@ -42,9 +42,13 @@ impl Drop for Proxy {
 
 impl Proxy {
     fn start(ws: &TestWorkspace, env: &[(&str, &str)]) -> Proxy {
+        Proxy::start_with(ws, env, &[])
+    }
+
+    fn start_with(ws: &TestWorkspace, env: &[(&str, &str)], args: &[&str]) -> Proxy {
         let addr = free_addr();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(ws.file("proxy.log")).unwrap();
-        let mut cmd = ws.cmd(&["proxy", "--addr", &addr]);
+        let mut cmd = ws.cmd(&[&["proxy", "--addr", &addr], args].concat());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -471,26 +475,7 @@ fn forge_check_rejects_sites_and_capture_datasets_it_could_not_build() {
 #[test]
 fn a_promoted_site_is_answered_locally_falls_back_and_rolls_back() {
     let teacher = FakeTeacher::start(Faults::default());
-    let site = |judge: &str| {
-        format!(
-            r#"{}
-base "tiny" kind="scratch" layers=2 hidden=64 heads=4 kv-heads=2 ffn=128 vocab=320 context=128 seed=1
-site "lines" {{
-    judge {{
-        {judge}
-    }}
-    promote min-samples=4 attempts=2
-    rollback below=0.5 window=3
-}}
-model "lines" site="lines" {{
-    dataset from="captures" eval=4 seed=1 min-new=12
-    adapter base="tiny" rank=8 alpha=16 lr=5e-3 epochs=1 batch=4 seq-len=64 seed=2
-    quantize "q8_0"
-}}
-"#,
-            manifest(&teacher.base_url(), None)
-        )
-    };
+    let site = |judge: &str| lines_site(&teacher.base_url(), judge, "rollback below=0.5 window=3");
     // Any answer passes this judge; only the upstream's pass the second.
     let (lenient, strict) = (
         "max-chars 100000",
@@ -572,5 +557,125 @@ model "lines" site="lines" {{
     assert_eq!(r.code(), 1, "{r:?}");
     assert!(r.stderr().contains("Reject"), "{r:?}");
     assert_eq!(ws.run(&["site", "status", "--json"]).stdout().matches("\"number\"").count(), 1, "no new version");
+    proxy.kill();
+}
+
+/// A site `lines` graded by `judge` (and `policy` lines), distilled into a tiny scratch model
+/// 12 captures at a time, 4 of them held out.
+fn lines_site(base_url: &str, judge: &str, policy: &str) -> String {
+    format!(
+        r#"{}
+base "tiny" kind="scratch" layers=2 hidden=64 heads=4 kv-heads=2 ffn=128 vocab=320 context=128 seed=1
+site "lines" {{
+    judge {{
+        {judge}
+    }}
+    promote min-samples=4 attempts=2
+    {policy}
+}}
+model "lines" site="lines" {{
+    dataset from="captures" eval=4 seed=1 min-new=12
+    adapter base="tiny" rank=8 alpha=16 lr=5e-3 epochs=1 batch=4 seq-len=64 seed=2
+    quantize "q8_0"
+}}
+"#,
+        manifest(base_url, None)
+    )
+}
+
+/// Waits up to `secs` for `done`, showing the proxy's log when it does not come.
+fn wait_for(ws: &TestWorkspace, secs: u64, what: &str, done: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "{what} did not happen: {}", ws.read("proxy.log"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_proxy_distils_in_the_background_and_promotion_asks_the_upstream_its_llm_criteria() {
+    // The upstream answers proclamations, and as a judge says YES only to a proclamation.
+    const EVALUATOR: &str = "You are a strict evaluator";
+    let responder: forge_fake_teacher::Responder = Arc::new(|body: &Value| {
+        let system = body["messages"][0]["content"].as_str().unwrap_or("");
+        if !system.starts_with(EVALUATOR) {
+            return forge_fake_teacher::default_answer(body);
+        }
+        let user = body["messages"][1]["content"].as_str().unwrap_or("");
+        let text = user.split("The text:\n").nth(1).and_then(|t| t.split("\n\nQuestion:").next()).unwrap_or("");
+        // Exactly an upstream answer: "Hear ye, good folk of the realm! Answer <16 hex> concerning: line N."
+        let proclaimed = text
+            .strip_prefix("Hear ye, good folk of the realm! Answer ")
+            .and_then(|t| t.split_at_checked(16))
+            .is_some_and(|(hex, rest)| {
+                hex.chars().all(|c| c.is_ascii_hexdigit())
+                    && rest
+                        .strip_prefix(" concerning: line ")
+                        .and_then(|r| r.strip_suffix('.'))
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+            });
+        (if proclaimed { "YES" } else { "NO" }).to_string()
+    });
+    let teacher = FakeTeacher::with_responder(Faults::default(), responder);
+    let judged = || teacher.requests().iter().filter(|r| r.body.to_string().contains(EVALUATOR)).count();
+    let site = |judge: &str| lines_site(&teacher.base_url(), judge, "");
+    let ws = TestWorkspace::with_manifest(&site("max-chars 100000"));
+    let proxy = Proxy::start_with(&ws, &[], &["--train"]);
+    let call = |p: &Proxy, i: usize| {
+        chat(&p.addr, &[("X-Forge-Site", "lines")], &ask("You write lines.", &format!("line {i}"), false))
+    };
+    for i in 0..11 {
+        assert_eq!(call(&proxy, i).status, 200);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!ws.file("sites/lines/decisions.jsonl").exists(), "11 captures are below min-new: nothing is trained");
+    assert_eq!(call(&proxy, 11).status, 200);
+
+    // The twelfth capture: the proxy rebuilds the site's model and promotes it by itself (any
+    // answer passes this judge), and answers the site locally from then on.
+    let live = || {
+        std::fs::read_to_string(ws.file("sites/lines/live.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["version"].as_u64())
+    };
+    wait_for(&ws, 300, "a background promotion", || live() == Some(1));
+    let log = ws.read("proxy.log");
+    assert!(log.contains("lines: 12 captures taken; rebuilding lines:gguf:q8_0 and grading it"), "{log}");
+    let before = teacher.received();
+    let r = call(&proxy, 100);
+    assert!(r.headers.to_ascii_lowercase().contains("x-forge-served: local v1"), "{}", r.headers);
+    assert_eq!(teacher.received(), before);
+    let decisions = ws.read("sites/lines/decisions.jsonl");
+    assert_eq!(decisions.lines().count(), 1, "{decisions}");
+    assert!(decisions.contains("\"verdict\":\"promote\"") && decisions.contains("\"version\":1"), "{decisions}");
+    assert_eq!(judged(), 0, "no llm criterion, no judge calls");
+
+    // An `llm` criterion, asked of the upstream, about the candidate's answers and about the
+    // upstream's fresh answers to the same held-out inputs (asked again, not captured).
+    ws.write("forge.kdl", &site(r#"llm "proclaims" "Is the text a proclamation to the folk of the realm?""#));
+    let (captured, before) = (captures(&ws.file("captures"))["lines"].0.len(), teacher.received());
+    let r = ws.run(&["site", "promote", "lines", "--ask-upstream"]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr().contains("the upstream's fresh answers on 4 held-out captures"), "{r:?}");
+    assert!(r.stderr().contains("the candidate passes 0.0%") && r.stderr().contains("the upstream 100.0%"), "{r:?}");
+    assert!(r.stderr().contains("Reject") && r.stderr().contains("the candidate failed: proclaims ×4"), "{r:?}");
+    // 4 fresh answers, and 8 questions: the candidate's 4 answers and the upstream's 4.
+    assert_eq!((teacher.received() - before, judged()), (12, 8));
+    assert_eq!(captures(&ws.file("captures"))["lines"].0.len(), captured, "fresh answers are not captures");
+    assert_eq!(live(), Some(1), "a rejected grading switches nothing");
+    // Graded already under this judge: `--if-new` asks nothing.
+    let before = teacher.received();
+    let r = ws.run(&["site", "promote", "lines", "--ask-upstream", "--if-new"]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stderr().contains("was graded already under this judge and policy: reject"), "{r:?}");
+    assert_eq!(teacher.received(), before);
+    assert_eq!(ws.read("sites/lines/decisions.jsonl").lines().count(), 2);
+    let st = ws.run(&["site", "status"]).stdout();
+    assert!(
+        st.contains("last grading: lines:gguf:q8_0")
+            && st.contains("reject (the candidate 0%, the upstream 100%, n = 4)"),
+        "{st}"
+    );
     proxy.kill();
 }

@@ -156,6 +156,20 @@ impl Judge {
     }
 }
 
+impl Judge {
+    /// Grades `s` on every criterion — the verifiers, then the `llm` ones asked of `llm` — and
+    /// names the criteria it failed or that could not be graded (none: it passed). A judge
+    /// compiled without its `llm` criteria needs no `llm`.
+    pub async fn failures(&self, s: &Subject<'_>, llm: Option<&LlmJudge<'_>>) -> Vec<String> {
+        let mut out = self.grade_verifiers(s);
+        if let Some(llm) = llm {
+            self.grade_llm(s, llm, &mut out).await;
+        }
+        let passed = |o: &Option<Outcome>| o.as_ref().is_some_and(|o| o.pass);
+        self.names.iter().zip(&out).filter(|(_, o)| !passed(o)).map(|(n, _)| n.clone()).collect()
+    }
+}
+
 /// Every value of `node` appears in the output (case and spacing ignored).
 fn contains(s: &Subject<'_>, node: &str) -> Outcome {
     let Some(v) = s.values.get(node) else {

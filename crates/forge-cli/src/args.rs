@@ -113,6 +113,14 @@ pub enum SiteCommand {
         to: Option<String>,
         #[arg(long, conflicts_with = "to")]
         force: bool,
+        /// Ask the upstream each held-out input again (one call each, not captured) instead of
+        /// grading the answers it gave when the calls were captured.
+        #[arg(long, conflicts_with = "to")]
+        ask_upstream: bool,
+        /// Do nothing when this candidate was graded already under the same judge, policy and
+        /// held-out captures (what `forge proxy --train` runs).
+        #[arg(long, conflicts_with = "to")]
+        if_new: bool,
     },
     /// Make the version live before the current one (or `--to vN`, or `--to upstream`).
     Rollback {
@@ -133,6 +141,11 @@ pub struct ProxyArgs {
     /// Where captures go, one `SITE.jsonl` per call site [default: `captures/` in the workspace].
     #[arg(long, value_name = "DIR")]
     pub store: Option<std::path::PathBuf>,
+    /// Distil in the background: each time `min-new` new captures of a site have come, rebuild
+    /// its model (`forge build`) and grade it for promotion (`forge site promote --if-new`),
+    /// one site at a time; a promoted version answers at once.
+    #[arg(long, conflicts_with = "store")]
+    pub train: bool,
 }
 
 #[derive(Args, Debug)]

@@ -1,8 +1,13 @@
 //! `forge proxy`: captures an upstream teacher's answers per call site (`forge_serve::proxy`).
 
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use forge_manifest::TeacherKind;
+use forge_manifest::{DataSource, TeacherKind};
 use forge_serve::proxy::local::{Local, SiteModel};
 use forge_serve::proxy::{CaptureStore, Routes, Upstream};
 
@@ -63,12 +68,100 @@ fn teacher(ws: &forge_plan::Workspace, name: &str, openai: &[&str]) -> Result<Up
     })
 }
 
+/// The teacher a site's calls go to: its own `upstream`, else the proxy's default.
+pub(crate) fn site_upstream(ws: &forge_plan::Workspace, site: &forge_manifest::Site) -> Result<Upstream, Failure> {
+    match &site.upstream {
+        Some(u) => teacher(ws, &u.value, &[]),
+        None => upstream(ws, None),
+    }
+}
+
+/// A site `forge proxy --train` distils: its captures file, and what it rebuilds.
+struct Distilled {
+    site: String,
+    artifact: String,
+    captures: PathBuf,
+    min_new: usize,
+}
+
+/// The global options a child `forge` needs to see the same workspace and caches.
+fn global_args(g: &Global, root: &Path) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec!["-C".into(), root.into()];
+    if let Some(d) = &g.cache_dir {
+        a.extend(["--cache-dir".into(), d.into()]);
+    }
+    if let Some(r) = &g.remote_cache {
+        a.extend(["--remote-cache".into(), r.into()]);
+    }
+    if g.remote_read_only {
+        a.push("--remote-read-only".into());
+    }
+    if let Some(t) = g.remote_timeout {
+        a.extend(["--remote-timeout".into(), t.to_string().into()]);
+    }
+    a
+}
+
+/// Lines in a capture file (a capture is a line): cheap enough to poll.
+fn lines(path: &Path) -> usize {
+    let Ok(mut f) = std::fs::File::open(path) else { return 0 };
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0;
+    while let Ok(k) = f.read(&mut buf) {
+        if k == 0 {
+            break;
+        }
+        n += buf[..k].iter().filter(|b| **b == b'\n').count();
+    }
+    n
+}
+
+/// `--train`: every 2 s, each site whose captures reached a new multiple of its `min-new` is
+/// rebuilt (`forge build ARTIFACT`: the dataset takes the new captures, the model is retrained
+/// and quantized) and graded (`forge site promote SITE --if-new`), one at a time, as child
+/// processes: a failed or killed training leaves the proxy answering, and the cache consistent.
+/// A promotion rewrites `live.json`, which the proxy follows on its next call of the site.
+fn train(args: Vec<OsString>, sites: Vec<Distilled>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let exe = std::env::current_exe()?;
+    Ok(std::thread::spawn(move || {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        loop {
+            for d in &sites {
+                let batches = lines(&d.captures) / d.min_new;
+                if batches == 0 || seen.get(&d.site) == Some(&batches) {
+                    continue;
+                }
+                seen.insert(d.site.clone(), batches);
+                eprintln!(
+                    "forge proxy: {}: {} captures taken; rebuilding {} and grading it",
+                    d.site,
+                    batches * d.min_new,
+                    d.artifact
+                );
+                let run = |what: &[&str]| {
+                    let s = Command::new(&exe).args(&args).args(what).stdin(Stdio::null()).status();
+                    s.map_err(|e| e.to_string()).and_then(|s| if s.success() { Ok(()) } else { Err(s.to_string()) })
+                };
+                if let Err(e) = run(&["build", &d.artifact]) {
+                    eprintln!("forge proxy: {}: the rebuild failed ({e}); waiting for more captures", d.site);
+                    continue;
+                }
+                match run(&["site", "promote", &d.site, "--if-new"]) {
+                    Ok(()) => {}
+                    Err(_) => eprintln!("forge proxy: {}: not promoted; waiting for more captures", d.site),
+                }
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }))
+}
+
 pub fn proxy(g: &Global, out: &Output, a: ProxyArgs) -> Result<(), Failure> {
     let ws = load(g, out, false)?;
     let mut routes = Routes::to(upstream(&ws, a.upstream.as_deref())?);
     for site in ws.manifest.sites.values() {
-        if let Some(u) = &site.upstream {
-            routes.sites.insert(site.name.value.clone(), teacher(&ws, &u.value, &[])?);
+        if site.upstream.is_some() {
+            routes.sites.insert(site.name.value.clone(), site_upstream(&ws, site)?);
         }
         for f in &site.fingerprints {
             routes.aliases.insert(f.value.clone(), site.name.value.clone());
@@ -79,17 +172,12 @@ pub fn proxy(g: &Global, out: &Output, a: ProxyArgs) -> Result<(), Failure> {
     let mut locals = Vec::new();
     for site in ws.manifest.sites.values() {
         let name = &site.name.value;
-        let target = ws
-            .manifest
-            .targets
-            .iter()
-            .find(|t| t.model.as_ref().and_then(|m| m.site.as_ref()).is_some_and(|s| &s.value == name));
-        let (judge, defaults) = match target {
-            Some(t) => {
+        let (judge, defaults) = match crate::site::target_of(&ws, name) {
+            Ok(t) => {
                 let npc = crate::serve::npc(&ws, &t.name.value, std::path::PathBuf::new())?;
                 (npc.judge, npc.defaults)
             }
-            None => (None, forge_serve::Defaults::default()),
+            Err(_) => (None, forge_serve::Defaults::default()),
         };
         locals.push(SiteModel {
             name: name.clone(),
@@ -106,6 +194,29 @@ pub fn proxy(g: &Global, out: &Output, a: ProxyArgs) -> Result<(), Failure> {
         a.addr.parse().map_err(|_| Failure::Usage(format!("--addr {}: not an address like 127.0.0.1:8090", a.addr)))?;
     let dir = a.store.clone().unwrap_or_else(|| ws.root.join(forge_data::captures::DEFAULT_DIR));
     let store = CaptureStore::open(&dir).map_err(|e| Failure::Usage(format!("{}: {e}", dir.display())))?;
+    if a.train {
+        let mut sites = Vec::new();
+        for site in ws.manifest.sites.values() {
+            let name = &site.name.value;
+            let Ok(target) = crate::site::target_of(&ws, name) else {
+                eprintln!("forge proxy: site `{name}` has no model target: captured, not distilled");
+                continue;
+            };
+            let source = target.model.as_ref().and_then(|m| m.dataset.as_ref()).map(|d| &d.source);
+            let Some(DataSource::Captures { min_new }) = source else { continue };
+            let (_, artifact) = crate::site::candidate(&ws, name)?;
+            sites.push(Distilled {
+                site: name.clone(),
+                artifact,
+                captures: ws.root.join(forge_data::captures::default_file(name)),
+                min_new: (*min_new).max(1) as usize,
+            });
+        }
+        if sites.is_empty() {
+            return Err(Failure::Usage("--train: no site has a model with `dataset from=\"captures\"`".into()));
+        }
+        train(global_args(g, &ws.root), sites).map_err(|e| Failure::Internal(format!("--train: {e}")))?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

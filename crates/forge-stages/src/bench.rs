@@ -26,7 +26,7 @@ use forge_data::Sample;
 use forge_manifest::{ArtifactDecl, BenchmarkStage, Check, Manifest, Recipe, StageKind, TeacherKind};
 use forge_model::generate::Sampling;
 use forge_plan::{ActionContext, ActionError, Executor, StagePlan};
-use forge_teacher::{CallCache, OpenAiClient, OpenAiConfig};
+use forge_teacher::CallCache;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -242,17 +242,7 @@ impl Executor for BenchExecutor {
         }
         let llm_client = match &b.judge {
             Some(j) => match &ctx.manifest.teachers[&j.value].kind {
-                TeacherKind::Openai(o) => Some(
-                    OpenAiClient::new(OpenAiConfig {
-                        model: o.model.clone(),
-                        base_url: o.base_url.clone(),
-                        api_key_env: o.api_key_env.clone(),
-                        max_parallel: o.max_parallel,
-                        timeout: std::time::Duration::from_secs_f64(o.timeout_s),
-                        max_retries: o.max_retries,
-                    })
-                    .map_err(|e| ActionError::msg(format!("judge `{}`: {e}", j.value)))?,
-                ),
+                TeacherKind::Openai(o) => Some(crate::openai_client(&j.value, o).map_err(ActionError::msg)?),
                 TeacherKind::Grammar => None,
             },
             None => None,

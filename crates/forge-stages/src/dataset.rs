@@ -28,7 +28,7 @@ use std::time::Duration;
 use forge_manifest::{ArtifactDecl, DataSource, DatasetStage, Manifest, NodeKind, Recipe, StageKind, TeacherKind};
 use forge_plan::{ActionContext, ActionError, Estimate, EstimateContext, Executor, StagePlan};
 use forge_teacher::rng::SplitMix64;
-use forge_teacher::{CallCache, ChatRequest, ChatResponse, Message, OpenAiClient, OpenAiConfig, TeacherError, Usage};
+use forge_teacher::{CallCache, ChatRequest, ChatResponse, Message, OpenAiClient, TeacherError, Usage};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde_json::{Value, json};
@@ -343,17 +343,9 @@ impl<'m> Run<'m> {
                 TeacherKind::Openai(o) if mode == Mode::Estimate => {
                     Teacher::Unasked { model: o.model.clone(), base_url: o.base_url.clone() }
                 }
-                TeacherKind::Openai(o) => Teacher::Openai(Box::new(
-                    OpenAiClient::new(OpenAiConfig {
-                        model: o.model.clone(),
-                        base_url: o.base_url.clone(),
-                        api_key_env: o.api_key_env.clone(),
-                        max_parallel: o.max_parallel,
-                        timeout: Duration::from_secs_f64(o.timeout_s),
-                        max_retries: o.max_retries,
-                    })
-                    .map_err(|e| ActionError::msg(format!("teacher `{name}`: {e}")))?,
-                )),
+                TeacherKind::Openai(o) => {
+                    Teacher::Openai(Box::new(crate::openai_client(name, o).map_err(ActionError::msg)?))
+                }
             };
             teachers.insert(name.to_string(), t);
         }

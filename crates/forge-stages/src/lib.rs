@@ -44,3 +44,17 @@ pub fn registry() -> Registry {
     }
     r
 }
+
+/// The client of an OpenAI-compatible teacher declared in the manifest (its key read from its
+/// `api-key-env` when it asks).
+pub fn openai_client(name: &str, o: &forge_manifest::OpenAiTeacher) -> Result<forge_teacher::OpenAiClient, String> {
+    forge_teacher::OpenAiClient::new(forge_teacher::OpenAiConfig {
+        model: o.model.clone(),
+        base_url: o.base_url.clone(),
+        api_key_env: o.api_key_env.clone(),
+        max_parallel: o.max_parallel,
+        timeout: std::time::Duration::from_secs_f64(o.timeout_s),
+        max_retries: o.max_retries,
+    })
+    .map_err(|e| format!("teacher `{name}`: {e}"))
+}

@@ -104,12 +104,7 @@ pub async fn serve(
     store: CaptureStore,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // reqwest's rustls backend needs a process-wide provider; installing twice is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| std::io::Error::other(format!("the proxy's HTTP client: {e}")))?;
+    let http = http_client()?;
     let proxy = Arc::new(Proxy {
         routes,
         http,
@@ -125,6 +120,56 @@ pub async fn serve(
         .route("/forge/stats", get(stats))
         .with_state(proxy);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+fn http_client() -> std::io::Result<reqwest::Client> {
+    // reqwest's rustls backend needs a process-wide provider; installing twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| std::io::Error::other(format!("the proxy's HTTP client: {e}")))
+}
+
+/// The answer in an OpenAI chat completion's body.
+fn answer_of(v: &Value) -> Option<Answer> {
+    let choice = &v["choices"][0];
+    Some(Answer {
+        content: choice["message"]["content"].as_str()?.to_string(),
+        finish_reason: choice["finish_reason"].as_str().map(str::to_string),
+        usage: v.get("usage").cloned(),
+    })
+}
+
+/// Asks `upstream` a captured call's `request` again, whole (not streamed) and not captured:
+/// the upstream's fresh answer to an input it answered before (a promotion's paired test). The
+/// error in words, with the upstream's key redacted.
+pub async fn ask(upstream: &Upstream, request: &Value) -> Result<Answer, String> {
+    let mut body = request.clone();
+    if let Some(o) = body.as_object_mut() {
+        o.insert("stream".into(), json!(false));
+        o.remove("stream_options");
+        if !upstream.model.is_empty() {
+            o.insert("model".into(), json!(upstream.model));
+        }
+    }
+    let redactor = Redactor::new(upstream.api_key.as_deref());
+    let http = http_client().map_err(|e| e.to_string())?;
+    let url = format!("{}/chat/completions", upstream.base_url.trim_end_matches('/'));
+    let mut req = http.post(&url).json(&body).timeout(upstream.timeout);
+    if let Some(k) = upstream.api_key.as_deref() {
+        req = req.bearer_auth(k);
+    }
+    let fail = |why: String| format!("the upstream `{}`: {}", upstream.name, redactor.redact_long(&why));
+    let resp = req.send().await.map_err(|e| fail(e.without_url().to_string()))?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| fail(e.without_url().to_string()))?;
+    if !status.is_success() {
+        return Err(fail(format!("answered {status}: {text}")));
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|_| fail("the answer is not JSON".into()))?;
+    let a = answer_of(&v).ok_or_else(|| fail("the answer has no message".into()))?;
+    Ok(Answer { content: redactor.redact_long(&a.content), ..a })
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -345,15 +390,9 @@ async fn answered(call: Call, resp: reqwest::Response) -> Response {
             return error(StatusCode::BAD_GATEWAY, "the upstream's answer is not JSON");
         }
     };
-    let choice = &v["choices"][0];
-    let Some(content) = choice["message"]["content"].as_str() else {
+    let Some(answer) = answer_of(&v) else {
         call.failed(502, "the answer has no message");
         return error(StatusCode::BAD_GATEWAY, "the upstream's answer has no message");
-    };
-    let answer = Answer {
-        content: content.to_string(),
-        finish_reason: choice["finish_reason"].as_str().map(str::to_string),
-        usage: v.get("usage").cloned(),
     };
     call.capture(answer).await;
     (StatusCode::OK, [("content-type", "application/json")], call.redactor.redact_long(&text)).into_response()

@@ -6,6 +6,7 @@
 //! sites/SITE/v1/version.json    what it is: the artifact, its content digest, the decision
 //! sites/SITE/live.json          which version answers now (none: the upstream), since when, why
 //! sites/SITE/history.jsonl      every switch, appended
+//! sites/SITE/decisions.jsonl    every promotion's grading: the candidate, the decision, the version
 //! sites/SITE/served.jsonl       every call the proxy answered for the site: locally or upstream
 //! ```
 //!
@@ -51,6 +52,22 @@ pub struct Served {
     /// `upstream`.
     pub by: String,
     pub latency_ms: u64,
+}
+
+/// One promotion's grading of a candidate (promoted or not).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decided {
+    pub at_ms: u64,
+    pub artifact: String,
+    /// The candidate's content digest.
+    pub content: String,
+    /// What it was graded under: a digest of the site's judge, validate and policy (a candidate
+    /// graded again under another judge is a new grading).
+    pub grading: String,
+    /// `forge_bench::promote::Decision`.
+    pub decision: Value,
+    /// The version it became, when it was promoted.
+    pub version: Option<u32>,
 }
 
 pub fn now_ms() -> u64 {
@@ -178,6 +195,18 @@ impl Versions {
         write_atomic(&staging.join("version.json"), &serde_json::to_vec_pretty(&v).map_err(io::Error::other)?)?;
         std::fs::rename(&staging, self.dir.join(format!("v{number}")))?;
         Ok(v)
+    }
+
+    /// Records a promotion's grading.
+    pub fn decided(&self, d: &Decided) -> io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        append_line(&self.dir.join("decisions.jsonl"), d)
+    }
+
+    /// Every grading recorded by [`Versions::decided`], oldest first.
+    pub fn decisions(&self) -> Vec<Decided> {
+        let text = std::fs::read_to_string(self.dir.join("decisions.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// Records a call the proxy answered.
