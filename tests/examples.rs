@@ -169,16 +169,34 @@ fn the_level_verifier_checks_spawn_enemies_exits_and_reachability() {
         assert!(out.status.success());
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    let grid = |rows: &[&str]| serde_json::json!({ "name": "crypt", "grid": rows }).to_string();
-    let good = format!("Here it is: {}", grid(&["#######", "#P....#", "#..#E.#", "#X....#", "#######"]));
+    let rows = ["#######", "#.....#", "#..#..#", "#.....#", "#######"];
+    let level = |grid: &[&str], spawn: [i64; 2], enemies: &[[i64; 2]], exits: &[[i64; 2]]| {
+        serde_json::json!({ "name": "crypt", "grid": grid, "spawn": spawn, "enemies": enemies, "exits": exits })
+            .to_string()
+    };
+    let good = format!("Here it is: {}", level(&rows, [1, 1], &[[4, 2]], &[[1, 3]]));
     assert_eq!(verify(&good), serde_json::json!({"pass": true}));
+    let walled_in = ["#######", "#...#.#", "#...#.#", "#...#.#", "#######"];
     for (level, reason) in [
-        (grid(&["#######", "#PE...#", "#..#..#", "#X....#", "#######"]), "next to the spawn"),
-        (grid(&["#######", "#P..#X#", "#..E#.#", "#...#.#", "#######"]), "cannot be reached"),
-        (grid(&["#######", "#P....#", "#..#E.#", "#.....#", "#######"]), "no exit"),
-        (grid(&["#######", "#P...P#", "#..#E.#", "#X....#", "#######"]), "2 spawns"),
-        (grid(&["#######", "#P....#", "#..#E.#", "#X.....", "#######"]), "walled all round"),
-        (grid(&["######", "#P...#", "#..#E.#", "#X...#", "######"]), "not all as long"),
+        (level(&rows, [1, 1], &[[2, 2]], &[[1, 3]]), "next to the spawn"),
+        (level(&rows, [1, 1], &[[3, 2]], &[[1, 3]]), "not on a floor tile"),
+        (level(&walled_in, [1, 1], &[[3, 3]], &[[5, 1]]), "cannot be reached"),
+        (level(&walled_in, [1, 1], &[[3, 3]], &[[1, 3]]), "floor tiles cannot be reached"),
+        (level(&rows, [1, 1], &[[4, 2]], &[[4, 2]]), "shares its tile"),
+        (level(&rows, [1, 1], &[[4, 2]], &[]), "`exits` is not a list"),
+        (level(&rows, [1, 1], &[], &[[1, 3]]), "`enemies` is not a list"),
+        (
+            level(&["#######", "#.....#", "#..#...", "#.....#", "#######"], [1, 1], &[[4, 2]], &[[1, 3]]),
+            "walled all round",
+        ),
+        (
+            level(&["#######", "#....#", "#..#..#", "#.....#", "#######"], [1, 1], &[[4, 2]], &[[1, 3]]),
+            "not all as long",
+        ),
+        (
+            level(&["#######", "#..P..#", "#..#..#", "#.....#", "#######"], [1, 1], &[[4, 2]], &[[1, 3]]),
+            "unknown tiles",
+        ),
         ("a level, sorry, no JSON".to_string(), "no JSON object"),
     ] {
         let v = verify(&level);

@@ -442,6 +442,40 @@ model "quests" site="quests" {{
     let (_, ev) = ws.build_json(&[]);
     assert_eq!(finished(&ev), ["levels:count".to_string(), "levels:dataset".into()].into());
     assert_eq!(n(&ws).trim(), "7", "9 samples of 10: 7 train, 2 eval");
+
+    // `train-on="passing"`: the quests model trains only on answers its site's judge passes (a
+    // command verifier, whose script is an input: editing it rebuilds the dataset); the
+    // held-out captures stay as they are.
+    ws.write("judge.sh", "grep -q 'quest [0-2]\\.' && echo pass || echo fail\n");
+    let kdl = ws.read("forge.kdl").replace(
+        "site \"quests\" {\n",
+        "site \"quests\" {\n    judge {\n        command \"sh\" \"judge.sh\" name=\"early\"\n    }\n",
+    );
+    ws.write(
+        "forge.kdl",
+        &kdl.replace(
+            "dataset from=\"captures\" eval=2 min-new=5",
+            "dataset from=\"captures\" eval=2 min-new=5 train-on=\"passing\"",
+        ),
+    );
+    let (r, ev) = ws.build_json(&["quests:dataset"]);
+    assert_eq!((r.code(), with_event(&ev, "finish")), (0, vec!["quests:dataset".to_string()]), "{r:?}");
+    let dir = ws.artifact_path("quests:dataset");
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let train = std::fs::read_to_string(dir.join("train.jsonl")).unwrap();
+    let judged = meta["rejected"]["judge:early"].as_u64().unwrap_or(0);
+    assert_eq!((meta["eval"].as_u64(), meta["train"].as_u64().unwrap() + judged), (Some(2), 3), "{meta:#}");
+    for line in train.lines() {
+        let out = serde_json::from_str::<Value>(line).unwrap()["output"].as_str().unwrap().to_string();
+        assert!(["quest 0.", "quest 1.", "quest 2."].iter().any(|q| out.ends_with(q)), "{out}");
+    }
+    ws.write("judge.sh", "echo pass\n");
+    let (_, ev) = ws.build_json(&["quests:dataset"]);
+    assert_eq!(with_event(&ev, "finish"), ["quests:dataset"], "an edited verifier rebuilds");
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.artifact_path("quests:dataset").join("meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["train"].as_u64(), Some(3), "{meta:#}");
     proxy.kill();
 }
 

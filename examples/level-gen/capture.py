@@ -20,24 +20,40 @@ from pathlib import Path
 
 SYSTEM = (
     "You design levels for a top-down RPG. Answer with one JSON object and nothing else: "
-    '{"name": "...", "grid": ["#####", ...]}. The grid is a rectangle of rows of equal length '
-    "using only these characters: # wall, . floor, P the player's spawn (exactly one), "
-    "E an enemy, X an exit. Wall the level all round, keep enemies away from the spawn, and make "
+    '{"name": "...", "grid": ["#####", ...], "spawn": [x, y], "enemies": [[x, y], ...], "exits": [[x, y]]}. '
+    "The grid is a rectangle of rows of equal length, # for a wall and . for floor, walled all round. "
+    "spawn (the player's), enemies and exits are [x, y] floor tiles, x the column and y the row "
+    "counted from 0 at the top left, no two on one tile. Keep enemies away from the spawn, and make "
     "every floor tile, enemy and exit reachable from the spawn."
 )
-def level_schema(w, h):
+
+
+def level_schema(w, h, enemies):
     """The level's shape, as the call site asks for it (llama.cpp's server turns it into a
-    grammar): a `w`×`h` grid walled all round. What is inside — one spawn, enemies away from it,
-    an exit, every tile reachable — is the model's to get right and the verifier's to check."""
+    grammar): a `w`x`h` grid walled all round, and the spawn, `enemies` enemies and one exit as
+    tiles inside the walls. Where they stand — on floor, enemies away from the spawn, everything
+    reachable — is the model's to get right and the verifier's to check."""
     wall = {"type": "string", "pattern": "^#{%d}$" % w}
-    inner = {"type": "string", "pattern": "^#[.PEX]{%d}#$" % (w - 2)}
+    inner = {"type": "string", "pattern": "^#[.#]{%d}#$" % (w - 2)}
+    tile = {
+        "type": "array",
+        "prefixItems": [
+            {"type": "integer", "minimum": 1, "maximum": w - 2},
+            {"type": "integer", "minimum": 1, "maximum": h - 2},
+        ],
+        "minItems": 2,
+        "maxItems": 2,
+    }
     return {
         "type": "object",
         "properties": {
-            "name": {"type": "string"},
+            "name": {"type": "string", "maxLength": 40},
             "grid": {"type": "array", "prefixItems": [wall] + [inner] * (h - 2) + [wall], "minItems": h, "maxItems": h},
+            "spawn": tile,
+            "enemies": {"type": "array", "items": tile, "minItems": enemies, "maxItems": enemies},
+            "exits": {"type": "array", "items": tile, "minItems": 1, "maxItems": 1},
         },
-        "required": ["name", "grid"],
+        "required": ["name", "grid", "spawn", "enemies", "exits"],
     }
 
 
@@ -62,16 +78,16 @@ def main():
     rng = random.Random(a.seed)
     latencies, passed, by = [], 0, {}
     for i in range(a.n):
-        theme, w, h, enemies = rng.choice(THEMES), rng.randint(7, 14), rng.randint(6, 10), rng.randint(1, 5)
+        theme, w, h, enemies = rng.choice(THEMES), rng.randint(7, 12), rng.randint(6, 9), rng.randint(1, 4)
         body = {
             "model": "level-designer",
             "messages": [
                 {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": f"Design a {theme} level, {w} wide and {h} tall, with {enemies} enemies, one spawn P and one exit X."},
+                {"role": "user", "content": f"Design a {theme} level, {w} wide and {h} tall, with {enemies} enemies and one exit."},
             ],
             "temperature": 0.8,
-            "response_format": {"type": "json_object", "schema": level_schema(w, h)},
-            "max_tokens": 400,
+            "response_format": {"type": "json_object", "schema": level_schema(w, h, enemies)},
+            "max_tokens": 600,
             "stream": a.stream,
         }
         req = urllib.request.Request(

@@ -203,7 +203,7 @@ pub fn proxy(g: &Global, out: &Output, a: ProxyArgs) -> Result<(), Failure> {
                 continue;
             };
             let source = target.model.as_ref().and_then(|m| m.dataset.as_ref()).map(|d| &d.source);
-            let Some(DataSource::Captures { min_new }) = source else { continue };
+            let Some(DataSource::Captures { min_new, .. }) = source else { continue };
             let (_, artifact) = crate::site::candidate(&ws, name)?;
             sites.push(Distilled {
                 site: name.clone(),

@@ -506,7 +506,15 @@ pub enum DataSource {
     Recipe,
     /// `from="captures" min-new=N`: the site's captures that pass its checks, taken N at a
     /// time (the first ⌊count / N⌋·N), so a retrain waits for N new ones.
-    Captures { min_new: u32 },
+    ///
+    /// `train-on="passing"`: train only on captures whose answers also pass the site's judge
+    /// (its verifiers and command verifiers: seed 003's filter); the held-out ones are kept as
+    /// they are, so a promotion compares against the upstream as it answers.
+    Captures {
+        min_new: u32,
+        #[serde(default)]
+        passing: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

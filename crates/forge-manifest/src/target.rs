@@ -195,7 +195,8 @@ fn dataset(cx: &mut Cx<'_>, node: &KdlNode) -> Option<DatasetStage> {
     })
 }
 
-/// `dataset from="captures" eval=20 seed=7 min-new=50`: the model's site's captured calls.
+/// `dataset from="captures" eval=20 seed=7 min-new=50 train-on="valid|passing"`: the model's
+/// site's captured calls.
 fn captures_dataset(
     cx: &mut Cx<'_>,
     node: &KdlNode,
@@ -206,6 +207,7 @@ fn captures_dataset(
     let seed = seed(cx, &mut r);
     let min_new = r.int_in(cx, "min-new", 1, 10_000_000).map(|v| v.value as u32).unwrap_or(50);
     let pool = r.str(cx, "pool");
+    let passing = r.choice(cx, "train-on", &["valid", "passing"]).is_some_and(|v| v.value == "passing");
     r.no_children(cx);
     r.finish(cx);
     if from.value != "captures" {
@@ -231,7 +233,7 @@ fn captures_dataset(
         split_by: None,
         attempts: 1,
         pool,
-        source: crate::model::DataSource::Captures { min_new },
+        source: crate::model::DataSource::Captures { min_new, passing },
     })
 }
 

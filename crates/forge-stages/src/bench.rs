@@ -160,16 +160,19 @@ fn stage<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> (&'m BenchmarkStage, &'m R
     (b, r)
 }
 
-/// The workspace files `command` verifiers run (arguments that are relative paths with a `/`
-/// and no spaces, e.g. `verifiers/reach.py`, not a `sh -c` script): editing a verifier re-runs
+/// The workspace files `command` verifiers run (arguments that are relative paths with a `/`, or
+/// named like a script, and no spaces: `verifiers/reach.py`, `verify.py`, not a `sh -c`
+/// script): editing a verifier re-runs
 /// the benchmark, and a missing one is a clear error before anything runs.
-fn verifier_files(r: &Recipe) -> Vec<String> {
+pub(crate) fn verifier_files(r: &Recipe) -> Vec<String> {
+    // A script named without a directory (`python3 verify.py`) is a file as much as one with.
+    const SCRIPTS: &[&str] = &[".py", ".sh", ".js", ".mjs", ".rb", ".pl", ".lua", ".jq"];
     let mut out = Vec::new();
     for c in &r.judge {
         if let Check::Command { run, .. } = &c.check {
             for a in run {
                 let v = a.value.as_str();
-                if v.contains('/')
+                if (v.contains('/') || SCRIPTS.iter().any(|e| v.ends_with(e)))
                     && !v.starts_with('-')
                     && !v.contains(char::is_whitespace)
                     && Path::new(v).is_relative()

@@ -61,7 +61,7 @@ fn dataset_of<'m>(m: &'m Manifest, decl: &ArtifactDecl) -> &'m DatasetStage {
 /// `min-new` of a dataset made from its site's captures.
 fn captures(m: &Manifest, decl: &ArtifactDecl) -> Option<u32> {
     match dataset_of(m, decl).source {
-        DataSource::Captures { min_new } => Some(min_new),
+        DataSource::Captures { min_new, .. } => Some(min_new),
         DataSource::Recipe => None,
     }
 }

@@ -8,15 +8,18 @@
 //! kept when it was complete (not cut off at its token limit), passes the site's `validate`
 //! checks and is not a repeat of one already kept; the rest are counted by reason in
 //! `meta.json`. The student's input is the call's conversation without its system message
-//! (which is the same at every call of a site).
+//! (which is the same at every call of a site). With `train-on="passing"` the training split
+//! keeps only answers the site's judge passes (seed 003's filter); the held-out split is left as
+//! the upstream answered, for the promotion's paired test.
 
 use std::collections::{BTreeMap, HashSet};
 
+use forge_bench::judge::{Judge, Subject};
 use forge_data::captures::{self, Capture, student_input};
 use forge_data::dataset::{DATASET_FORMAT, Meta, Sample, write_samples};
 use forge_data::split::split;
 use forge_data::validate::Checks;
-use forge_manifest::{ArtifactDecl, DatasetStage, Manifest, Site};
+use forge_manifest::{ArtifactDecl, DataSource, DatasetStage, Manifest, Site};
 use forge_plan::{ActionContext, ActionError, Estimate, EstimateContext, StagePlan};
 use forge_teacher::Usage;
 use serde_json::json;
@@ -36,7 +39,45 @@ pub(super) fn plan(m: &Manifest, decl: &ArtifactDecl, d: &DatasetStage, min_new:
     params.insert("seed".into(), json!(d.seed));
     params.insert("min_new".into(), json!(min_new));
     params.insert("validate".into(), serde_json::to_value(&s.checks.validate).expect("serializes"));
-    StagePlan { params, inputs: vec![captures::default_file(&s.name.value)], tools: BTreeMap::new() }
+    let mut inputs = vec![captures::default_file(&s.name.value)];
+    if train_on_passing(d) {
+        params.insert("train_on".into(), json!("passing"));
+        params.insert("judge".into(), serde_json::to_value(&s.checks.judge).expect("serializes"));
+        inputs.extend(crate::bench::verifier_files(&s.checks));
+    }
+    StagePlan { params, inputs, tools: BTreeMap::new() }
+}
+
+fn train_on_passing(d: &DatasetStage) -> bool {
+    matches!(d.source, DataSource::Captures { passing: true, .. })
+}
+
+/// `train-on="passing"`: the train samples whose answers pass the site's judge (verifiers and
+/// command verifiers; `llm` criteria are left to the promotion), the rest counted by the
+/// criterion they failed first.
+fn passing<'s>(
+    s: &Site,
+    root: &std::path::Path,
+    train: Vec<&'s Sample>,
+    rejected: &mut BTreeMap<String, u64>,
+) -> Result<Vec<&'s Sample>, ActionError> {
+    let judge =
+        Judge::new(&s.checks.judge, root, true).map_err(|e| ActionError::msg(format!("site `{}`: {e}", s.name)))?;
+    let mut kept = Vec::new();
+    for sample in train {
+        let subject = Subject {
+            input: &sample.input,
+            prompt: sample.system.as_deref().unwrap_or(&sample.input),
+            output: &sample.output,
+            values: &sample.values,
+        };
+        let outcomes = judge.grade_verifiers(&subject);
+        match judge.names().iter().zip(&outcomes).find(|(_, o)| o.as_ref().is_some_and(|o| !o.pass)) {
+            Some((name, _)) => *rejected.entry(format!("judge:{name}")).or_default() += 1,
+            None => kept.push(sample),
+        }
+    }
+    Ok(kept)
 }
 
 fn usage(c: &Capture) -> BTreeMap<String, Usage> {
@@ -130,14 +171,24 @@ pub(super) fn run(ctx: &ActionContext<'_>, d: &DatasetStage, min_new: u32) -> Re
     }
     let ids: Vec<String> = samples.iter().map(|s| s.id.clone()).collect();
     let is_eval = split(&ids, &vec![String::new(); ids.len()], d.eval as usize, d.seed);
-    let train: Vec<&Sample> = samples.iter().zip(&is_eval).filter(|(_, e)| !**e).map(|(s, _)| s).collect();
+    let mut train: Vec<&Sample> = samples.iter().zip(&is_eval).filter(|(_, e)| !**e).map(|(s, _)| s).collect();
     let eval: Vec<&Sample> = samples.iter().zip(&is_eval).filter(|(_, e)| **e).map(|(s, _)| s).collect();
+    if train_on_passing(d) {
+        train = passing(s, ctx.workspace, train, &mut rejected)?;
+        if train.is_empty() {
+            return Err(ActionError::msg(format!(
+                "none of site `{}`'s {} training captures passes its judge ({rejected:?}): there is nothing to train on",
+                s.name.value,
+                samples.len() - eval.len()
+            )));
+        }
+    }
     let meta = Meta {
         format: DATASET_FORMAT,
         recipe: format!("site:{}", s.name.value),
         teacher: all[..k].first().map(|c| c.upstream.clone()).unwrap_or_default(),
         seed: d.seed,
-        samples: samples.len() as u32,
+        samples: (train.len() + eval.len()) as u32,
         train: train.len() as u32,
         eval: eval.len() as u32,
         split_by: None,
