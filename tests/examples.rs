@@ -169,34 +169,30 @@ fn the_level_verifier_checks_spawn_enemies_exits_and_reachability() {
         assert!(out.status.success());
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    let rows = ["#######", "#.....#", "#..#..#", "#.....#", "#######"];
-    let level = |grid: &[&str], spawn: [i64; 2], enemies: &[[i64; 2]], exits: &[[i64; 2]]| {
-        serde_json::json!({ "name": "crypt", "grid": grid, "spawn": spawn, "enemies": enemies, "exits": exits })
-            .to_string()
+    // A 7 x 6 level: inside, x runs 1..=5 and y 1..=4.
+    let level = |walls: &[[i64; 2]], spawn: [i64; 2], enemies: &[[i64; 2]], exits: &[[i64; 2]]| {
+        serde_json::json!({
+            "name": "crypt", "width": 7, "height": 6,
+            "spawn": spawn, "enemies": enemies, "exits": exits, "walls": walls,
+        })
+        .to_string()
     };
-    let good = format!("Here it is: {}", level(&rows, [1, 1], &[[4, 2]], &[[1, 3]]));
+    let good = format!("Here it is: {}", level(&[[3, 2], [3, 3]], [1, 1], &[[5, 4]], &[[5, 1]]));
     assert_eq!(verify(&good), serde_json::json!({"pass": true}));
-    let walled_in = ["#######", "#...#.#", "#...#.#", "#...#.#", "#######"];
+    // A wall down column 3 cuts the level in two.
+    let split = [[3, 1], [3, 2], [3, 3], [3, 4]];
     for (level, reason) in [
-        (level(&rows, [1, 1], &[[2, 2]], &[[1, 3]]), "next to the spawn"),
-        (level(&rows, [1, 1], &[[3, 2]], &[[1, 3]]), "not on a floor tile"),
-        (level(&walled_in, [1, 1], &[[3, 3]], &[[5, 1]]), "cannot be reached"),
-        (level(&walled_in, [1, 1], &[[3, 3]], &[[1, 3]]), "floor tiles cannot be reached"),
-        (level(&rows, [1, 1], &[[4, 2]], &[[4, 2]]), "shares its tile"),
-        (level(&rows, [1, 1], &[[4, 2]], &[]), "`exits` is not a list"),
-        (level(&rows, [1, 1], &[], &[[1, 3]]), "`enemies` is not a list"),
-        (
-            level(&["#######", "#.....#", "#..#...", "#.....#", "#######"], [1, 1], &[[4, 2]], &[[1, 3]]),
-            "walled all round",
-        ),
-        (
-            level(&["#######", "#....#", "#..#..#", "#.....#", "#######"], [1, 1], &[[4, 2]], &[[1, 3]]),
-            "not all as long",
-        ),
-        (
-            level(&["#######", "#..P..#", "#..#..#", "#.....#", "#######"], [1, 1], &[[4, 2]], &[[1, 3]]),
-            "unknown tiles",
-        ),
+        (level(&[], [1, 1], &[[2, 2]], &[[5, 1]]), "next to the spawn"),
+        (level(&[[3, 2]], [1, 1], &[[3, 2]], &[[5, 1]]), "not on a floor tile"),
+        (level(&[], [1, 1], &[[6, 4]], &[[5, 1]]), "not on a floor tile"),
+        (level(&[[0, 2]], [1, 1], &[[5, 4]], &[[5, 1]]), "outside the level's inside"),
+        (level(&split, [1, 1], &[[2, 4]], &[[5, 1]]), "an exit at (5, 1) cannot be reached"),
+        (level(&split, [1, 1], &[[2, 4]], &[[1, 4]]), "8 floor tiles cannot be reached"),
+        (level(&[], [1, 1], &[[5, 4]], &[[5, 4]]), "shares its tile"),
+        (level(&[], [1, 1], &[[5, 4]], &[]), "`exits` is not a list"),
+        (level(&[], [1, 1], &[], &[[5, 1]]), "`enemies` is not a list"),
+        (level(&[], [1, 1], &[[5, 4]], &[[5, 1]]).replace("[5,4]", "[5,4,0]"), "not an [x, y] tile"),
+        (serde_json::json!({"name": "x", "width": 3, "height": 6}).to_string(), "from 5 to 40"),
         ("a level, sorry, no JSON".to_string(), "no JSON object"),
     ] {
         let v = verify(&level);

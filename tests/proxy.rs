@@ -689,8 +689,17 @@ fn the_proxy_distils_in_the_background_and_promotion_asks_the_upstream_its_llm_c
     // upstream's fresh answers to the same held-out inputs (asked again, not captured).
     ws.write("forge.kdl", &site(r#"llm "proclaims" "Is the text a proclamation to the folk of the realm?""#));
     let (captured, before) = (captures(&ws.file("captures"))["lines"].0.len(), teacher.received());
+    // The captures changed since the build (here a damaged line, which readers skip): the
+    // model is stale, and its last build is still the one graded.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(ws.file("captures/lines.jsonl"))
+        .unwrap()
+        .write_all(b"junk\n")
+        .unwrap();
     let r = ws.run(&["site", "promote", "lines", "--ask-upstream"]);
     assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr().contains("lines:gguf:q8_0 is pending") && r.stderr().contains("using its last build"), "{r:?}");
     assert!(r.stderr().contains("the upstream's fresh answers on 4 held-out captures"), "{r:?}");
     assert!(r.stderr().contains("the candidate passes 0.0%") && r.stderr().contains("the upstream 100.0%"), "{r:?}");
     assert!(r.stderr().contains("Reject") && r.stderr().contains("the candidate failed: proclaims ×4"), "{r:?}");

@@ -20,40 +20,38 @@ from pathlib import Path
 
 SYSTEM = (
     "You design levels for a top-down RPG. Answer with one JSON object and nothing else: "
-    '{"name": "...", "grid": ["#####", ...], "spawn": [x, y], "enemies": [[x, y], ...], "exits": [[x, y]]}. '
-    "The grid is a rectangle of rows of equal length, # for a wall and . for floor, walled all round. "
-    "spawn (the player's), enemies and exits are [x, y] floor tiles, x the column and y the row "
-    "counted from 0 at the top left, no two on one tile. Keep enemies away from the spawn, and make "
-    "every floor tile, enemy and exit reachable from the spawn."
+    '{"name": "...", "width": W, "height": H, "spawn": [x, y], "enemies": [[x, y], ...], '
+    '"exits": [[x, y]], "walls": [[x, y], ...]}. The level is a W x H grid walled all round; '
+    "walls lists the walls inside it, and spawn (the player's), enemies and exits are [x, y] "
+    "floor tiles inside the outer wall, x the column and y the row counted from 0 at the top "
+    "left, no two on one tile. Keep enemies away from the spawn, and make every floor tile, "
+    "enemy and exit reachable from the spawn."
 )
 
 
 def level_schema(w, h, enemies):
     """The level's shape, as the call site asks for it (llama.cpp's server turns it into a
-    grammar): a `w`x`h` grid walled all round, and the spawn, `enemies` enemies and one exit as
-    tiles inside the walls. Where they stand — on floor, enemies away from the spawn, everything
-    reachable — is the model's to get right and the verifier's to check."""
-    wall = {"type": "string", "pattern": "^#{%d}$" % w}
-    inner = {"type": "string", "pattern": "^#[.#]{%d}#$" % (w - 2)}
+    grammar): its size, up to 8 inner walls, the spawn, `enemies` enemies and one exit, every
+    tile inside the outer wall. Where they stand — on floor, enemies away from the spawn,
+    everything reachable — is the model's to get right and the verifier's to check."""
     tile = {
         "type": "array",
-        "prefixItems": [
-            {"type": "integer", "minimum": 1, "maximum": w - 2},
-            {"type": "integer", "minimum": 1, "maximum": h - 2},
-        ],
+        "prefixItems": [{"enum": list(range(1, w - 1))}, {"enum": list(range(1, h - 1))}],
         "minItems": 2,
         "maxItems": 2,
     }
     return {
         "type": "object",
         "properties": {
-            "name": {"type": "string", "maxLength": 40},
-            "grid": {"type": "array", "prefixItems": [wall] + [inner] * (h - 2) + [wall], "minItems": h, "maxItems": h},
+            "name": {"type": "string", "minLength": 3, "maxLength": 40},
+            "width": {"enum": [w]},
+            "height": {"enum": [h]},
             "spawn": tile,
             "enemies": {"type": "array", "items": tile, "minItems": enemies, "maxItems": enemies},
             "exits": {"type": "array", "items": tile, "minItems": 1, "maxItems": 1},
+            "walls": {"type": "array", "items": tile, "minItems": 0, "maxItems": 8},
         },
-        "required": ["name", "grid", "spawn", "enemies", "exits"],
+        "required": ["name", "width", "height", "spawn", "enemies", "exits", "walls"],
     }
 
 
@@ -87,7 +85,7 @@ def main():
             ],
             "temperature": 0.8,
             "response_format": {"type": "json_object", "schema": level_schema(w, h, enemies)},
-            "max_tokens": 600,
+            "max_tokens": 300,
             "stream": a.stream,
         }
         req = urllib.request.Request(

@@ -618,6 +618,64 @@ pub(crate) fn fresh_artifact_dir(ws: &Workspace, out: &Output, artifact: &str) -
     }
 }
 
+/// `artifact`'s last build and what it was built from: its content directory, and the content
+/// directory of each artifact upstream of it (transitively) *as that build used it*. Unlike
+/// [`fresh_artifact_dir`] it does not need the artifact fresh — a site's model goes stale the
+/// moment the proxy captures another call, though its last build is still the candidate — and
+/// says on stderr when it is not. A chain that no longer holds together (an upstream rebuilt
+/// since, content collected) is an error that says to build.
+pub(crate) fn built_artifact(
+    ws: &Workspace,
+    out: &Output,
+    artifact: &str,
+) -> Result<(std::path::PathBuf, BTreeMap<String, std::path::PathBuf>), Failure> {
+    let id: ArtifactId =
+        artifact.parse().map_err(|e: forge_manifest::artifact::ArtifactIdError| Failure::Usage(e.to_string()))?;
+    let n =
+        ws.plan.node(&id).ok_or_else(|| Failure::from(ws.plan.select(&[artifact.to_string()], None).unwrap_err()))?;
+    let engine = Engine::new(ws);
+    let broken = |why: String| {
+        eprintln!("{}: {why}; run `forge build {id}`", out.paint("error", Color::Red));
+        Failure::Failed
+    };
+    let rec = engine.recorded(&id).ok_or_else(|| broken(format!("{id} was never built")))?;
+    let dir = ws.cache.cas_dir(&rec.tree.digest());
+    if !dir.is_dir() {
+        return Err(broken(format!("{id}'s last build is no longer in the cache")));
+    }
+    let statuses = evaluate(ws, &engine, &ws.plan.closure(&[n]));
+    if !statuses[&n].is_fresh() {
+        eprintln!(
+            "{}: {id} is {} ({}): using its last build",
+            out.paint("note", Color::Yellow),
+            status_word(&statuses[&n]),
+            status_detail(&statuses[&n])
+        );
+    }
+    let mut upstream = BTreeMap::new();
+    let mut todo = vec![(id.clone(), rec.tree.digest())];
+    while let Some((at, digest)) = todo.pop() {
+        let fp = engine
+            .last_fingerprint(&at)
+            .filter(|(e, _)| e.tree.digest() == digest)
+            .map(|(_, fp)| fp)
+            .ok_or_else(|| broken(format!("{at} was rebuilt since {id} was built from it")))?;
+        for (up, d) in fp.upstream {
+            let up_dir = ws.cache.cas_dir(&d);
+            if !up_dir.is_dir() {
+                return Err(broken(format!("{up}, which {id} was built from, is no longer in the cache")));
+            }
+            if let Ok(up_id) = up.parse::<ArtifactId>()
+                && !upstream.contains_key(&up)
+            {
+                todo.push((up_id, d));
+            }
+            upstream.insert(up, up_dir);
+        }
+    }
+    Ok((dir, upstream))
+}
+
 pub fn artifact(g: &Global, out: &Output, c: ArtifactCommand) -> Result<(), Failure> {
     let ArtifactCommand::Path { artifact } = c;
     let ws = load(g, out, false)?;

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::Failure;
 use crate::args::{Global, SiteCommand};
-use crate::commands::{fresh_artifact_dir, load};
+use crate::commands::{built_artifact, load};
 use crate::output::{Color, Output};
 
 fn declared<'w>(ws: &'w Workspace, name: &str) -> Result<&'w Site, Failure> {
@@ -140,10 +140,14 @@ fn promote(
     }
     let (target, artifact) = candidate(ws, name)?;
     let t = &target.name.value;
-    let dir = fresh_artifact_dir(ws, out, &artifact)?;
+    // The last build, even when a capture since made it stale, graded on the held-out split of
+    // the very dataset it was trained from.
+    let (dir, upstream_dirs) = built_artifact(ws, out, &artifact)?;
     let gguf = dir.join("model.gguf");
     let content = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let data = fresh_artifact_dir(ws, out, &format!("{t}:dataset"))?;
+    let data = upstream_dirs.get(&format!("{t}:dataset")).cloned().ok_or_else(|| {
+        Failure::Internal(format!("{artifact} was not built from `{t}:dataset` (its fingerprint does not name it)"))
+    })?;
     let held_out = forge_data::read_samples(&data.join("eval.jsonl"))
         .map_err(|e| Failure::Internal(format!("{}: {e}", data.display())))?;
     let upstream = crate::proxy::site_upstream(ws, site)?;
