@@ -141,9 +141,9 @@ pub struct ProxyArgs {
     /// Where captures go, one `SITE.jsonl` per call site [default: `captures/` in the workspace].
     #[arg(long, value_name = "DIR")]
     pub store: Option<std::path::PathBuf>,
-    /// Distil in the background: each time `min-new` new captures of a site have come, rebuild
-    /// its model (`forge build`) and grade it for promotion (`forge site promote --if-new`),
-    /// one site at a time; a promoted version answers at once.
+    /// Distil in the background: at the start and each time `min-new` new captures of a site
+    /// have come, rebuild its model (`forge build`) and grade it for promotion
+    /// (`forge site promote --if-new`), one site at a time; a promoted version answers at once.
     #[arg(long, conflicts_with = "store")]
     pub train: bool,
 }

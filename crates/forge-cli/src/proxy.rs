@@ -116,11 +116,12 @@ fn lines(path: &Path) -> usize {
     n
 }
 
-/// `--train`: every 2 s, each site whose captures reached a new multiple of its `min-new` is
-/// rebuilt (`forge build ARTIFACT`: the dataset takes the new captures, the model is retrained
-/// and quantized) and graded (`forge site promote SITE --if-new`), one at a time, as child
-/// processes: a failed or killed training leaves the proxy answering, and the cache consistent.
-/// A promotion rewrites `live.json`, which the proxy follows on its next call of the site.
+/// `--train`: at the start, and then every 2 s, each site whose captures reached a new multiple
+/// of its `min-new` is rebuilt (`forge build ARTIFACT`: the dataset takes the new captures, the
+/// model is retrained and quantized) and graded (`forge site promote SITE --if-new`), one at a
+/// time, as child processes: a failed or killed training leaves the proxy answering, and the
+/// cache consistent. A promotion rewrites `live.json`, which the proxy follows on its next call
+/// of the site.
 fn train(args: Vec<OsString>, sites: Vec<Distilled>) -> std::io::Result<std::thread::JoinHandle<()>> {
     let exe = std::env::current_exe()?;
     Ok(std::thread::spawn(move || {
