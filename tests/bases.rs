@@ -143,8 +143,10 @@ fn smollm2_runtime_matches_llama_cpp() {
 
 #[test]
 fn gemma3_runtime_matches_llama_cpp() {
-    // Measured: argmax 20/21, 6/6, 14/15; max |Δ| 0.82, 0.57, 0.66.
-    runtime_matches("gemma3-270m", 1.5, 1);
+    // Measured with candle's kernels and forge's AVX512 ones: argmax 20/21, 6/6, 14/15; max |Δ|
+    // 0.82, 0.57, 0.66. With forge's AVX2 kernels (an AVX2-only AMD EPYC): 18/21, 6/6, 14/15;
+    // max |Δ| 0.70, 0.69, 0.65 — two more near-ties of the 21-token prompt tip the other way.
+    runtime_matches("gemma3-270m", 1.5, 2);
 }
 
 #[test]
